@@ -1,0 +1,195 @@
+"""The interface every device kind implements, and the backend registry.
+
+A backend is the host-side driver of one VF's migration state.  Its surface is
+the kernel uAPI's, not a convenience API: ``set_state`` walks the arcs of the
+VFIO FSM, saving reads distinguish "no data for now" (:class:`NoDataNow`) from
+end of stream (a 0 return in STOP_COPY), and resuming writes may be short.
+That keeps the session code identical for simulated and real devices.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from migd.errors import ConfigError, DeviceError, IllegalTransition
+
+from .states import DATA_FD_ARCS, SAVING_STATES, DeviceState, MigCap, path
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecopyInfo:
+    initial_bytes: int
+    dirty_bytes: int
+
+
+class Device(abc.ABC):
+    """One migratable VF as the host driver sees it.
+
+    Subclasses implement the per-arc hooks (``_arc``) and the data path; the
+    walking of arcs, the rules for when a data stream exists, and recovery after
+    a failed arc live here, once.
+    """
+
+    kind: ClassVar[str] = "?"
+
+    def __init__(self, name: str, caps: MigCap) -> None:
+        self.name = name
+        self.caps = caps
+        self._state = DeviceState.RUNNING
+        self._lock = threading.RLock()
+        #: Every arc walked, for tests and logs: (from, to).
+        self.arc_log: list[tuple[DeviceState, DeviceState]] = []
+        #: Test hook: called before each arc; raising simulates a driver failure midway.
+        self.fail_hook: Callable[[DeviceState, DeviceState], None] | None = None
+
+    # --- state machine -------------------------------------------------------
+
+    @property
+    def state(self) -> DeviceState:
+        return self._state
+
+    def set_state(self, target: DeviceState) -> bool:
+        """Walk to ``target`` one arc at a time; True if a new data stream opened.
+
+        A failure midway leaves the device on the path (like the kernel); the
+        caller reads :attr:`state` and calls :meth:`reset` when it is ERROR.
+        """
+        with self._lock:
+            opened = False
+            for nxt in path(self._state, target, self.caps):
+                cur = self._state
+                if self.fail_hook is not None:
+                    try:
+                        self.fail_hook(cur, nxt)
+                    except Exception as exc:
+                        self._state = DeviceState.ERROR
+                        raise DeviceError(
+                            f"{self.name}: arc {cur.name}->{nxt.name} failed: {exc}"
+                        ) from exc
+                try:
+                    self._arc(cur, nxt)
+                except DeviceError:
+                    self._state = DeviceState.ERROR
+                    raise
+                self._state = nxt
+                self.arc_log.append((cur, nxt))
+                opened = opened or (cur, nxt) in DATA_FD_ARCS
+            return opened
+
+    def reset(self) -> None:
+        """VFIO_DEVICE_RESET: back to RUNNING, discarding any migration data."""
+        with self._lock:
+            self._reset()
+            self._state = DeviceState.RUNNING
+
+    def recover(self) -> None:
+        """Put a device that failed a migration back to RUNNING, whatever it went through."""
+        with self._lock:
+            if self._state == DeviceState.ERROR:
+                self.reset()
+                return
+            try:
+                self.set_state(DeviceState.RUNNING)
+            except (DeviceError, IllegalTransition):
+                self.reset()
+
+    def _require(self, *states: DeviceState, op: str) -> None:
+        if self._state not in states:
+            raise IllegalTransition("device " + self.name, self._state.name, op)
+
+    # --- hooks ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _arc(self, cur: DeviceState, nxt: DeviceState) -> None:
+        """Perform one FSM arc on the hardware; raise DeviceError on failure."""
+
+    @abc.abstractmethod
+    def _reset(self) -> None: ...
+
+    # --- data path -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def read_into(self, buf: memoryview) -> int:
+        """Read saving data into ``buf``.
+
+        Returns the bytes read; 0 means end of stream in STOP_COPY.  In PRE_COPY
+        states, raises :class:`NoDataNow` when nothing is queued right now.
+        """
+
+    @abc.abstractmethod
+    def write(self, data: memoryview) -> int:
+        """Feed resuming data; returns how much was consumed (may be short)."""
+
+    @abc.abstractmethod
+    def precopy_info(self) -> PrecopyInfo:
+        """VFIO_MIG_GET_PRECOPY_INFO; only valid in PRE_COPY states."""
+
+    @abc.abstractmethod
+    def stop_copy_size(self) -> int:
+        """MIG_DATA_SIZE: estimated bytes STOP_COPY will produce."""
+
+    @abc.abstractmethod
+    def state_size(self) -> int:
+        """Size of the device's state in bytes (what operators call 'total')."""
+
+    @abc.abstractmethod
+    def compat(self) -> dict[str, Any]:
+        """Data a destination needs to decide whether it can load our state."""
+
+    @abc.abstractmethod
+    def check_compat(self, source: Mapping[str, Any]) -> None:
+        """Raise IncompatibleDevice if we cannot load a stream from ``source``."""
+
+    @abc.abstractmethod
+    def digest(self) -> str:
+        """Hex SHA-256 of the device's current state, for end-to-end verification."""
+
+    def close(self) -> None:
+        """Release host resources (mappings, threads)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "state": self._state.name,
+            "caps": [c.name for c in MigCap if c & self.caps],
+            "state_size": self.state_size(),
+        }
+
+    @property
+    def saving(self) -> bool:
+        return self._state in SAVING_STATES
+
+
+Factory = Callable[[str, Mapping[str, str]], Device]
+
+
+class BackendRegistry:
+    """Named device kinds: a new kind is one module calling :meth:`register`."""
+
+    default = "sim"
+
+    def __init__(self) -> None:
+        self._factories: dict[str, Factory] = {}
+
+    def register(self, kind: str, factory: Factory) -> None:
+        self._factories[kind] = factory
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def create(self, kind: str, name: str, options: Mapping[str, str]) -> Device:
+        try:
+            factory = self._factories[kind]
+        except KeyError:
+            raise ConfigError(
+                f"unknown backend {kind!r} for device {name!r}; supported: {', '.join(self.names())}"
+            ) from None
+        return factory(name, options)
+
+
+REGISTRY = BackendRegistry()

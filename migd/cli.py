@@ -1,0 +1,231 @@
+"""The ``migd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from . import __version__
+from .codec import parse_compress
+from .crypto import CIPHERS
+from .errors import ConfigError, MigdError
+from .units import human_bytes, human_rate, parse_size
+
+DEFAULT_CONTROL = os.path.join(os.environ.get("RUNTIME_DIRECTORY", "/run/migd"), "migd.sock")
+
+
+def _add_migrate_knobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compress", default="zstd:1", help="none | zstd[:LEVEL] (default zstd:1)")
+    p.add_argument("--cipher", default="aes-256-gcm", choices=sorted(CIPHERS))
+    p.add_argument("--chunk-size", default="1M", help="chunk size (default 1M)")
+    p.add_argument("--no-precopy", action="store_true", help="stop the device at once")
+    p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
+                   help="switch over once the rest fits this many ms (default 300)")
+    p.add_argument("--max-iterations", type=int, default=30)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="migd", description="SR-IOV VF live-migration stream daemon")
+    ap.add_argument("--version", action="version", version=f"migd {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--listen", default="127.0.0.1:7707", help="HOST:PORT for migrations")
+    s.add_argument("--control", default=DEFAULT_CONTROL, help="control socket path")
+    s.add_argument("--identity", default="/etc/migd/identity.key")
+    s.add_argument("--authorized-keys", default="/etc/migd/authorized_keys")
+    s.add_argument("--device", action="append", default=[], metavar="NAME:KIND[:k=v,...]",
+                   help="a device this host offers, e.g. vf0:sim:size=64M,dirty-rate=4M")
+    s.add_argument("--transport", default="tcp")
+    s.add_argument("--idle-timeout", type=float, default=30.0)
+    s.add_argument("--address-file", help="write the bound listen address here once ready")
+    s.add_argument("--log-level", default="info")
+
+    m = sub.add_parser("migrate", help="migrate one device to a peer daemon")
+    m.add_argument("device")
+    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination daemon")
+    m.add_argument("--dest-device", help="device name on the destination (default: same)")
+    m.add_argument("--stay-stopped", action="store_true",
+                   help="load the destination VF but leave it stopped")
+    m.add_argument("--control", default=DEFAULT_CONTROL)
+    m.add_argument("--json", action="store_true", help="print the final result as JSON")
+    _add_migrate_knobs(m)
+
+    k = sub.add_parser("keygen", help="write a new Ed25519 identity key (and KEY.pub)")
+    k.add_argument("-o", "--output", required=True)
+    k.add_argument("-C", "--comment", default=os.uname().nodename)
+
+    st = sub.add_parser("status", help="query-migrate")
+    st.add_argument("id", nargs="?")
+    st.add_argument("--control", default=DEFAULT_CONTROL)
+    st.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("cancel", help="cancel a migration (succeeds with none running)")
+    c.add_argument("id", nargs="?")
+    c.add_argument("--control", default=DEFAULT_CONTROL)
+
+    b = sub.add_parser("bench", help="migrate between two real local daemons and measure")
+    b.add_argument("--backend", default="sim")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--state-size", default=None, help="simulated state size (default 256M)")
+    src.add_argument("--state-file", help="device state image (e.g. from mkstate.py)")
+    b.add_argument("--dirty-rate", default="0", help="guest dirtying rate, bytes/s")
+    b.add_argument("--channels", type=int, default=1)
+    b.add_argument("--json", action="store_true")
+    _add_migrate_knobs(b)
+
+    d = sub.add_parser("demo", help="two local daemons, one simulated VF migrated between them")
+    d.add_argument("--state-size", default="256M")
+    d.add_argument("--dirty-rate", default="8M")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "serve":
+            return _serve(args)
+        if args.cmd == "migrate":
+            return _migrate(args)
+        if args.cmd == "keygen":
+            return _keygen(args)
+        if args.cmd == "status":
+            return _status(args)
+        if args.cmd == "cancel":
+            return _cancel(args)
+        if args.cmd == "bench":
+            from .bench import run_bench
+
+            return run_bench(args)
+        if args.cmd == "demo":
+            from .bench import run_demo
+
+            return run_demo(args)
+    except MigdError as exc:
+        print(f"migd {args.cmd}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from .daemon import DaemonConfig, DeviceSpec, serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = DaemonConfig(listen=args.listen, control=args.control, identity=args.identity,
+                       authorized_keys=args.authorized_keys,
+                       devices=[DeviceSpec.parse(d) for d in args.device],
+                       transport=args.transport, idle_timeout=args.idle_timeout)
+
+    def ready(daemon: Any) -> None:
+        if args.address_file:
+            tmp = args.address_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(daemon.address)
+            os.replace(tmp, args.address_file)
+
+    uvloop.run(serve(cfg, ready))
+    return 0
+
+
+def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, Any]:
+    parse_compress(args.compress)  # fail here, with the flag's name, not in the daemon
+    return {
+        "device": device, "peer": peer, "compress": args.compress, "cipher": args.cipher,
+        "chunk-size": parse_size(args.chunk_size, "--chunk-size"),
+        "precopy": not args.no_precopy, "downtime-limit": args.downtime_limit,
+        "max-iterations": args.max_iterations,
+    }
+
+
+def progress_line(d: dict[str, Any]) -> str:
+    total = max(1, int(d.get("total", 0)))
+    moved = int(d.get("transferred", 0))
+    elapsed = max(1e-3, d.get("total-time", 0) / 1000)
+    rate = moved / elapsed
+    pending = max(0, total - moved)
+    eta = f"{pending / rate:.1f}s" if rate > 0 and pending else "-"
+    return (f"{d.get('status', '?'):>10} {d.get('phase', ''):<14} "
+            f"{human_bytes(moved):>10} / {human_bytes(total):<10} {human_rate(rate):>10}  "
+            f"iter {d.get('dirty-sync-count', 0):<3} eta {eta}")
+
+
+def summary(d: dict[str, Any]) -> str:
+    lines = [
+        f"migration {d.get('id')} {d.get('status')}: device {d.get('device')} -> {d.get('peer')}",
+        f"  moved {human_bytes(d.get('transferred', 0))} of state "
+        f"({human_bytes(d.get('wire-bytes', 0))} on the wire, {d.get('cipher') or '-'}, "
+        f"compress {d.get('compress') or '-'})",
+        f"  total {d.get('total-time', 0)} ms, setup {d.get('setup-time', 0)} ms, "
+        f"downtime {d.get('downtime', '-')} ms, pre-copy iterations {d.get('dirty-sync-count', 0)}",
+    ]
+    if "error-desc" in d:
+        lines.append(f"  error: {d['error-desc']}")
+    return "\n".join(lines)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .control import ControlClient
+
+    req = migrate_args(args, args.device, args.to)
+    req["dest-device"] = args.dest_device or args.device
+    req["resume"] = not args.stay_stopped
+    tty = sys.stderr.isatty()
+
+    def show(d: dict[str, Any]) -> None:
+        if not args.json:
+            line = progress_line(d)
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
+                  flush=True)
+
+    with ControlClient(args.control, timeout=3600) as c:
+        final = c.migrate_follow(req, show)
+    if tty and not args.json:
+        print(file=sys.stderr)
+    print(json.dumps(final) if args.json else summary(final))
+    return 0 if final.get("status") == "completed" else 1
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .identity import Identity, fingerprint
+
+    ident = Identity.generate()
+    try:
+        ident.save(args.output, args.comment)
+    except FileExistsError:
+        raise ConfigError(f"{args.output} exists; not overwriting an identity") from None
+    except OSError as exc:
+        raise ConfigError(f"{args.output}: {exc.strerror}") from None
+    print(f"wrote {args.output} and {args.output}.pub ({fingerprint(ident.public)})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .control import ControlClient
+
+    with ControlClient(args.control) as c:
+        res = c.call("query-migrate", **({"id": args.id} if args.id else {}))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for d in res if isinstance(res, list) else [res]:
+            print(summary(d))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from .control import ControlClient
+
+    with ControlClient(args.control) as c:
+        res = c.call("cancel", **({"id": args.id} if args.id else {}))
+    print(f"cancelled: {', '.join(res['cancelled']) or 'nothing was running'}")
+    return 0

@@ -1,0 +1,372 @@
+"""``migd serve``: the per-hypervisor daemon.
+
+It accepts incoming migrations into its devices on the transport listener and
+runs outgoing ones asked for on the control socket, a Unix socket speaking
+QMP-like JSON lines::
+
+    -> {"execute": "migrate", "arguments": {...}, "id": 1}
+    <- {"return": {...}, "id": 1}        or {"error": {"class": ..., "desc": ...}, "id": 1}
+    <- {"event": "MIGRATION", "data": {...query-migrate fields...}}   (when following)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import backends
+import transports
+from backends.base import Device
+
+from .codec import parse_compress
+from .crypto import CIPHERS
+from .errors import ConfigError, MigdError
+from .identity import AuthorizedKeys, Identity
+from .session import Host, Job, MigrateOptions, check_options, run_destination, run_source
+from .stream import Workers
+from .units import parse_size
+
+log = logging.getLogger("migd.daemon")
+
+MAX_REQUEST = 64 << 10
+
+
+@dataclasses.dataclass
+class DeviceSpec:
+    name: str
+    kind: str
+    options: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceSpec:
+        """``NAME:KIND[:key=value,...]``, e.g. ``vf0:sim:size=64M,dirty-rate=4M``."""
+        parts = text.split(":", 2)
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise ConfigError(f"device {text!r}: expected NAME:KIND[:key=value,...]")
+        opts: dict[str, str] = {}
+        if len(parts) == 3 and parts[2]:
+            for item in parts[2].split(","):
+                key, eq, value = item.partition("=")
+                if not eq or not key:
+                    raise ConfigError(f"device {parts[0]}: option {item!r} is not key=value")
+                opts[key.strip()] = value.strip()
+        return cls(parts[0], parts[1], opts)
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    listen: str = "127.0.0.1:7707"
+    control: str = "/run/migd/migd.sock"
+    identity: str = "/etc/migd/identity.key"
+    authorized_keys: str = "/etc/migd/authorized_keys"
+    devices: list[DeviceSpec] = dataclasses.field(default_factory=list)
+    transport: str = "tcp"
+    ciphers: tuple[str, ...] = ("aes-256-gcm", "chacha20-poly1305")
+    idle_timeout: float = 30.0
+    stop_timeout: float = 60.0
+
+
+class MemorySampler:
+    """Peak anonymous RSS of this process: the daemon's own memory, not device memory
+    (which is a file mapping and counts as RssFile/RssShmem)."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._period = period
+        self._thread = threading.Thread(target=self._run, name="migd-mem", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self.peak = max(self.peak, self.current())
+
+    def reset(self) -> None:
+        self.peak = self.current()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        identity = Identity.load(cfg.identity)
+        authorized = AuthorizedKeys.load(cfg.authorized_keys)
+        for c in cfg.ciphers:
+            if c not in CIPHERS:
+                raise ConfigError(f"cipher {c!r} unknown; supported: {', '.join(CIPHERS)}")
+        devices: dict[str, Device] = {}
+        try:
+            for spec in cfg.devices:
+                if spec.name in devices:
+                    raise ConfigError(f"device {spec.name!r} defined twice")
+                devices[spec.name] = backends.REGISTRY.create(spec.kind, spec.name, spec.options)
+        except BaseException:
+            for d in devices.values():
+                d.close()
+            raise
+        self.host = Host(identity=identity, authorized=authorized, workers=Workers(),
+                         devices=devices, transport=transports.REGISTRY.create(cfg.transport),
+                         ciphers=cfg.ciphers, idle_timeout=cfg.idle_timeout)
+        self.jobs: dict[str, Job] = {}
+        self.memory = MemorySampler()
+        self._stopping = asyncio.Event()
+        self._accepting = True
+        self._listener: transports.Listener | None = None
+        self._control: asyncio.AbstractServer | None = None
+        self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "migrate": self._cmd_migrate,
+            "query-migrate": self._cmd_query,
+            "query-devices": self._cmd_devices,
+            "device-digest": self._cmd_digest,
+            "device-dump": self._cmd_dump,
+            "query-stats": self._cmd_stats,
+            "cancel": self._cmd_cancel,
+            "quit": self._cmd_quit,
+        }
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._listener = await self.host.transport.listen(self.cfg.listen, self._incoming)
+        path = self.cfg.control
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._control = await asyncio.start_unix_server(self._client, path=path,
+                                                        limit=MAX_REQUEST)
+        os.chmod(path, 0o660)
+        log.info("migd listening on %s (%s), control %s, devices: %s", self._listener.address,
+                 self.cfg.transport, path, ", ".join(self.host.devices) or "none")
+
+    @property
+    def address(self) -> str:
+        return self._listener.address if self._listener else ""
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting; let running migrations finish or roll back within the stop timeout."""
+        self._accepting = False
+        if self._listener is not None:
+            self._listener.close()
+        running = [j for j in self.jobs.values() if not j.state.finished]
+        if running:
+            log.info("waiting for %d running migration(s)", len(running))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(j.done.wait() for j in running)),
+                                       self.cfg.stop_timeout)
+            for j in running:
+                if j.task is not None and not j.task.done():
+                    j.task.cancel()
+            await asyncio.gather(*(j.done.wait() for j in running))
+        if self._control is not None:
+            self._control.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.control)
+        self.memory.stop()
+        self.host.workers.shutdown()
+        for d in self.host.devices.values():
+            d.close()
+
+    async def _incoming(self, channel: transports.Channel) -> None:
+        if not self._accepting:
+            channel.close()
+            return
+        await run_destination(self.host, channel, self.jobs)
+
+    # --- control socket -------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._reply(writer, None, error=ConfigError("request line too long"))
+                    return
+                if not line:
+                    return
+                await self._handle(line, writer)
+        except (ConnectionError, BrokenPipeError):
+            return
+        finally:
+            writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, rid: Any, result: Any = None,
+                     error: MigdError | None = None) -> None:
+        msg: dict[str, Any] = (
+            {"error": {"class": error.name, "desc": error.message}} if error else
+            {"return": result if result is not None else {}}
+        )
+        if rid is not None:
+            msg["id"] = rid
+        writer.write(json.dumps(msg).encode() + b"\n")
+        await writer.drain()
+
+    async def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+        rid = None
+        try:
+            try:
+                req = json.loads(line)
+            except ValueError:
+                raise ConfigError("request is not valid JSON") from None
+            if not isinstance(req, dict):
+                raise ConfigError("request must be a JSON object")
+            rid = req.get("id")
+            cmd = req.get("execute")
+            args = req.get("arguments", {})
+            if not isinstance(args, dict):
+                raise ConfigError("'arguments' must be an object")
+            handler = self._commands.get(cmd) if isinstance(cmd, str) else None
+            if handler is None:
+                raise ConfigError(f"unknown command {cmd!r}; commands: {', '.join(self._commands)}")
+            if cmd == "migrate" and args.get("follow"):
+                job = await self._start_migration(args)
+                await self._reply(writer, rid, {"id": job.id})
+                await self._follow(job, writer, float(args.get("interval", 0.25)))
+                return
+            await self._reply(writer, rid, await handler(args))
+        except MigdError as exc:
+            await self._reply(writer, rid, error=exc)
+
+    async def _follow(self, job: Job, writer: asyncio.StreamWriter, interval: float) -> None:
+        while not job.done.is_set():
+            writer.write(json.dumps({"event": "MIGRATION", "data": job.query()}).encode() + b"\n")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.done.wait(), max(0.02, interval))
+        writer.write(json.dumps({"event": "MIGRATION", "data": job.query()}).encode() + b"\n")
+        await writer.drain()
+
+    # --- commands ----------------------------------------------------------------------
+
+    async def _start_migration(self, args: dict[str, Any]) -> Job:
+        if not self._accepting:
+            raise ConfigError("daemon is shutting down")
+        known = {"device", "peer", "dest-device", "compress", "cipher", "chunk-size", "precopy",
+                 "downtime-limit", "max-iterations", "resume", "timeout", "follow", "interval"}
+        unknown = set(args) - known
+        if unknown:
+            raise ConfigError(f"migrate: unknown argument(s) {', '.join(sorted(unknown))}")
+        device, peer = args.get("device"), args.get("peer")
+        if not isinstance(device, str) or not isinstance(peer, str):
+            raise ConfigError("migrate: 'device' and 'peer' are required strings")
+        cipher = args.get("cipher", "aes-256-gcm")
+        if cipher not in CIPHERS:
+            raise ConfigError(f"cipher {cipher!r} unknown; supported: {', '.join(CIPHERS)}")
+        try:
+            opts = MigrateOptions(
+                peer=peer, device=device, dest_device=str(args.get("dest-device") or device),
+                compress=parse_compress(str(args.get("compress", "zstd:1"))),
+                ciphers=(cipher,),
+                chunk_size=parse_size(args.get("chunk-size", 1 << 20), "chunk-size"),
+                precopy=bool(args.get("precopy", True)),
+                downtime_limit_ms=int(args.get("downtime-limit", 300)),
+                max_iterations=int(args.get("max-iterations", 30)),
+                resume=bool(args.get("resume", True)),
+                timeout=float(args.get("timeout", 30.0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"migrate: bad argument: {exc}") from None
+        check_options(opts, self.host)
+        job = Job("source", device, peer=peer)
+        self.jobs[job.id] = job
+        job.task = asyncio.create_task(run_source(self.host, job, opts))
+        return job
+
+    async def _cmd_migrate(self, args: dict[str, Any]) -> Any:
+        job = await self._start_migration(args)
+        return {"id": job.id}
+
+    async def _cmd_query(self, args: dict[str, Any]) -> Any:
+        jid = args.get("id")
+        if jid is None:
+            return [j.query() for j in self.jobs.values()]
+        job = self.jobs.get(jid)
+        if job is None:
+            raise ConfigError(f"no migration with id {jid!r}")
+        return job.query()
+
+    async def _cmd_devices(self, args: dict[str, Any]) -> Any:
+        return [dict(d.describe(), busy=n in self.host.busy) for n, d in self.host.devices.items()]
+
+    def _device(self, args: dict[str, Any]) -> Device:
+        name = args.get("device")
+        dev = self.host.devices.get(name) if isinstance(name, str) else None
+        if dev is None:
+            raise ConfigError(f"no device named {name!r}")
+        return dev
+
+    async def _cmd_digest(self, args: dict[str, Any]) -> Any:
+        dev = self._device(args)
+        digest = await asyncio.get_running_loop().run_in_executor(None, dev.digest)
+        return {"device": dev.name, "sha256": digest, "state": dev.state.name}
+
+    async def _cmd_dump(self, args: dict[str, Any]) -> Any:
+        dev = self._device(args)
+        path = args.get("path")
+        dump = getattr(dev, "dump", None)
+        if not isinstance(path, str) or dump is None:
+            raise ConfigError("device-dump needs 'path' and a backend that can dump")
+        await asyncio.get_running_loop().run_in_executor(None, dump, path)
+        return {"device": dev.name, "path": path}
+
+    async def _cmd_stats(self, args: dict[str, Any]) -> Any:
+        if args.get("reset-peak"):
+            self.memory.reset()
+        t = os.times()
+        return {"cpu_seconds": t.user + t.system, "mem_peak_bytes": self.memory.peak,
+                "mem_now_bytes": MemorySampler.current(), "pid": os.getpid(),
+                "uptime": time.monotonic()}
+
+    async def _cmd_cancel(self, args: dict[str, Any]) -> Any:
+        """Like QEMU's migrate_cancel: succeeds even with nothing running."""
+        jid = args.get("id")
+        cancelled = []
+        for job in self.jobs.values():
+            if (jid is None or job.id == jid) and job.task is not None and not job.task.done():
+                job.task.cancel()
+                cancelled.append(job.id)
+        if jid is not None and jid not in self.jobs:
+            raise ConfigError(f"no migration with id {jid!r}")
+        return {"cancelled": cancelled}
+
+    async def _cmd_quit(self, args: dict[str, Any]) -> Any:
+        self._stopping.set()
+        return {}
+
+
+async def serve(cfg: DaemonConfig, ready: Callable[[Daemon], None] | None = None) -> None:
+    daemon = Daemon(cfg)
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.shutdown()
+        raise
+    if ready is not None:
+        ready(daemon)
+    await daemon.serve_forever()

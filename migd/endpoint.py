@@ -1,0 +1,185 @@
+"""The asyncio edge of one protocol connection: a Channel driving a Connection.
+
+Everything protocol-shaped happens in :class:`~migd.protocol.connection.Connection`;
+this class only moves its bytes, turns its events into awaitables, and applies
+receive back-pressure when the data pipeline runs out of buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from transports.base import Channel
+
+from .errors import (
+    IncompleteStream,
+    MigdError,
+    MigrationTimeout,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from .protocol.connection import Closed, Connection, Control, Data, Established, PeerFailed
+
+
+class Endpoint:
+    def __init__(self, channel: Channel, conn: Connection) -> None:
+        self.channel = channel
+        self.conn = conn
+        self.error: MigdError | None = None
+        self.established: Established | None = None
+        self.on_data: Callable[[Data], None] | None = None
+        #: Controls handled as they arrive (e.g. progress acks), by message type.
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self._controls: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._flush_pending = False
+        self.peer_closed = False
+        #: Loop time of the last received bytes: waits time out on silence, not on length.
+        self.last_rx = self._loop.time()
+        channel.start(self)
+
+    # --- Receiver protocol -----------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, n: int) -> None:
+        self.last_rx = self._loop.time()
+        self.conn.buffer_updated(n)
+        self._dispatch()
+        if self.conn.blocked:
+            self.channel.pause_reading()
+
+    def eof_received(self) -> None:
+        self.conn.receive_eof()
+        self._dispatch()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if isinstance(exc, MigdError):
+            self._fail(exc)
+        else:
+            self._fail(TransportError(f"connection to {self.channel.peer} lost: {exc}"))
+
+    # --- event plumbing ----------------------------------------------------------
+
+    def fail(self, err: MigdError) -> None:
+        """Record the first failure of this connection and wake every waiter."""
+        self._fail(err)
+
+    def _fail(self, err: MigdError) -> None:
+        if self.error is None:
+            self.error = err
+        self._wake.set()
+
+    def _dispatch(self) -> None:
+        for ev in self.conn.events():
+            if isinstance(ev, Data):
+                if self.on_data is None:
+                    self._fail(ProtocolError("data before the session accepted it"))
+                else:
+                    try:
+                        self.on_data(ev)
+                    except MigdError as exc:
+                        self.channel.pause_reading()
+                        self._fail(exc)
+            elif isinstance(ev, Control):
+                handler = self.handlers.get(str(ev.msg.get("t")))
+                if handler is not None:
+                    try:
+                        handler(ev.msg)
+                    except MigdError as exc:
+                        self._fail(exc)
+                else:
+                    self._controls.put_nowait(ev.msg)
+            elif isinstance(ev, Established):
+                self.established = ev
+            elif isinstance(ev, PeerFailed):
+                self._fail(ev.error)
+            elif isinstance(ev, Closed):
+                self.peer_closed = True
+                self._fail(IncompleteStream(f"peer {self.channel.peer} closed the connection"))
+        self._wake.set()
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._schedule_flush)
+
+    def _schedule_flush(self) -> None:
+        self._flush_pending = False
+        task = self._loop.create_task(self.flush())
+        task.add_done_callback(self._flush_done)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self._fail(exc if isinstance(exc, MigdError) else TransportError(str(exc)))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def flush(self) -> None:
+        async with self._send_lock:
+            frames = self.conn.pop_ready()
+            if frames:
+                await self.channel.send(frames)
+
+    def unblock(self) -> None:
+        """A data buffer was released: let a waiting payload continue."""
+        if self.conn.blocked and self.conn.unblock() and self.error is None:
+            self.channel.resume_reading()
+
+    async def _wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait for ``cond``; fail after ``timeout`` seconds in which the peer sent nothing."""
+        start = self._loop.time()
+        while not cond():
+            self.check()
+            self._wake.clear()
+            remaining = max(start, self.last_rx) + timeout - self._loop.time()
+            if remaining <= 0:
+                raise MigrationTimeout(f"peer silent for {timeout:.0f}s while waiting for {what}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    async def handshake(self, timeout: float) -> Established:
+        await self.flush()
+        await self._wait(lambda: self.established is not None, timeout, "the handshake")
+        await self.flush()
+        assert self.established is not None
+        return self.established
+
+    async def send_control(self, msg: dict[str, Any]) -> None:
+        self.check()
+        self.conn.send_control(msg)
+        await self.flush()
+
+    async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
+        await self._wait(lambda: not self._controls.empty(), timeout, f"'{kind}' from the peer")
+        msg = self._controls.get_nowait()
+        if msg.get("t") != kind:
+            raise ProtocolError(f"expected '{kind}', peer sent '{msg.get('t')}'")
+        return msg
+
+    async def next_control(self, timeout: float) -> dict[str, Any]:
+        await self._wait(lambda: not self._controls.empty(), timeout, "a message from the peer")
+        return self._controls.get_nowait()
+
+    async def abort(self, err: BaseException | None) -> None:
+        """Tell the peer (best effort, bounded) and close."""
+        if err is not None and not isinstance(err, TransportError | RemoteError) and not self.peer_closed:
+            with contextlib.suppress(Exception):
+                self.conn.send_error(err)
+                await asyncio.wait_for(self.flush(), 2.0)
+        self.channel.close()
+
+    async def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait for a local condition that :meth:`poke` signals, failing on peer errors."""
+        await self._wait(cond, timeout, what)
+
+    def poke(self) -> None:
+        self._wake.set()

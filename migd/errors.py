@@ -1,0 +1,218 @@
+"""One error tree for the whole daemon.
+
+Every failure migd can report derives from :class:`MigdError`.  Errors that
+cross the wire carry a stable numeric ``code`` (a class attribute) and a short
+public ``message``; the peer rebuilds the matching class from the code alone, so
+internals (paths, tracebacks, key material) never leave the host.
+
+``LocalError`` subclasses describe a failure detected here; ``RemoteError``
+wraps a failure the peer reported to us.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class MigdError(Exception):
+    """Root of every error migd raises on purpose."""
+
+    code: ClassVar[int] = 1
+    name: ClassVar[str] = "internal"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.name)
+        self.message = message or self.name
+
+
+# --- configuration and usage -------------------------------------------------
+
+
+class ConfigError(MigdError):
+    """Bad configuration, CLI argument or control request."""
+
+    code = 2
+    name = "bad-config"
+
+
+# --- device / backend --------------------------------------------------------
+
+
+class DeviceError(MigdError):
+    """The device refused an operation or reported a failure."""
+
+    code = 10
+    name = "device-error"
+
+
+class IllegalTransition(DeviceError):
+    """A state machine was asked for an arc its table does not allow."""
+
+    code = 11
+    name = "illegal-transition"
+
+    def __init__(self, role: str, state: str, event: str, detail: str = "") -> None:
+        text = f"{role}: illegal transition from {state} on {event}"
+        if detail:
+            text += f" ({detail})"
+        super().__init__(text)
+        self.role = role
+        self.state = state
+        self.event = event
+
+
+class NoDataNow(DeviceError):
+    """PRE_COPY read with nothing queued: a temporary end, never end of stream."""
+
+    code = 12
+    name = "no-data-now"
+
+
+class IncompatibleDevice(DeviceError):
+    """The destination device cannot load state produced by the source device."""
+
+    code = 13
+    name = "incompatible-device"
+
+
+class DeviceBusy(DeviceError):
+    code = 14
+    name = "device-busy"
+
+
+class UnknownDevice(DeviceError):
+    code = 15
+    name = "unknown-device"
+
+
+# --- protocol ------------------------------------------------------------------
+
+
+class ProtocolError(MigdError):
+    """The peer sent something the protocol does not allow."""
+
+    code = 20
+    name = "protocol-error"
+
+
+class VersionMismatch(ProtocolError):
+    code = 21
+    name = "version-mismatch"
+
+
+class FrameTooLarge(ProtocolError):
+    code = 22
+    name = "frame-too-large"
+
+
+class IntegrityError(ProtocolError):
+    """Authentication tag, digest, ordering or replay check failed."""
+
+    code = 23
+    name = "integrity-error"
+
+
+class DecompressionError(ProtocolError):
+    """A chunk did not decompress to exactly its declared size (corrupt or a bomb)."""
+
+    code = 24
+    name = "decompression-error"
+
+
+class OverAnnounced(ProtocolError):
+    """The peer sent more state than it announced."""
+
+    code = 25
+    name = "over-announced"
+
+
+class IncompleteStream(ProtocolError):
+    """The stream ended without a valid end-of-stream record."""
+
+    code = 26
+    name = "incomplete-stream"
+
+
+class NegotiationError(ProtocolError):
+    """No common cipher or compression, or an unsupported option."""
+
+    code = 27
+    name = "negotiation-failed"
+
+
+# --- authentication --------------------------------------------------------------
+
+
+class AuthError(MigdError):
+    """The peer could not prove an authorized identity."""
+
+    code = 30
+    name = "auth-failed"
+
+
+class UnknownPeer(AuthError):
+    code = 31
+    name = "unknown-peer"
+
+
+class BadSignature(AuthError):
+    code = 32
+    name = "bad-signature"
+
+
+# --- session -------------------------------------------------------------------
+
+
+class TransportError(MigdError):
+    """The connection failed underneath the protocol."""
+
+    code = 40
+    name = "transport-error"
+
+
+class Cancelled(MigdError):
+    code = 41
+    name = "cancelled"
+
+
+class MigrationTimeout(MigdError):
+    code = 42
+    name = "timeout"
+
+
+class RemoteError(MigdError):
+    """The peer reported a failure; ``remote`` is the peer's error class."""
+
+    code = 50
+    name = "remote-error"
+
+    def __init__(self, remote: MigdError) -> None:
+        super().__init__(f"peer reported {remote.name}: {remote.message}")
+        self.remote = remote
+
+
+def _all_subclasses(cls: type[MigdError]) -> list[type[MigdError]]:
+    out: list[type[MigdError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERRORS_BY_CODE: dict[int, type[MigdError]] = {MigdError.code: MigdError}
+for _cls in _all_subclasses(MigdError):
+    if _cls is not RemoteError and _cls is not IllegalTransition:
+        ERRORS_BY_CODE[_cls.code] = _cls
+
+
+def from_wire(code: int, message: str) -> RemoteError:
+    """Rebuild a peer's error from its wire code; unknown codes map to the root."""
+    cls = ERRORS_BY_CODE.get(code, MigdError)
+    return RemoteError(cls(message[:500]))
+
+
+def to_wire(err: BaseException) -> tuple[int, str]:
+    """What the peer may see of ``err``: a code and a public message."""
+    if isinstance(err, MigdError) and not isinstance(err, RemoteError):
+        return err.code, err.message[:500]
+    return MigdError.code, "internal error"

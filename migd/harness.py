@@ -1,0 +1,123 @@
+"""Two real daemons on loopback, as separate processes: for demo, bench and tests.
+
+Each daemon gets its own identity, the other's public key as its only
+authorized peer, its own control socket and a kernel-chosen port.  Processes
+are always reaped, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .control import ControlClient
+from .errors import ConfigError
+from .identity import Identity, public_line
+
+
+@dataclasses.dataclass
+class DaemonProc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    control: str
+    address: str
+    log_path: str
+
+    def client(self, timeout: float = 60.0) -> ControlClient:
+        return ControlClient(self.control, timeout)
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        with self.client() as c:
+            return c.call(cmd, **args)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def write_identity(directory: str, name: str) -> Identity:
+    ident = Identity.generate()
+    ident.save(os.path.join(directory, f"{name}.key"), comment=name)
+    return ident
+
+
+def start_daemon(workdir: str, name: str, devices: Sequence[str],
+                 authorized: Sequence[bytes], extra: Sequence[str] = (),
+                 identity: str | None = None, wait: float = 30.0) -> DaemonProc:
+    """Start ``migd serve`` with a port chosen by the kernel; wait until it answers."""
+    auth = os.path.join(workdir, f"{name}.authorized")
+    with open(auth, "w") as f:
+        for i, pub in enumerate(authorized):
+            f.write(public_line(pub, f"peer{i}") + "\n")
+    control = os.path.join(workdir, f"{name}.sock")
+    port_file = os.path.join(workdir, f"{name}.addr")
+    log_path = os.path.join(workdir, f"{name}.log")
+    cmd = [sys.executable, "-m", "migd", "serve", "--listen", "127.0.0.1:0",
+           "--control", control, "--identity", identity or os.path.join(workdir, f"{name}.key"),
+           "--authorized-keys", auth, "--address-file", port_file, *extra]
+    for d in devices:
+        cmd += ["--device", d]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait
+    while not os.path.exists(port_file):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            with open(log_path, errors="replace") as f:
+                raise ConfigError(f"daemon {name} did not start:\n{f.read()[-2000:]}")
+        time.sleep(0.02)
+    with open(port_file) as f:
+        address = f.read().strip()
+    return DaemonProc(name, proc, control, address, log_path)
+
+
+@dataclasses.dataclass
+class Pair:
+    src: DaemonProc
+    dst: DaemonProc
+    workdir: str
+    keys: dict[str, Identity]
+
+
+@contextlib.contextmanager
+def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
+               src_extra: Sequence[str] = (), dst_extra: Sequence[str] = (),
+               workdir: str | None = None) -> Iterator[Pair]:
+    own = workdir is None
+    wd = workdir or tempfile.mkdtemp(prefix="migd-pair-")
+    procs: list[DaemonProc] = []
+    try:
+        a = write_identity(wd, "src")
+        b = write_identity(wd, "dst")
+        dst = start_daemon(wd, "dst", dst_devices, [a.public], dst_extra)
+        procs.append(dst)
+        src = start_daemon(wd, "src", src_devices, [b.public], src_extra)
+        procs.append(src)
+        yield Pair(src, dst, wd, {"src": a, "dst": b})
+    finally:
+        for p in procs:
+            p.stop()
+        if own:
+            shutil.rmtree(wd, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The wire protocol, free of I/O: frames, handshake, the session state machine."""

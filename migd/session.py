@@ -1,0 +1,395 @@
+"""Migration sessions: the source and destination drivers, and the job record.
+
+The rule both drivers keep: until the destination has verified the whole
+stream and committed, the source device goes back to RUNNING on any failure and
+the destination device is reset; the destination never runs partial or
+unverified state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any
+
+from backends.base import Device
+from backends.states import DeviceState, MigCap
+from transports.base import Channel, Transport
+
+from .codec import CompressMode, Encoder
+from .endpoint import Endpoint
+from .errors import (
+    Cancelled,
+    ConfigError,
+    DeviceBusy,
+    IncompatibleDevice,
+    MigdError,
+    ProtocolError,
+    UnknownDevice,
+)
+from .identity import AuthorizedKeys, Identity
+from .protocol.connection import Connection, Offer, Role
+from .protocol.session import SessionEvent, SessionState, Status
+from .stream import Counters, StreamReceiver, StreamSender, Workers
+
+log = logging.getLogger("migd.session")
+
+
+@dataclasses.dataclass
+class MigrateOptions:
+    """What one outgoing migration is asked to do (QEMU's knobs where they exist)."""
+
+    peer: str
+    device: str
+    dest_device: str = ""
+    compress: CompressMode = dataclasses.field(default_factory=lambda: CompressMode("zstd", 1))
+    ciphers: tuple[str, ...] = ("aes-256-gcm",)
+    chunk_size: int = 1 << 20
+    precopy: bool = True
+    downtime_limit_ms: int = 300
+    max_iterations: int = 30
+    resume: bool = True  # start the destination VF after loading
+    timeout: float = 30.0
+    inflight: int = 8
+
+
+@dataclasses.dataclass
+class Job:
+    """One migration as ``query-migrate`` reports it."""
+
+    role: str
+    device: str
+    peer: str = ""
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    state: SessionState = dataclasses.field(init=False)
+    counters: Counters = dataclasses.field(default_factory=Counters)
+    total: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    setup_time_ms: int = 0
+    total_time_ms: int = 0
+    downtime_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    dirty_sync_count: int = 0
+    error: MigdError | None = None
+    cipher: str = ""
+    compress: str = ""
+    phase: str = "setup"
+    rate: float = 0.0
+    cpu_start: float = 0.0
+    cpu_seconds: float = 0.0
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.state = SessionState(self.role)
+
+    @property
+    def status(self) -> Status:
+        return self.state.status
+
+    def query(self) -> dict[str, Any]:
+        now = time.monotonic()
+        elapsed = self.total_time_ms if self.state.finished else int((now - self.started) * 1000)
+        c = self.counters
+        out: dict[str, Any] = {
+            "id": self.id,
+            "role": self.role,
+            "device": self.device,
+            "peer": self.peer,
+            "status": self.status.value,
+            "phase": self.phase,
+            "total-time": elapsed,
+            "setup-time": self.setup_time_ms,
+            "transferred": c.transferred,
+            "wire-bytes": c.wire_bytes,
+            "total": self.total,
+            "remaining": max(0, self.total - c.transferred) if not self.state.finished else 0,
+            "precopy-bytes": c.precopy_bytes,
+            "downtime-bytes": c.downtime_bytes,
+            "dirty-sync-count": self.dirty_sync_count,
+            "mbps": round(self.rate * 8 / 1e6, 1),
+            "cipher": self.cipher,
+            "compress": self.compress,
+            "chunks": c.chunks,
+            "zero-chunks": c.zero_chunks,
+            "compressed-chunks": c.compressed_chunks,
+            "acked": c.acked,
+            "cpu-seconds": round(self.cpu_seconds, 3),
+        }
+        if self.downtime_ms is not None:
+            out["downtime"] = self.downtime_ms
+        if self.expected_downtime_ms is not None and self.status == Status.ACTIVE:
+            out["expected-downtime"] = self.expected_downtime_ms
+        if self.error is not None:
+            out["error-desc"] = self.error.message
+            out["error-class"] = self.error.name
+        return out
+
+    def finish(self, event: SessionEvent, error: MigdError | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.state.fire(event)
+        self.total_time_ms = int((time.monotonic() - self.started) * 1000)
+        self.cpu_seconds = time.process_time() - self.cpu_start
+
+
+@dataclasses.dataclass
+class Host:
+    """What a session needs from its daemon."""
+
+    identity: Identity
+    authorized: AuthorizedKeys
+    workers: Workers
+    devices: dict[str, Device]
+    transport: Transport
+    busy: set[str] = dataclasses.field(default_factory=set)
+    ciphers: tuple[str, ...] = ("aes-256-gcm", "chacha20-poly1305")
+    max_chunk: int = 1 << 20
+    idle_timeout: float = 30.0
+    #: Announced bytes a destination accepts, as a multiple of the device state size.
+    stream_limit_factor: int = 8
+
+    def claim(self, name: str) -> Device:
+        dev = self.devices.get(name)
+        if dev is None:
+            raise UnknownDevice(f"no device named {name!r} on this host")
+        if name in self.busy:
+            raise DeviceBusy(f"device {name!r} is already migrating")
+        self.busy.add(name)
+        return dev
+
+
+def _as_error(exc: BaseException) -> MigdError:
+    if isinstance(exc, MigdError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return Cancelled("migration cancelled")
+    log.exception("unexpected failure", exc_info=exc)
+    return MigdError(f"internal error: {exc.__class__.__name__}")
+
+
+# --- source -------------------------------------------------------------------------
+
+
+async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
+    """Migrate ``opts.device`` to ``opts.peer``; never leaves the device stopped on failure."""
+    job.cpu_start = time.process_time()
+    job.state.fire(SessionEvent.START)
+    job.compress = str(opts.compress)
+    dev: Device | None = None
+    ep: Endpoint | None = None
+    sender: StreamSender | None = None
+    committed = False
+    try:
+        dev = host.claim(opts.device)
+        job.total = dev.state_size()
+        channel = await host.transport.connect(opts.peer, opts.timeout)
+        conn = Connection(Role.SOURCE, host.identity, host.authorized,
+                          Offer(ciphers=opts.ciphers, max_chunk=opts.chunk_size))
+        ep = Endpoint(channel, conn)
+        est = await ep.handshake(opts.timeout)
+        job.cipher = est.cipher
+        log.info("migration %s: %s authenticated as %s, cipher %s", job.id, opts.peer,
+                 est.peer_name, est.cipher)
+        precopy = opts.precopy and bool(dev.caps & MigCap.PRE_COPY)
+        await ep.send_control({
+            "t": "migrate", "id": job.id, "device": opts.dest_device or opts.device,
+            "kind": dev.kind, "compat": dev.compat(), "state_size": dev.state_size(),
+            "precopy": precopy, "resume": opts.resume,
+        })
+        accept = await ep.expect("accept", opts.timeout)
+        limit = accept.get("limit")
+        if not isinstance(limit, int):
+            raise ProtocolError("accept: missing stream limit")
+        job.setup_time_ms = int((time.monotonic() - job.started) * 1000)
+        job.state.fire(SessionEvent.ACCEPTED)
+        ep.handlers["ack"] = lambda m: setattr(job.counters, "acked", int(m.get("offset", 0)))
+        sender = StreamSender(ep, dev, Encoder(opts.compress), host.workers, job.counters,
+                              opts.inflight)
+        if precopy:
+            await _precopy(dev, ep, sender, job, opts, limit)
+        job.state.fire(SessionEvent.SWITCHOVER)
+        job.phase = "stop-copy"
+        t_stop = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(
+            host.workers.io, dev.set_state, DeviceState.STOP_COPY)
+        sender.downtime_phase = True
+        await sender.send(None)
+        await ep.send_control(sender.end_record())
+        job.phase = "commit"
+        done = await ep.expect("committed", opts.timeout)
+        committed = True
+        job.downtime_ms = int((time.monotonic() - t_stop) * 1000)
+        job.rate = job.counters.transferred / max(1e-9, time.monotonic() - job.started)
+        dev.set_state(DeviceState.STOP)
+        job.phase = "done"
+        log.info("migration %s completed: %d bytes, downtime %d ms, destination %s", job.id,
+                 job.counters.transferred, job.downtime_ms,
+                 "running" if done.get("running") else "stopped")
+        job.finish(SessionEvent.COMMITTED)
+    except BaseException as exc:
+        err = _as_error(exc)
+        if committed:
+            # The guest runs on the destination now; only the local STOP failed.
+            log.error("migration %s: committed, but stopping the source failed: %s", job.id, err)
+            job.finish(SessionEvent.COMMITTED, err)
+        else:
+            if dev is not None and opts.device in host.busy:
+                with contextlib.suppress(Exception):
+                    dev.recover()
+            cancelled = isinstance(err, Cancelled)
+            if ep is not None:
+                await ep.abort(err)
+            log.warning("migration %s %s: %s (source device %s)", job.id,
+                        "cancelled" if cancelled else "failed", err.message,
+                        dev.state.name if dev else "-")
+            if cancelled and job.status not in (Status.CANCELLING,):
+                job.state.fire(SessionEvent.CANCEL)
+            job.finish(SessionEvent.ROLLED_BACK if cancelled else SessionEvent.FAIL, err)
+        if not isinstance(exc, Exception | asyncio.CancelledError):
+            raise
+    finally:
+        if sender is not None:
+            await sender.close()
+        if ep is not None:
+            ep.channel.close()
+        if dev is not None:
+            host.busy.discard(opts.device)
+        job.done.set()
+
+
+async def _precopy(dev: Device, ep: Endpoint, sender: StreamSender, job: Job,
+                   opts: MigrateOptions, limit: int) -> None:
+    """Iterate while what is pending would not fit the downtime limit at the measured rate."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(sender.workers.io, dev.set_state, DeviceState.PRE_COPY)
+    job.phase = "pre-copy"
+    marked = False
+    sent_total = 0
+    t0 = time.monotonic()
+    while True:
+        info = dev.precopy_info()
+        pending = info.initial_bytes + info.dirty_bytes
+        elapsed = time.monotonic() - t0
+        rate = sent_total / elapsed if elapsed > 0 and sent_total else 0.0
+        job.rate = rate
+        if rate:
+            job.expected_downtime_ms = int(pending / rate * 1000)
+        if info.initial_bytes == 0:
+            if not marked:
+                marked = True
+                await ep.send_control({"t": "initial-sent", "offset": sender.offset})
+            fits = rate > 0 and pending / rate * 1000 <= opts.downtime_limit_ms
+            room = limit - sender.announced - dev.stop_copy_size() - pending
+            if fits or pending == 0 or job.dirty_sync_count >= opts.max_iterations or room < 0:
+                break
+        sent_total += await sender.send(pending)
+        job.dirty_sync_count += 1
+    # switchover-ack: stop the source only once the destination loaded the initial bytes
+    job.phase = "switchover-ack"
+    await ep.expect("initial-loaded", opts.timeout)
+
+
+# --- destination ----------------------------------------------------------------------
+
+
+async def run_destination(host: Host, channel: Channel, jobs: dict[str, Job],
+                          resume_default: bool = True) -> None:
+    """Serve one incoming connection: authenticate, load, verify, commit or reset."""
+    receiver: StreamReceiver | None = None
+
+    def buffers(n: int) -> bytearray | None:
+        return receiver.take_buffer(n) if receiver is not None else None
+
+    conn = Connection(Role.DESTINATION, host.identity, host.authorized,
+                      Offer(ciphers=host.ciphers, max_chunk=host.max_chunk), data_buffers=buffers)
+    ep = Endpoint(channel, conn)
+    job: Job | None = None
+    dev: Device | None = None
+    claimed = ""
+    loaded = False
+    try:
+        est = await ep.handshake(host.idle_timeout)
+        req = await ep.expect("migrate", host.idle_timeout)
+        name = req.get("device")
+        if not isinstance(name, str):
+            raise ProtocolError("migrate: device name missing")
+        job = Job("destination", name, peer=f"{est.peer_name}@{channel.peer}")
+        if isinstance(req.get("id"), str):
+            job.id = str(req["id"])[:64]
+        job.cpu_start = time.process_time()
+        job.cipher = est.cipher
+        job.state.fire(SessionEvent.START)
+        jobs[job.id] = job
+        dev = host.claim(name)
+        claimed = name
+        compat = req.get("compat")
+        if req.get("kind") != dev.kind or not isinstance(compat, dict):
+            raise IncompatibleDevice(f"source device kind {req.get('kind')!r} cannot load into "
+                                     f"{dev.kind!r} device {name!r}")
+        dev.check_compat(compat)
+        job.total = dev.state_size()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(host.workers.io, dev.set_state, DeviceState.RESUMING)
+        limit = host.stream_limit_factor * dev.state_size() + (64 << 20)
+        receiver = StreamReceiver(ep, dev, host.workers, job.counters, conn.max_chunk, limit)
+        ep.on_data = receiver.on_data
+        ep.handlers["announce"] = receiver.announce
+        ep.handlers["initial-sent"] = receiver.initial_sent
+        await ep.send_control({"t": "accept", "limit": limit})
+        job.setup_time_ms = int((time.monotonic() - job.started) * 1000)
+        job.state.fire(SessionEvent.ACCEPTED)
+        job.phase = "loading"
+        end = await ep.expect("end", host.idle_timeout)
+        job.state.fire(SessionEvent.SWITCHOVER)
+        job.phase = "verify"
+        await receiver.finish(end, host.idle_timeout)
+        resume = bool(req.get("resume", resume_default))
+        # RESUMING -> STOP is where the device itself validates what it loaded.
+        await loop.run_in_executor(host.workers.io, dev.set_state,
+                                   DeviceState.RUNNING if resume else DeviceState.STOP)
+        loaded = True
+        await ep.send_control({"t": "committed", "running": resume})
+        job.phase = "done"
+        job.rate = job.counters.transferred / max(1e-9, time.monotonic() - job.started)
+        log.info("incoming migration %s into %s committed (%d bytes, device %s)", job.id, name,
+                 job.counters.transferred, dev.state.name)
+        job.finish(SessionEvent.COMMITTED)
+    except BaseException as exc:
+        err = _as_error(exc)
+        if loaded:
+            # Verified and loaded: the guest's state lives here now.  Wiping it
+            # because the confirmation could not be delivered would lose it.
+            log.error("incoming migration %s loaded, but the source was not told: %s",
+                      job.id if job else "-", err.message)
+        elif dev is not None and claimed:
+            with contextlib.suppress(Exception):
+                dev.reset()
+        await ep.abort(err)
+        log.warning("incoming migration %s failed: %s", job.id if job else "-", err.message)
+        if job is not None and not job.state.finished:
+            job.finish(SessionEvent.COMMITTED if loaded else SessionEvent.FAIL, err)
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        if receiver is not None:
+            await receiver.close()
+        channel.close()
+        if claimed:
+            host.busy.discard(claimed)
+        if job is not None:
+            job.done.set()
+
+
+def check_options(opts: MigrateOptions, host: Host) -> None:
+    if opts.device not in host.devices:
+        raise UnknownDevice(f"no device named {opts.device!r} on this host; "
+                            f"devices: {', '.join(sorted(host.devices)) or 'none'}")
+    if not 4096 <= opts.chunk_size <= 16 << 20:
+        raise ConfigError("chunk-size must be between 4 KiB and 16 MiB")
+    if opts.downtime_limit_ms < 0:
+        raise ConfigError("downtime-limit must not be negative")
