@@ -35,6 +35,9 @@ class Device(abc.ABC):
     """
 
     kind: ClassVar[str] = "?"
+    #: Whether read_into/write may block (a real data_fd) or are plain memory
+    #: copies (simulated device memory); the pipeline runs the latter inline.
+    blocking_io: ClassVar[bool] = True
 
     def __init__(self, name: str, caps: MigCap) -> None:
         self.name = name

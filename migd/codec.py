@@ -22,6 +22,12 @@ class Encoding(enum.IntEnum):
     RAW = 0
     ZERO = 1
     ZSTD = 2
+    SPARSE = 3  # bitmap of non-zero 16 KiB blocks, then those blocks
+
+
+#: Granularity of zero skipping: on the benchmark image 16 KiB blocks catch 33
+#: of the 35 % zero bytes, at 64 checks per MiB.
+SPARSE_BLOCK = 16 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +63,65 @@ _MIN_GAIN = 0.97
 _ZEROS = bytes(16 << 20)
 
 
+def zero_view(n: int) -> memoryview:
+    """``n`` zero bytes (at most 16 MiB) without allocating."""
+    return memoryview(_ZEROS)[:n]
+
+
 def is_zero(data: memoryview) -> bool:
-    n = len(data)
-    if n <= len(_ZEROS):
-        return data == memoryview(_ZEROS)[:n]
-    return all(data[o : o + len(_ZEROS)] == memoryview(_ZEROS)[: len(data[o : o + len(_ZEROS)])]
-               for o in range(0, n, len(_ZEROS)))
+    # bytes.startswith is a memcmp (~45 GB/s here); memoryview == compares per element.
+    if len(data) <= len(_ZEROS):
+        return _ZEROS.startswith(data)
+    return all(_ZEROS.startswith(data[o : o + len(_ZEROS)]) for o in range(0, len(data), len(_ZEROS)))
+
+
+def _bitmap_len(n: int) -> int:
+    return (-(-n // SPARSE_BLOCK) + 7) // 8
 
 
 class Encoder:
-    """Per-worker-thread compressors (zstd contexts are not thread-safe)."""
+    """Per-thread state: zstd contexts are not thread-safe, and the compaction
+    scratch must not be shared between chunks in flight."""
 
     def __init__(self, mode: CompressMode) -> None:
         self.mode = mode
         self._local = threading.local()
+
+    def _scratch(self, n: int) -> bytearray:
+        buf: bytearray | None = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.scratch = bytearray(n)
+        return buf
+
+    def _sparse(self, plain: memoryview) -> memoryview | None:
+        """Compact the non-zero blocks behind a bitmap, or None if no block is zero."""
+        n = len(plain)
+        nbits = -(-n // SPARSE_BLOCK)
+        bits = 0
+        runs: list[tuple[int, int]] = []
+        start = -1
+        for i in range(nbits):
+            o = i * SPARSE_BLOCK
+            if _ZEROS.startswith(plain[o : o + SPARSE_BLOCK]):
+                if start >= 0:
+                    runs.append((start, o))
+                    start = -1
+            else:
+                bits |= 1 << i
+                if start < 0:
+                    start = o
+        if start >= 0:
+            runs.append((start, n))
+        if bits == (1 << nbits) - 1:
+            return None
+        blen = _bitmap_len(n)
+        out = self._scratch(n + blen)
+        out[:blen] = bits.to_bytes(blen, "little")
+        pos = blen
+        for a, b in runs:
+            out[pos : pos + b - a] = plain[a:b]
+            pos += b - a
+        return memoryview(out)[:pos]
 
     def _zstd(self) -> zstandard.ZstdCompressor:
         c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
@@ -87,6 +138,9 @@ class Encoder:
             packed = self._zstd().compress(plain)
             if len(packed) < len(plain) * _MIN_GAIN:
                 return Encoding.ZSTD, packed
+        sparse = self._sparse(plain)
+        if sparse is not None:
+            return Encoding.SPARSE, sparse
         return Encoding.RAW, plain
 
 
@@ -114,8 +168,50 @@ class Decoder:
             out[:] = payload
         elif encoding == Encoding.ZSTD:
             self._unzstd(payload, out)
+        elif encoding == Encoding.SPARSE:
+            self._unsparse(payload, out)
         else:
             raise ProtocolError(f"unknown chunk encoding {encoding}")
+
+    @staticmethod
+    def sparse_segments(payload: memoryview, n: int) -> list[memoryview]:
+        """The ``n`` plain bytes of a sparse chunk as pieces, without copying them:
+        non-zero runs are views of ``payload``, zero runs views of a shared zero page."""
+        blen = _bitmap_len(n)
+        nbits = -(-n // SPARSE_BLOCK)
+        if len(payload) < blen:
+            raise DecompressionError("sparse chunk shorter than its bitmap")
+        bits = int.from_bytes(payload[:blen], "little")
+        if bits >> nbits:
+            raise DecompressionError("sparse chunk bitmap names blocks past the chunk")
+        segs: list[memoryview] = []
+        pos = blen
+        zeros = memoryview(_ZEROS)
+        i = 0
+        while i < nbits:
+            bit = bits >> i & 1
+            j = i
+            while j < nbits and (bits >> j & 1) == bit:
+                j += 1
+            k = min(j * SPARSE_BLOCK, n) - i * SPARSE_BLOCK
+            if bit:
+                if pos + k > len(payload):
+                    raise DecompressionError("sparse chunk is shorter than its bitmap says")
+                segs.append(payload[pos : pos + k])
+                pos += k
+            else:
+                segs.append(zeros[:k])
+            i = j
+        if pos != len(payload):
+            raise DecompressionError("sparse chunk is longer than its bitmap says")
+        return segs
+
+    @classmethod
+    def _unsparse(cls, payload: memoryview, out: memoryview) -> None:
+        pos = 0
+        for seg in cls.sparse_segments(payload, len(out)):
+            out[pos : pos + len(seg)] = seg
+            pos += len(seg)
 
     def _unzstd(self, payload: memoryview, out: memoryview) -> None:
         n = len(out)

@@ -32,7 +32,7 @@ from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
 from .identity import AuthorizedKeys, Identity
 from .session import Host, Job, MigrateOptions, check_options, run_destination, run_source
-from .stream import Workers
+from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
 from .units import parse_size
 
 log = logging.getLogger("migd.daemon")
@@ -79,20 +79,21 @@ class MemorySampler:
     """Peak anonymous RSS of this process: the daemon's own memory, not device memory
     (which is a file mapping and counts as RssFile/RssShmem)."""
 
-    def __init__(self, period: float = 0.02) -> None:
+    def __init__(self, period: float = 0.05) -> None:
         self.peak = 0
         self._stop = threading.Event()
         self._period = period
         self._thread = threading.Thread(target=self._run, name="migd-mem", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    @classmethod
+    def current(cls) -> int:
+        # statm: resident - shared(file + shmem) = anonymous resident memory.
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * cls._PAGE
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
@@ -127,6 +128,11 @@ class Daemon:
                          devices=devices, transport=transports.REGISTRY.create(cfg.transport),
                          ciphers=cfg.ciphers, idle_timeout=cfg.idle_timeout)
         self.jobs: dict[str, Job] = {}
+        # One migration each way can start without allocating: fresh pages are
+        # expensive here, so the daemon pays for them once, at start.
+        bank = self.host.workers.bank
+        bank.prewarm(tx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
+        bank.prewarm(rx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
         self.memory = MemorySampler()
         self._stopping = asyncio.Event()
         self._accepting = True

@@ -105,7 +105,7 @@ class Endpoint:
                 self.peer_closed = True
                 self._fail(IncompleteStream(f"peer {self.channel.peer} closed the connection"))
         self._wake.set()
-        if not self._flush_pending:
+        if self.conn.has_output() and not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self._schedule_flush)
 
@@ -152,6 +152,14 @@ class Endpoint:
         await self.flush()
         assert self.established is not None
         return self.established
+
+    def post_control(self, msg: dict[str, Any]) -> None:
+        """Queue a control message from synchronous code; it goes out on the next flush."""
+        if self.error is None:
+            self.conn.send_control(msg)
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._schedule_flush)
 
     async def send_control(self, msg: dict[str, Any]) -> None:
         self.check()

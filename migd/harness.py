@@ -62,7 +62,7 @@ def write_identity(directory: str, name: str) -> Identity:
 
 def start_daemon(workdir: str, name: str, devices: Sequence[str],
                  authorized: Sequence[bytes], extra: Sequence[str] = (),
-                 identity: str | None = None, wait: float = 30.0) -> DaemonProc:
+                 identity: str | None = None, wait: float = 120.0) -> DaemonProc:
     """Start ``migd serve`` with a port chosen by the kernel; wait until it answers."""
     auth = os.path.join(workdir, f"{name}.authorized")
     with open(auth, "w") as f:

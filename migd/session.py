@@ -117,6 +117,7 @@ class Job:
             "chunks": c.chunks,
             "zero-chunks": c.zero_chunks,
             "compressed-chunks": c.compressed_chunks,
+            "sparse-chunks": c.sparse_chunks,
             "acked": c.acked,
             "cpu-seconds": round(self.cpu_seconds, 3),
         }

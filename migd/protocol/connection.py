@@ -203,6 +203,9 @@ class Connection:
             self._tx_next += 1
         return out
 
+    def has_output(self) -> bool:
+        return bool(self._plain_out) or self._tx_next in self._out
+
     def reserve_seq(self) -> int:
         if self.phase is not Phase.ESTABLISHED:
             raise ProtocolError(f"{self.role.value}: cannot send sealed frames during {self.phase.value}")
