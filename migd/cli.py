@@ -133,6 +133,10 @@ def _serve(args: argparse.Namespace) -> int:
                 f.write(daemon.address)
             os.replace(tmp, args.address_file)
 
+    # Codec threads hand the GIL back and forth with the event loop per chunk; with
+    # CPython's 5 ms default they queue for it.  Measured on the 1 GiB image
+    # (migd bench, AES-256-GCM, none): 1.9-2.5 GB/s at 5 ms, 2.9-3.2 GB/s at 1 ms.
+    sys.setswitchinterval(0.001)
     uvloop.run(serve(cfg, ready))
     return 0
 
