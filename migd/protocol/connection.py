@@ -266,10 +266,11 @@ class Connection:
                 raise ProtocolError("receiver has no free buffer")
 
     def receive_eof(self) -> None:
-        if self._hdr_got or self._cur is not None:
-            self._fail(ProtocolError("connection closed in the middle of a frame"))
         self._events.append(Closed())
+        midway = self._hdr_got or self._cur is not None
         self.phase = Phase.CLOSED
+        if midway:
+            raise ProtocolError("connection closed in the middle of a frame")
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes should land (zero-copy for payloads)."""
@@ -290,8 +291,8 @@ class Connection:
                 self._payload_got += n
             if self._cur is not None and self._payload_got == self._cur.payload_len:
                 self._take_frame()
-        except MigdError as exc:
-            self._fail(exc)
+        except MigdError:
+            self.phase = Phase.CLOSED
             raise
 
     def unblock(self) -> bool:
@@ -302,9 +303,6 @@ class Connection:
                 self._payload = buf
                 self.blocked = False
         return not self.blocked
-
-    def _fail(self, exc: MigdError) -> None:
-        self.phase = Phase.CLOSED
 
     def _take_header(self) -> None:
         magic, ftype, enc, plen, seq, index, offset, plain_len = HEADER.unpack(self._hdr)
@@ -327,7 +325,10 @@ class Connection:
             if plen > limit or plen < TAG_SIZE or (ft is FrameType.DATA and plain_len > self.max_chunk):
                 raise FrameTooLarge(f"{ft.name} frame of {plen} bytes exceeds the limit {limit}")
         else:
-            if self.phase is not Phase.HANDSHAKE:
+            # The destination judges our AUTH after we consider the handshake done:
+            # its refusal comes in the clear, before any sealed frame from it.
+            late_refusal = ft is FrameType.PLAIN_ERROR and self._rx_seq == 0
+            if self.phase is not Phase.HANDSHAKE and not late_refusal:
                 raise ProtocolError(f"{ft.name} frame after the handshake")
             if plen > MAX_PLAIN_PAYLOAD:
                 raise FrameTooLarge(f"{ft.name} frame of {plen} bytes exceeds {MAX_PLAIN_PAYLOAD}")
@@ -361,7 +362,7 @@ class Connection:
                 self.phase = Phase.CLOSED
             else:
                 self._events.append(Control(msg))
-        elif hdr.type == FrameType.PLAIN_ERROR:
+        elif hdr.type == FrameType.PLAIN_ERROR:  # handshake refusal
             msg = _unpack(body, "error frame")
             self._events.append(PeerFailed(from_wire(int(msg.get("code", 1)),
                                                      str(msg.get("message", "")))))
