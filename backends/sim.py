@@ -212,7 +212,7 @@ class SimDevice(Device):
         self._rx_seen_header = False
         self._rx_seen_end = False
         self._loading = False
-        #: Completed incoming migrations (RESUMING->STOP with a complete stream).
+        #: Validated incoming loads (RESUMING->STOP accepted a complete stream).
         self.loads_committed = 0
         self._workload.start()
 
@@ -263,8 +263,11 @@ class SimDevice(Device):
         elif (cur, nxt) == (S.RESUMING, S.STOP):
             if not (self._rx_seen_header and self._rx_seen_end) or self._rx_hdr or self._rx_left:
                 raise DeviceError(f"{self.name}: loaded state is incomplete")
-            self._loading = False
             self.loads_committed += 1
+        if nxt == S.RUNNING:
+            # Loaded state stays provisional until the VF runs it: a reset before
+            # then (a failed or cancelled migration) must not leave it behind.
+            self._loading = False
         if nxt in RUNNING_STATES and cur not in RUNNING_STATES:
             self._workload.start()
 

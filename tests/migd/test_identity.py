@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from migd.crypto import CIPHERS, Sealer, cipher_spec, derive_keys
+from migd.errors import ConfigError, IntegrityError
+from migd.identity import AuthorizedKeys, Identity, public_line
+
+
+def test_keygen_save_load_and_permissions(tmp_path: pathlib.Path) -> None:
+    ident = Identity.generate()
+    key = tmp_path / "id.key"
+    ident.save(str(key), "host-a")
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert Identity.load(str(key)).public == ident.public
+    pub = (tmp_path / "id.key.pub").read_text()
+    assert pub.startswith("migd-ed25519 ") and pub.strip().endswith("host-a")
+    with pytest.raises(FileExistsError):
+        ident.save(str(key))
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError, match="accessible by others.*chmod 600"):
+        Identity.load(str(key))
+    with pytest.raises(ConfigError, match="No such file"):
+        Identity.load(str(tmp_path / "missing"))
+    junk = tmp_path / "junk.key"
+    junk.write_text("not a key")
+    os.chmod(junk, 0o600)
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        Identity.load(str(junk))
+
+
+def test_authorized_keys_file(tmp_path: pathlib.Path) -> None:
+    a = Identity.generate()
+    f = tmp_path / "auth"
+    f.write_text(f"# peers\n\n{public_line(a.public, 'host a')}\n")
+    keys = AuthorizedKeys.load(str(f))
+    assert keys.name_of(a.public) == "host a" and len(keys) == 1
+    assert keys.name_of(Identity.generate().public) is None
+    for text, msg in [("ssh-rsa AAAA x", ":1: expected"), ("migd-ed25519 !!!", "base64"),
+                      ("migd-ed25519 AAAA", "32 bytes")]:
+        f.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=msg):
+            AuthorizedKeys.load(str(f))
+
+
+@pytest.mark.parametrize("name", sorted(CIPHERS))
+def test_sealer_directions_and_tamper(name: str) -> None:
+    spec = cipher_spec(name)
+    k1, k2 = derive_keys(os.urandom(32), b"transcript", spec.key_size)
+    assert k1 != k2
+    tx, rx, wrong = Sealer(spec, k1, 0), Sealer(spec, k1, 0), Sealer(spec, k2, 0)
+    out = bytearray(100 + 16)
+    tx.seal_into(5, b"hdr", b"p" * 100, memoryview(out))
+    plain = bytearray(100)
+    rx.open_into(5, b"hdr", bytes(out), memoryview(plain))
+    assert plain == b"p" * 100
+    for seq, aad, key in [(6, b"hdr", rx), (5, b"hdX", rx), (5, b"hdr", wrong)]:
+        with pytest.raises(IntegrityError):
+            key.open_into(seq, aad, bytes(out), memoryview(plain))
+    assert Sealer(spec, k1, 1).nonce(5) != tx.nonce(5)  # channels never share nonces
+    with pytest.raises(ConfigError, match="supported"):
+        cipher_spec("rot13")

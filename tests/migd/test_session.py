@@ -1,0 +1,205 @@
+"""Source and destination drivers over real loopback TCP, in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+import backends
+import transports
+from backends.sim import SimDevice
+from backends.states import DeviceState
+from migd.codec import parse_compress
+from migd.errors import DeviceError
+from migd.identity import AuthorizedKeys, Identity
+from migd.session import Host, Job, MigrateOptions, run_destination, run_source
+from migd.stream import Workers
+
+S = DeviceState
+
+
+@dataclass
+class Rig:
+    src: Host
+    dst: Host
+    address: str
+    dst_jobs: dict[str, Job]
+
+    def dev(self, host: Host, name: str = "vf0") -> SimDevice:
+        d = host.devices[name]
+        assert isinstance(d, SimDevice)
+        return d
+
+    async def migrate(self, **kw: object) -> tuple[Job, Job | None]:
+        opts = MigrateOptions(peer=self.address, device="vf0", timeout=10.0)
+        for k, v in kw.items():
+            setattr(opts, k, v)
+        job = Job("source", opts.device, peer=self.address)
+        await asyncio.wait_for(run_source(self.src, job, opts), 60)
+        for _ in range(200):  # the destination finishes its side asynchronously
+            if all(j.done.is_set() for j in self.dst_jobs.values()):
+                break
+            await asyncio.sleep(0.01)
+        return job, self.dst_jobs.get(job.id)
+
+
+def host(ident: Identity, trust: AuthorizedKeys, devices: dict[str, dict[str, str]]) -> Host:
+    devs = {n: backends.REGISTRY.create("sim", n, o) for n, o in devices.items()}
+    return Host(identity=ident, authorized=trust, workers=Workers(), devices=devs,
+                transport=transports.REGISTRY.create("tcp"), idle_timeout=5.0)
+
+
+@contextlib.asynccontextmanager
+async def rig(ids: dict[str, Identity], trust: AuthorizedKeys,
+              src_dev: dict[str, str], dst_dev: dict[str, str]) -> AsyncIterator[Rig]:
+    src = host(ids["src"], trust, {"vf0": src_dev})
+    dst = host(ids["dst"], trust, {"vf0": dst_dev})
+    jobs: dict[str, Job] = {}
+    listener = await dst.transport.listen("127.0.0.1:0",
+                                          lambda ch: run_destination(dst, ch, jobs))
+    try:
+        yield Rig(src, dst, listener.address, jobs)
+    finally:
+        listener.close()
+        for h in (src, dst):
+            h.workers.shutdown()
+            for d in h.devices.values():
+                d.close()
+
+
+def zero_digest(size: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(bytes(size)).hexdigest()
+
+
+async def test_precopy_with_dirtying_workload_is_byte_exact(
+        ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
+    async with rig(ids, trust, {"size": "16M", "dirty-rate": "32M"},
+                   {"size": "16M", "content": "zero"}) as r:
+        await asyncio.sleep(0.1)
+        job, djob = await r.migrate(downtime_limit_ms=0, max_iterations=3,
+                                    compress=parse_compress("zstd:1"))
+        assert job.status.value == "completed", job.error
+        assert djob is not None and djob.status.value == "completed"
+        src, dst = r.dev(r.src), r.dev(r.dst)
+        assert src.state == S.STOP and dst.state == S.RUNNING
+        assert src.guest_pages_written > 0
+        # the 16 MiB initial round outlasts a 10 ms guest tick, so a dirty round follows
+        assert 2 <= job.dirty_sync_count <= 3
+        assert job.counters.downtime_bytes > 0 and job.counters.precopy_bytes > 16 << 20
+        assert dst.digest() == src.digest()
+        q = job.query()
+        assert q["status"] == "completed" and q["downtime"] >= 0 and q["total"] == 16 << 20
+
+
+async def test_stay_stopped_no_precopy_and_chacha(ids: dict[str, Identity],
+                                                  trust: AuthorizedKeys) -> None:
+    async with rig(ids, trust, {"size": "4M", "caps": "stop_copy+p2p"},
+                   {"size": "4M", "content": "zero", "caps": "stop_copy+p2p"}) as r:
+        job, _ = await r.migrate(resume=False, ciphers=("chacha20-poly1305",),
+                                 compress=parse_compress("none"))
+        assert job.status.value == "completed", job.error
+        assert job.cipher == "chacha20-poly1305" and job.dirty_sync_count == 0
+        assert r.dev(r.dst).state == S.STOP
+        assert r.dev(r.src).arc_log[:3] == [(S.RUNNING, S.RUNNING_P2P),
+                                            (S.RUNNING_P2P, S.STOP), (S.STOP, S.STOP_COPY)]
+        assert r.dev(r.dst).digest() == r.dev(r.src).digest()
+
+
+async def test_incompatible_destination(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
+    async with rig(ids, trust, {"size": "4M"}, {"size": "8M", "content": "zero"}) as r:
+        before = r.dev(r.src).digest()
+        job, djob = await r.migrate()
+        assert job.status.value == "failed"
+        assert job.error is not None and "incompatible-device" in job.error.message
+        assert r.dev(r.src).state == S.RUNNING and r.dev(r.src).digest() == before
+        assert r.dev(r.dst).describe()["loads_committed"] == 0
+        assert djob is not None and djob.status.value == "failed"
+
+
+async def test_unknown_and_busy_destination_device(ids: dict[str, Identity],
+                                                   trust: AuthorizedKeys) -> None:
+    async with rig(ids, trust, {"size": "4M"}, {"size": "4M"}) as r:
+        job, _ = await r.migrate(dest_device="vf9")
+        assert job.status.value == "failed" and "unknown-device" in str(job.error)
+        r.dst.busy.add("vf0")
+        job, _ = await r.migrate()
+        assert job.status.value == "failed" and "device-busy" in str(job.error)
+        assert r.dev(r.src).state == S.RUNNING
+
+
+async def test_cancel_rolls_back(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
+    async with rig(ids, trust, {"size": "64M", "dirty-rate": "256M"},
+                   {"size": "64M", "content": "zero"}) as r:
+        opts = MigrateOptions(peer=r.address, device="vf0", downtime_limit_ms=0,
+                              max_iterations=10_000, compress=parse_compress("zstd:9"))
+        job = Job("source", "vf0")
+        task = asyncio.create_task(run_source(r.src, job, opts))
+        while job.counters.transferred < 8 << 20:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.wait_for(task, 10)
+        assert job.status.value == "cancelled"
+        assert r.dev(r.src).state == S.RUNNING
+        for _ in range(300):
+            if all(j.done.is_set() for j in r.dst_jobs.values()):
+                break
+            await asyncio.sleep(0.01)
+        (djob,) = r.dst_jobs.values()
+        assert djob.status.value == "failed"
+        assert r.dev(r.dst).state == S.RUNNING
+        assert r.dev(r.dst).digest() == zero_digest(64 << 20)  # reset: nothing kept
+        assert r.dev(r.dst).describe()["loads_committed"] == 0
+
+
+ARCS = [(S.RUNNING, S.PRE_COPY), (S.PRE_COPY, S.PRE_COPY_P2P), (S.PRE_COPY_P2P, S.STOP_COPY),
+        (S.STOP_COPY, S.STOP)]
+
+
+@pytest.mark.parametrize("arc", ARCS, ids=lambda a: f"{a[0].name}-{a[1].name}")
+async def test_source_arc_failure_leaves_source_running(
+        ids: dict[str, Identity], trust: AuthorizedKeys, arc: tuple[S, S]) -> None:
+    async with rig(ids, trust, {"size": "4M"}, {"size": "4M", "content": "zero"}) as r:
+        src = r.dev(r.src)
+        before = src.digest()
+
+        def hook(cur: S, nxt: S) -> None:
+            if (cur, nxt) == arc:
+                raise DeviceError("injected")
+        src.fail_hook = hook
+        job, djob = await r.migrate()
+        if arc == (S.STOP_COPY, S.STOP):
+            # After the destination committed the guest lives there: completed, logged.
+            assert job.status.value == "completed"
+            assert r.dev(r.dst).state == S.RUNNING
+            return
+        assert job.status.value == "failed" and "injected" in str(job.error)
+        assert src.state == S.RUNNING and src.digest() == before
+        assert r.dev(r.dst).describe()["loads_committed"] == 0
+        assert r.dev(r.dst).digest() == zero_digest(4 << 20)
+
+
+DEST_ARCS = [(S.RUNNING, S.RUNNING_P2P), (S.STOP, S.RESUMING), (S.RESUMING, S.STOP),
+             (S.RUNNING_P2P, S.RUNNING)]
+
+
+@pytest.mark.parametrize("arc", DEST_ARCS, ids=lambda a: f"{a[0].name}-{a[1].name}")
+async def test_destination_arc_failure_never_resumes(
+        ids: dict[str, Identity], trust: AuthorizedKeys, arc: tuple[S, S]) -> None:
+    async with rig(ids, trust, {"size": "4M"}, {"size": "4M", "content": "zero"}) as r:
+        dst = r.dev(r.dst)
+
+        def hook(cur: S, nxt: S) -> None:
+            if (cur, nxt) == arc:
+                raise DeviceError("injected")
+        dst.fail_hook = hook
+        job, djob = await r.migrate()
+        assert job.status.value == "failed"
+        assert r.dev(r.src).state == S.RUNNING
+        assert dst.state == S.RUNNING and dst.digest() == zero_digest(4 << 20)
+        assert djob is None or djob.status.value == "failed"
