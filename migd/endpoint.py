@@ -73,9 +73,26 @@ class Endpoint:
         self._fail(err)
 
     def _fail(self, err: MigdError) -> None:
-        if self.error is None:
+        # The peer's own reason beats what its closing did to our socket.
+        if self.error is None or (isinstance(err, RemoteError)
+                                  and isinstance(self.error, TransportError | IncompleteStream)):
             self.error = err
         self._wake.set()
+
+    async def peer_reason(self, err: MigdError, timeout: float = 1.0) -> MigdError:
+        """After a connection-level failure, give the peer's error frame (often
+        already in our receive buffer) a moment to arrive: it says why."""
+        if not isinstance(err, TransportError | IncompleteStream) or self.peer_closed:
+            return self.error if isinstance(self.error, RemoteError) else err
+        deadline = self._loop.time() + timeout
+        while not self.peer_closed and not isinstance(self.error, RemoteError):
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+        return self.error if isinstance(self.error, RemoteError) else err
 
     def _dispatch(self) -> None:
         for ev in self.conn.events():

@@ -244,6 +244,8 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
                     dev.recover()
             cancelled = isinstance(err, Cancelled)
             if ep is not None:
+                if not cancelled:
+                    err = await ep.peer_reason(err)
                 await ep.abort(err)
             log.warning("migration %s %s: %s (source device %s)", job.id,
                         "cancelled" if cancelled else "failed", err.message,

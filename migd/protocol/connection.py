@@ -231,20 +231,27 @@ class Connection:
         body = _pack(msg)
         if len(body) + TAG_SIZE > MAX_CONTROL_PAYLOAD:
             raise ProtocolError("control message too large")
-        seq = self.reserve_seq()
-        header = Header(FrameType.CONTROL, 0, len(body) + TAG_SIZE, seq, 0, 0, len(body)).pack()
-        out = bytearray(len(header) + len(body) + TAG_SIZE)
-        out[:HEADER_SIZE] = header
+        self._seal_control(self.reserve_seq(), body)
+
+    def _seal_control(self, seq: int, body: bytes) -> None:
         assert self._tx is not None
+        header = Header(FrameType.CONTROL, 0, len(body) + TAG_SIZE, seq, 0, 0, len(body)).pack()
+        out = bytearray(HEADER_SIZE + len(body) + TAG_SIZE)
+        out[:HEADER_SIZE] = header
         self._tx.seal_into(seq, header, body, memoryview(out)[HEADER_SIZE:])
         self.submit(seq, out)
 
     def send_error(self, err: BaseException) -> None:
-        """Tell the peer why we stop: a code and a public message, never internals."""
+        """Tell the peer why we stop: a code and a public message, never internals.
+
+        Works after our receive side failed too: that is when the peer most needs it.
+        """
         code, message = to_wire(err)
-        if self.phase is Phase.ESTABLISHED:
-            self.send_control({"t": "error", "code": code, "message": message})
-        elif self.phase is Phase.HANDSHAKE:
+        if self._tx is not None:
+            self._tx_seq += 1
+            self._seal_control(self._tx_seq - 1,
+                               _pack({"t": "error", "code": code, "message": message}))
+        else:
             self._queue_plain(FrameType.PLAIN_ERROR, _pack({"code": code, "message": message}))
 
     # --- input -----------------------------------------------------------------

@@ -133,20 +133,22 @@ async def test_unknown_and_busy_destination_device(ids: dict[str, Identity],
         assert r.dev(r.src).state == S.RUNNING
 
 
-async def test_cancel_rolls_back(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
-    async with rig(ids, trust, {"size": "64M", "dirty-rate": "256M"},
-                   {"size": "64M", "content": "zero"}) as r:
-        opts = MigrateOptions(peer=r.address, device="vf0", downtime_limit_ms=0,
-                              max_iterations=10_000, compress=parse_compress("zstd:9"))
+async def test_cancel_mid_stream_rolls_back(ids: dict[str, Identity],
+                                           trust: AuthorizedKeys) -> None:
+    # zstd:19 keeps the initial round busy for seconds, so the cancel lands mid-stream.
+    async with rig(ids, trust, {"size": "64M"}, {"size": "64M", "content": "zero"}) as r:
+        before = r.dev(r.src).digest()
+        opts = MigrateOptions(peer=r.address, device="vf0", compress=parse_compress("zstd:19"))
         job = Job("source", "vf0")
         task = asyncio.create_task(run_source(r.src, job, opts))
-        while job.counters.transferred < 8 << 20:
+        while job.counters.transferred < 4 << 20:
             await asyncio.sleep(0.005)
+        assert job.status.value == "active"
         task.cancel()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 20)
         assert job.status.value == "cancelled"
-        assert r.dev(r.src).state == S.RUNNING
-        for _ in range(300):
+        assert r.dev(r.src).state == S.RUNNING and r.dev(r.src).digest() == before
+        for _ in range(500):
             if all(j.done.is_set() for j in r.dst_jobs.values()):
                 break
             await asyncio.sleep(0.01)
@@ -154,6 +156,28 @@ async def test_cancel_rolls_back(ids: dict[str, Identity], trust: AuthorizedKeys
         assert djob.status.value == "failed"
         assert r.dev(r.dst).state == S.RUNNING
         assert r.dev(r.dst).digest() == zero_digest(64 << 20)  # reset: nothing kept
+        assert r.dev(r.dst).describe()["loads_committed"] == 0
+
+
+async def test_cancel_during_setup(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
+    import threading
+
+    async with rig(ids, trust, {"size": "4M"}, {"size": "4M", "content": "zero"}) as r:
+        gate = threading.Event()
+        r.dev(r.dst).fail_hook = lambda cur, nxt: None if gate.wait(10) else None
+        job = Job("source", "vf0")
+        task = asyncio.create_task(run_source(r.src, job, MigrateOptions(r.address, "vf0")))
+        while job.status.value != "setup" or not r.dst_jobs:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.wait_for(task, 10)
+        gate.set()
+        assert job.status.value == "cancelled" and r.dev(r.src).state == S.RUNNING
+        for _ in range(500):
+            if all(j.done.is_set() for j in r.dst_jobs.values()):
+                break
+            await asyncio.sleep(0.01)
+        assert r.dev(r.dst).state == S.RUNNING
         assert r.dev(r.dst).describe()["loads_committed"] == 0
 
 

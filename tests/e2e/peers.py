@@ -1,0 +1,160 @@
+"""Hostile peers for end-to-end tests: a man in the middle and a scripted source."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from migd.errors import MigdError
+from migd.identity import AuthorizedKeys, Identity
+from migd.protocol.connection import Connection, Control, Event, Offer, PeerFailed, Role
+from migd.protocol.frames import HEADER, HEADER_SIZE, FrameType
+
+Mutation = Callable[[int, bytes], list[bytes] | None]
+
+
+class Proxy:
+    """Forwards one connection; the source->destination direction is parsed into
+    frames and every DATA frame passes through ``mutate(data_index, frame)``, which
+    returns the frames to send instead, or None to cut the connection there."""
+
+    def __init__(self, upstream: str, mutate: Mutation) -> None:
+        self._upstream = upstream
+        self._mutate = mutate
+        self._lsock = socket.create_server(("127.0.0.1", 0))
+        self._lsock.settimeout(30)
+        self.address = "127.0.0.1:%d" % self._lsock.getsockname()[1]
+        self._socks: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            client, _ = self._lsock.accept()
+        except OSError:
+            return
+        host, port = self._upstream.rsplit(":", 1)
+        server = socket.create_connection((host, int(port)), timeout=30)
+        self._socks += [client, server]
+        back = threading.Thread(target=self._pump_raw, args=(server, client), daemon=True)
+        back.start()
+        self._pump_frames(client, server)
+        back.join(30)
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = sock.recv(n - len(buf))
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _pump_frames(self, src: socket.socket, dst: socket.socket) -> None:
+        index = 0
+        try:
+            while True:
+                hdr = self._recv_exact(src, HEADER_SIZE)
+                if hdr is None:
+                    break
+                payload = self._recv_exact(src, HEADER.unpack(hdr)[3])
+                if payload is None:
+                    break
+                frame = hdr + payload
+                if hdr[2] == FrameType.DATA:
+                    out = self._mutate(index, frame)
+                    index += 1
+                    if out is None:  # cut the wire, both ways, mid-stream
+                        self.close()
+                        return
+                    for f in out:
+                        dst.sendall(f)
+                else:
+                    dst.sendall(frame)
+        except OSError:
+            pass
+        # Let the destination's answer (its error frame) still reach the source.
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _pump_raw(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._lsock.close()
+
+
+class ScriptedSource:
+    """A peer that speaks migd's protocol but does what the test says."""
+
+    def __init__(self, address: str, ident: Identity, trust: AuthorizedKeys,
+                 offer: Offer | None = None) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.conn = Connection(Role.SOURCE, ident, trust, offer)
+        self.events: list[Event] = []
+        self.flush()
+
+    def flush(self) -> None:
+        for f in self.conn.pop_ready():
+            self.sock.sendall(f)
+
+    def pump(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            if time.monotonic() > deadline:
+                raise TimeoutError("peer did not answer")
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                self.conn.receive_data(data)
+            except MigdError:
+                pass
+            self.events += self.conn.events()
+            self.flush()
+
+    def failure(self) -> PeerFailed | None:
+        return next((e for e in self.events if isinstance(e, PeerFailed)), None)
+
+    def control(self, kind: str) -> dict[str, object] | None:
+        return next((e.msg for e in self.events
+                     if isinstance(e, Control) and e.msg.get("t") == kind), None)
+
+    def send(self, msg: dict[str, object]) -> None:
+        self.conn.send_control(msg)
+        self.flush()
+
+    def send_data(self, index: int, offset: int, encoding: int, payload: bytes,
+                  plain_len: int) -> None:
+        seq = self.conn.reserve_seq()
+        buf = bytearray(HEADER_SIZE + len(payload) + 16)
+        self.conn.submit(seq, self.conn.seal_data_into(seq, index, offset, encoding, payload,
+                                                       plain_len, memoryview(buf)))
+        self.flush()
+
+    def close(self) -> None:
+        self.sock.close()

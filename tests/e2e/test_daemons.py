@@ -1,0 +1,378 @@
+"""Two real migd daemons (subprocesses) on loopback, driven like an operator would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import zstandard
+
+from backends.sim import RECORD
+from migd.codec import Encoding
+from migd.harness import DaemonProc, Pair, local_pair
+from migd.identity import AuthorizedKeys, Identity
+from migd.protocol.connection import Established, Offer
+from migd.protocol.frames import HEADER, HEADER_SIZE, FrameType
+
+from .peers import Proxy, ScriptedSource
+
+SIZE = 8 << 20
+SRC = f"vf0:sim:size={SIZE}"
+DST = f"vf0:sim:size={SIZE},content=zero"
+ZERO = hashlib.sha256(bytes(SIZE)).hexdigest()
+
+
+def migd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "migd", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with local_pair([SRC], [DST]) as p:
+        yield p
+
+
+def device(d: DaemonProc) -> dict[str, Any]:
+    dev: dict[str, Any] = d.call("query-devices")[0]
+    dev["sha256"] = d.call("device-digest", device="vf0")["sha256"]
+    return dev
+
+
+def wait_finished(d: DaemonProc, timeout: float = 15) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs: list[dict[str, Any]] = d.call("query-migrate")
+        if jobs and all(j["status"] in ("completed", "failed", "cancelled") for j in jobs):
+            return jobs
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{d.name} migrations still running: {jobs}")
+        time.sleep(0.05)
+
+
+def assert_rolled_back(p: Pair, src_before: str) -> None:
+    """The rule: source running and unchanged, destination never resumed."""
+    s, d = device(p.src), device(p.dst)
+    assert s["state"] == "RUNNING" and s["sha256"] == src_before
+    assert d["state"] == "RUNNING" and d["sha256"] == ZERO and not d["busy"]
+    assert d["loads_committed"] == 0
+
+
+def migrate(p: Pair, peer: str | None = None, **extra: Any) -> dict[str, Any]:
+    with p.src.client() as c:
+        return c.migrate_follow({"device": "vf0", "peer": peer or p.dst.address, **extra})
+
+
+# --- the happy path through the CLI ------------------------------------------------------
+
+
+def test_cli_migrate_with_precopy_under_workload_is_byte_exact() -> None:
+    with local_pair([f"vf0:sim:size={SIZE},dirty-rate=64M"], [DST]) as p:
+        time.sleep(0.2)
+        r = migd("migrate", "vf0", "--to", p.dst.address, "--control", p.src.control,
+                 "--downtime-limit", "0", "--max-iterations", "4", "--json")
+        assert r.returncode == 0, r.stderr
+        final = json.loads(r.stdout)
+        assert final["status"] == "completed" and final["dirty-sync-count"] >= 2
+        assert final["downtime"] >= 0 and final["transferred"] > SIZE
+        s, d = device(p.src), device(p.dst)
+        assert s["state"] == "STOP" and d["state"] == "RUNNING"
+        assert s["sha256"] == d["sha256"] != ZERO
+        (incoming,) = wait_finished(p.dst)
+        assert incoming["status"] == "completed" and incoming["id"] == final["id"]
+
+
+def test_cli_progress_and_summary(pair: Pair) -> None:
+    r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
+             "--compress", "none", "--cipher", "chacha20-poly1305", "--stay-stopped")
+    assert r.returncode == 0, r.stderr
+    assert "completed" in r.stderr and "GB/s" in r.stderr or "MB/s" in r.stderr
+    assert "migration" in r.stdout and "downtime" in r.stdout and "chacha20" in r.stdout
+    assert device(pair.dst)["state"] == "STOP"
+
+
+def test_cli_errors_are_clear(pair: Pair, tmp_path: Any) -> None:
+    r = migd("migrate", "vf7", "--to", pair.dst.address, "--control", pair.src.control)
+    assert r.returncode == 2 and "no device named 'vf7'" in r.stderr
+    r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
+             "--compress", "lz4")
+    assert r.returncode == 2 and "compress: 'lz4' unknown" in r.stderr
+    r = migd("migrate", "vf0", "--to", "x", "--control", str(tmp_path / "none.sock"))
+    assert r.returncode == 2 and "is 'migd serve' running?" in r.stderr
+    r = migd("cancel", "--control", pair.src.control)
+    assert r.returncode == 0 and "nothing was running" in r.stdout
+    key = tmp_path / "k"
+    assert migd("keygen", "-o", str(key)).returncode == 0
+    r = migd("keygen", "-o", str(key))
+    assert r.returncode == 2 and "not overwriting" in r.stderr
+
+
+def test_serve_rejects_bad_configuration(tmp_path: Any) -> None:
+    key = tmp_path / "id.key"
+    Identity.generate().save(str(key))
+    auth = tmp_path / "auth"
+    auth.write_text("")
+    base = ["serve", "--identity", str(key), "--authorized-keys", str(auth),
+            "--control", str(tmp_path / "c.sock"), "--listen", "127.0.0.1:0"]
+    for extra, msg in [(["--device", "vf0"], "expected NAME:KIND"),
+                       (["--device", "vf0:gpu"], "unknown backend 'gpu'"),
+                       (["--device", "vf0:sim:size=12"], "multiple of 4096"),
+                       (["--listen", "127.0.0.1:99999"], "out of range")]:
+        r = migd(*base, *extra)
+        assert r.returncode == 2 and msg in r.stderr, (extra, r.stderr)
+    os.chmod(key, 0o644)
+    r = migd(*base)
+    assert r.returncode == 2 and "chmod 600" in r.stderr
+
+
+def test_bench_reports_what_operators_need() -> None:
+    r = migd("bench", "--state-size", "16M", "--compress", "zstd:1", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("bytes", "wire_bytes", "seconds", "gbps", "downtime_ms", "verified",
+                "cpu_seconds", "mem_peak_bytes"):
+        assert key in res
+    assert res["verified"] is True and res["bytes"] >= 16 << 20
+    assert res["wire_bytes"] < res["bytes"]  # the mix compresses
+    assert set(res["cpu_seconds"]) == set(res["mem_peak_bytes"]) == {"source", "destination"}
+    assert res["gbps"] == pytest.approx(res["bytes"] / res["seconds"] / 1e9, rel=0.01)
+
+
+# --- refusals ---------------------------------------------------------------------------
+
+
+def test_unknown_peer_moves_no_bytes(tmp_path: Any) -> None:
+    with local_pair([SRC], [DST]) as p:
+        before = device(p.src)["sha256"]
+        # A third daemon that does not know the source.
+        stranger = Identity.generate().public
+        from migd.harness import start_daemon, write_identity
+
+        write_identity(p.workdir, "other")
+        other = start_daemon(p.workdir, "other", [DST], [stranger])
+        try:
+            final = migrate(p, other.address)
+            assert final["status"] == "failed" and "unknown-peer" in final["error-desc"]
+            assert device(p.src)["state"] == "RUNNING"
+            assert device(p.src)["sha256"] == before
+            assert device(other)["sha256"] == ZERO
+            assert other.call("query-migrate") == []  # refused before any session existed
+        finally:
+            other.stop()
+
+
+def test_incompatible_destination_fails_before_stop() -> None:
+    with local_pair([SRC], [f"vf0:sim:size={2 * SIZE},content=zero"]) as p:
+        before = device(p.src)["sha256"]
+        final = migrate(p)
+        assert final["status"] == "failed" and "incompatible-device" in final["error-desc"]
+        assert final["downtime-bytes"] == 0
+        s = device(p.src)
+        assert s["state"] == "RUNNING" and s["sha256"] == before
+
+
+# --- a man in the middle between two real daemons ----------------------------------------
+
+
+def flip(i: int, f: bytes) -> list[bytes]:
+    if i != 3:
+        return [f]
+    b = bytearray(f)
+    b[HEADER_SIZE + 100] ^= 0x04
+    return [bytes(b)]
+
+
+def truncate(i: int, f: bytes) -> list[bytes] | None:
+    return None if i == 5 else [f]
+
+
+_held: dict[str, bytes] = {}
+
+
+def replay(i: int, f: bytes) -> list[bytes]:
+    return [f, f] if i == 2 else [f]
+
+
+def reorder(i: int, f: bytes) -> list[bytes]:
+    if i == 2:
+        _held["f"] = f
+        return []
+    return [f, _held.pop("f")] if i == 3 else [f]
+
+
+def oversize(i: int, f: bytes) -> list[bytes]:
+    if i != 1:
+        return [f]
+    return [HEADER.pack(b"MG", FrameType.DATA, 0, 1 << 30, *HEADER.unpack(f[:HEADER_SIZE])[4:])]
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (flip, "integrity-error"), (truncate, ""), (replay, "integrity-error"),
+    (reorder, "integrity-error"), (oversize, "frame-too-large"),
+], ids=["flipped-bit", "truncated", "replayed", "reordered", "oversize"])
+def test_tampered_stream_rolls_back_both_sides(pair: Pair, mutate: Any, error: str) -> None:
+    before = device(pair.src)["sha256"]
+    proxy = Proxy(pair.dst.address, mutate)
+    try:
+        final = migrate(pair, proxy.address, compress="none")
+    finally:
+        proxy.close()
+    assert final["status"] == "failed"
+    assert error in final["error-desc"]
+    (incoming,) = wait_finished(pair.dst)
+    assert incoming["status"] == "failed"
+    assert_rolled_back(pair, before)
+
+
+# --- a scripted source with valid keys that misbehaves -----------------------------------
+
+
+def scripted(p: Pair, offer: Offer | None = None, ident: Identity | None = None) -> ScriptedSource:
+    me = ident or Identity.load(os.path.join(p.workdir, "src.key"))
+    trust = AuthorizedKeys({p.keys["dst"].public: "dst"})
+    return ScriptedSource(p.dst.address, me, trust, offer)
+
+
+#: A well-formed start of a sim device stream, so only the migd layer can object.
+VALID_CHUNK = (RECORD.pack(b"SIMR", 0, 0, SIZE) + RECORD.pack(b"SIMR", 1, 0, 4096 - 48)
+               + bytes(4096 - 48))
+
+
+def start_session(p: Pair, s: ScriptedSource, size: int = SIZE) -> None:
+    s.pump(lambda: any(isinstance(e, Established) for e in s.events) or bool(s.failure()))
+    assert not s.failure()
+    s.send({"t": "migrate", "id": "evil", "device": "vf0", "kind": "sim",
+            "compat": {"model": "sim-vf", "state_size": size, "format": 1, "caps": 7},
+            "state_size": size, "precopy": False, "resume": True})
+    s.pump(lambda: s.control("accept") is not None or bool(s.failure()))
+    assert s.control("accept") is not None
+
+
+def finish_refused(p: Pair, s: ScriptedSource, error: str) -> None:
+    s.pump(lambda: bool(s.failure()))
+    failure = s.failure()
+    assert failure is not None and failure.error.remote.name == error
+    s.close()
+    (incoming,) = wait_finished(p.dst)
+    assert incoming["status"] == "failed" and incoming["error-class"] == error
+    d = device(p.dst)
+    assert d["state"] == "RUNNING" and d["sha256"] == ZERO and d["loads_committed"] == 0
+
+
+def test_decompression_bomb(pair: Pair) -> None:
+    s = scripted(pair)
+    start_session(pair, s)
+    s.send({"t": "announce", "bytes": 1 << 20})
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    s.send_data(0, 0, Encoding.ZSTD, bomb, 1 << 20)
+    finish_refused(pair, s, "decompression-error")
+
+
+def test_more_data_than_announced(pair: Pair) -> None:
+    s = scripted(pair)
+    start_session(pair, s)
+    s.send({"t": "announce", "bytes": 4096})
+    s.send_data(0, 0, Encoding.RAW, VALID_CHUNK, 4096)
+    s.send_data(1, 4096, Encoding.RAW, bytes(4096), 4096)
+    finish_refused(pair, s, "over-announced")
+
+
+def test_announcing_past_the_destination_limit(pair: Pair) -> None:
+    s = scripted(pair)
+    start_session(pair, s)
+    s.send({"t": "announce", "bytes": 1 << 40})
+    finish_refused(pair, s, "over-announced")
+
+
+def test_end_record_that_lies(pair: Pair) -> None:
+    s = scripted(pair)
+    start_session(pair, s)
+    s.send({"t": "announce", "bytes": 4096})
+    s.send_data(0, 0, Encoding.RAW, VALID_CHUNK, 4096)
+    s.send({"t": "end", "bytes": 4096, "chunks": 1, "digest": b"\x00" * 32})
+    finish_refused(pair, s, "integrity-error")
+
+
+def test_stream_the_device_rejects(pair: Pair) -> None:
+    """Well-formed migd frames whose content is not a valid device stream."""
+    s = scripted(pair)
+    start_session(pair, s)
+    s.send({"t": "announce", "bytes": 4096})
+    s.send_data(0, 0, Encoding.RAW, os.urandom(4096), 4096)
+    finish_refused(pair, s, "device-error")
+
+
+def test_version_mismatch(pair: Pair) -> None:
+    s = scripted(pair, Offer(versions=(7,)))
+    s.pump(lambda: bool(s.failure()))
+    failure = s.failure()
+    assert failure is not None and failure.error.remote.name == "version-mismatch"
+    assert "this host speaks [1]" in failure.error.message
+    s.close()
+    assert pair.dst.call("query-migrate") == []
+    assert device(pair.dst)["sha256"] == ZERO
+
+
+def test_wrong_key(pair: Pair) -> None:
+    forged = Identity.generate()
+    forged.public = pair.keys["src"].public  # claims the source, cannot sign as it
+    s = scripted(pair, ident=forged)
+    s.pump(lambda: bool(s.failure()))
+    failure = s.failure()
+    assert failure is not None and failure.error.remote.name == "bad-signature"
+    s.close()
+    assert pair.dst.call("query-migrate") == []
+
+
+def test_control_socket_bad_input(pair: Pair) -> None:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(pair.src.control)
+    f = sock.makefile("rwb")
+    for line, want in [(b"not json\n", "not valid JSON"), (b"[1]\n", "JSON object"),
+                       (b'{"execute": "reboot"}\n', "unknown command 'reboot'"),
+                       (b'{"execute": "migrate", "arguments": {"device": "vf0"}}\n',
+                        "'device' and 'peer' are required"),
+                       (b'{"execute": "migrate", "arguments": {"device": "vf0", "peer": "x",'
+                        b' "colour": 1}}\n', "unknown argument(s) colour"),
+                       (b'{"execute": "query-migrate", "arguments": {"id": "nope"}}\n',
+                        "no migration with id")]:
+        f.write(line)
+        f.flush()
+        reply = json.loads(f.readline())
+        assert want in reply["error"]["desc"], (line, reply)
+    f.write(b"x" * (70 << 10) + b"\n")
+    f.flush()
+    assert "too long" in json.loads(f.readline())["error"]["desc"]
+    sock.close()
+    assert device(pair.src)["state"] == "RUNNING"  # the daemon is fine
+
+
+def test_hello_garbage_from_the_network(pair: Pair) -> None:
+    import socket
+
+    host, port = pair.dst.address.rsplit(":", 1)
+    for junk in (b"GET / HTTP/1.1\r\n\r\n" * 3,
+                 HEADER.pack(b"MG", FrameType.HELLO, 0, 5, 0, 0, 0, 0) + b"\x81\xa1a\x01\x02",
+                 msgpack.packb({"x": 1})):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(5)
+            try:
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+    assert device(pair.dst)["sha256"] == ZERO
+    final = migrate(pair)  # and it still serves real peers
+    assert final["status"] == "completed"
