@@ -151,7 +151,7 @@ class Device(abc.ABC):
     def digest(self) -> str:
         """Hex SHA-256 of the device's current state, for end-to-end verification."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook: most devices hold nothing)
         """Release host resources (mappings, threads)."""
 
     def describe(self) -> dict[str, Any]:

@@ -122,7 +122,7 @@ class _Workload:
             self._thread = None
 
     def _run(self) -> None:
-        tick = 0.01
+        tick = 0.002
         per_tick = max(1, int(self._rate * tick) // PAGE)
         pages = self._dev.pages
         stamp = bytearray(64)

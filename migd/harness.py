@@ -104,14 +104,15 @@ class Pair:
 @contextlib.contextmanager
 def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
                src_extra: Sequence[str] = (), dst_extra: Sequence[str] = (),
-               workdir: str | None = None) -> Iterator[Pair]:
+               workdir: str | None = None,
+               dst_also_trusts: Sequence[bytes] = ()) -> Iterator[Pair]:
     own = workdir is None
     wd = workdir or tempfile.mkdtemp(prefix="migd-pair-")
     procs: list[DaemonProc] = []
     try:
         a = write_identity(wd, "src")
         b = write_identity(wd, "dst")
-        dst = start_daemon(wd, "dst", dst_devices, [a.public], dst_extra)
+        dst = start_daemon(wd, "dst", dst_devices, [a.public, *dst_also_trusts], dst_extra)
         procs.append(dst)
         src = start_daemon(wd, "src", src_devices, [b.public], src_extra)
         procs.append(src)

@@ -11,8 +11,8 @@ the pipeline.  ``send`` returns only when the given buffers may be reused.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 from migd.errors import ConfigError
 
@@ -53,7 +53,7 @@ class Listener(abc.ABC):
     def close(self) -> None: ...
 
 
-ChannelHandler = Callable[[Channel], Awaitable[None]]
+ChannelHandler = Callable[[Channel], Coroutine[Any, Any, None]]
 
 
 class Transport(abc.ABC):

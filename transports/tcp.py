@@ -48,7 +48,8 @@ class TcpChannel(Channel):
         self._closed = False
         self._write_waiter: asyncio.Future[None] | None = None
         try:
-            self.peer = "%s:%d" % sock.getpeername()[:2]
+            host, port = sock.getpeername()[:2]
+            self.peer = f"{host}:{port}"
         except OSError:
             self.peer = "?"
 

@@ -123,7 +123,7 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _unpack(data: bytes | memoryview, what: str) -> dict[str, Any]:
+def _unpack(data: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception:
@@ -135,7 +135,7 @@ def _unpack(data: bytes | memoryview, what: str) -> dict[str, Any]:
 
 def _field(msg: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str) -> Any:
     value = msg.get(key)
-    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
         raise ProtocolError(f"{what}: field {key!r} missing or of the wrong type")
     return value
 
@@ -165,7 +165,7 @@ class Connection:
         self._reply_core = b""
         self._shared = b""
         self._events: list[Event] = []
-        self._out: dict[int, list[bytes | memoryview]] = {}
+        self._out: dict[int, list[bytes | bytearray | memoryview]] = {}
         self._plain_out: list[bytes] = []
         self._tx_seq = 0
         self._tx_next = 0
@@ -192,9 +192,9 @@ class Connection:
     def _queue_plain(self, ftype: FrameType, body: bytes) -> None:
         self._plain_out.append(Header(ftype, 0, len(body), 0, 0, 0, 0).pack() + body)
 
-    def pop_ready(self) -> list[bytes | memoryview]:
+    def pop_ready(self) -> list[bytes | bytearray | memoryview]:
         """Frames ready to go, in sequence order; the caller writes them as given."""
-        out: list[bytes | memoryview] = []
+        out: list[bytes | bytearray | memoryview] = []
         if self._plain_out:
             out.extend(self._plain_out)
             self._plain_out.clear()
@@ -223,7 +223,7 @@ class Connection:
         self._tx.seal_into(seq, out[:HEADER_SIZE], payload, out[HEADER_SIZE:HEADER_SIZE + plen])
         return out[: HEADER_SIZE + plen]
 
-    def submit(self, seq: int, frame: memoryview | bytes) -> None:
+    def submit(self, seq: int, frame: memoryview | bytes | bytearray) -> None:
         """Hand back a sealed frame for ``seq``; :meth:`pop_ready` releases it in order."""
         self._out[seq] = [frame]
 

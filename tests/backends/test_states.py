@@ -32,21 +32,22 @@ NEEDS = {
 
 def kernel_table() -> dict[str, dict[str, str]]:
     src = REFERENCE if REFERENCE.exists() else SHIPPED
-    return json.loads(src.read_text())
+    table: dict[str, dict[str, str]] = json.loads(src.read_text())
+    return table
 
 
-def kernel_walk(cur: S, target: S, caps: MigCap) -> list[S] | None:
+def kernel_walk(cur: DeviceState, target: DeviceState, caps: MigCap) -> list[DeviceState] | None:
     """Independent re-statement of vfio_mig_get_next_state(), looped to the target.
     None means the kernel answers EINVAL (or would spin)."""
     t = kernel_table()
     if target == S.ERROR or NEEDS[target] & ~caps:
         return None
-    steps: list[S] = []
+    steps: list[DeviceState] = []
     while cur != target:
-        nxt = S[t[cur.name][target.name]]
+        nxt = DeviceState[t[cur.name][target.name]]
         guard = 0
         while nxt != S.ERROR and NEEDS[nxt] & ~caps:
-            nxt = S[t[nxt.name][target.name]]
+            nxt = DeviceState[t[nxt.name][target.name]]
             guard += 1
             assert guard < 10
         if nxt == S.ERROR:

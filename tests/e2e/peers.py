@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections.abc import Callable
+
+import msgpack
 
 from migd.errors import MigdError
 from migd.identity import AuthorizedKeys, Identity
@@ -20,12 +23,14 @@ class Proxy:
     frames and every DATA frame passes through ``mutate(data_index, frame)``, which
     returns the frames to send instead, or None to cut the connection there."""
 
-    def __init__(self, upstream: str, mutate: Mutation) -> None:
+    def __init__(self, upstream: str, mutate: Mutation,
+                 hello: Callable[[dict[str, object]], dict[str, object]] | None = None) -> None:
         self._upstream = upstream
         self._mutate = mutate
+        self._hello = hello
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self._lsock.settimeout(30)
-        self.address = "127.0.0.1:%d" % self._lsock.getsockname()[1]
+        self.address = f"127.0.0.1:{self._lsock.getsockname()[1]}"
         self._socks: list[socket.socket] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -67,6 +72,9 @@ class Proxy:
                 if payload is None:
                     break
                 frame = hdr + payload
+                if hdr[2] == FrameType.HELLO and self._hello is not None:
+                    body = msgpack.packb(self._hello(msgpack.unpackb(payload)))
+                    frame = HEADER.pack(b"MG", FrameType.HELLO, 0, len(body), 0, 0, 0, 0) + body
                 if hdr[2] == FrameType.DATA:
                     out = self._mutate(index, frame)
                     index += 1
@@ -80,10 +88,8 @@ class Proxy:
         except OSError:
             pass
         # Let the destination's answer (its error frame) still reach the source.
-        try:
+        with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def _pump_raw(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -95,10 +101,8 @@ class Proxy:
 
     def close(self) -> None:
         for s in self._socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
         self._lsock.close()
 
@@ -130,10 +134,8 @@ class ScriptedSource:
                 return
             if not data:
                 return
-            try:
+            with contextlib.suppress(MigdError):  # a refusal still yields its events
                 self.conn.receive_data(data)
-            except MigdError:
-                pass
             self.events += self.conn.events()
             self.flush()
 

@@ -21,7 +21,7 @@ def test_keygen_save_load_and_permissions(tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileExistsError):
         ident.save(str(key))
     os.chmod(key, 0o644)
-    with pytest.raises(ConfigError, match="accessible by others.*chmod 600"):
+    with pytest.raises(ConfigError, match=r"accessible by others.*chmod 600"):
         Identity.load(str(key))
     with pytest.raises(ConfigError, match="No such file"):
         Identity.load(str(tmp_path / "missing"))

@@ -79,8 +79,8 @@ def zero_digest(size: int) -> str:
 
 async def test_precopy_with_dirtying_workload_is_byte_exact(
         ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
-    async with rig(ids, trust, {"size": "16M", "dirty-rate": "32M"},
-                   {"size": "16M", "content": "zero"}) as r:
+    async with rig(ids, trust, {"size": "32M", "dirty-rate": "32M"},
+                   {"size": "32M", "content": "zero"}) as r:
         await asyncio.sleep(0.1)
         job, djob = await r.migrate(downtime_limit_ms=0, max_iterations=3,
                                     compress=parse_compress("zstd:1"))
@@ -89,12 +89,12 @@ async def test_precopy_with_dirtying_workload_is_byte_exact(
         src, dst = r.dev(r.src), r.dev(r.dst)
         assert src.state == S.STOP and dst.state == S.RUNNING
         assert src.guest_pages_written > 0
-        # the 16 MiB initial round outlasts a 10 ms guest tick, so a dirty round follows
+        # the 32 MiB initial round outlasts a 2 ms guest tick, so a dirty round follows
         assert 2 <= job.dirty_sync_count <= 3
-        assert job.counters.downtime_bytes > 0 and job.counters.precopy_bytes > 16 << 20
+        assert job.counters.downtime_bytes > 0 and job.counters.precopy_bytes > 32 << 20
         assert dst.digest() == src.digest()
         q = job.query()
-        assert q["status"] == "completed" and q["downtime"] >= 0 and q["total"] == 16 << 20
+        assert q["status"] == "completed" and q["downtime"] >= 0 and q["total"] == 32 << 20
 
 
 async def test_stay_stopped_no_precopy_and_chacha(ids: dict[str, Identity],
@@ -164,7 +164,9 @@ async def test_cancel_during_setup(ids: dict[str, Identity], trust: AuthorizedKe
 
     async with rig(ids, trust, {"size": "4M"}, {"size": "4M", "content": "zero"}) as r:
         gate = threading.Event()
-        r.dev(r.dst).fail_hook = lambda cur, nxt: None if gate.wait(10) else None
+        def stall(cur: S, nxt: S) -> None:
+            gate.wait(10)
+        r.dev(r.dst).fail_hook = stall
         job = Job("source", "vf0")
         task = asyncio.create_task(run_source(r.src, job, MigrateOptions(r.address, "vf0")))
         while job.status.value != "setup" or not r.dst_jobs:
@@ -196,7 +198,7 @@ async def test_source_arc_failure_leaves_source_running(
             if (cur, nxt) == arc:
                 raise DeviceError("injected")
         src.fail_hook = hook
-        job, djob = await r.migrate()
+        job, _ = await r.migrate()
         if arc == (S.STOP_COPY, S.STOP):
             # After the destination committed the guest lives there: completed, logged.
             assert job.status.value == "completed"

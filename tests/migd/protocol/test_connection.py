@@ -286,7 +286,7 @@ def test_frame_from_another_session_fails(ids: dict[str, Identity], trust: Autho
 
 
 def test_oversize_frames(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
-    src, dst = established(ids, trust)
+    _, dst = established(ids, trust)
     hdr = HEADER.pack(b"MG", FrameType.DATA, 0, (1 << 20) + 17, 0, 0, 0, 1 << 20)
     with pytest.raises(FrameTooLarge):
         dst.receive_data(hdr)
@@ -304,7 +304,7 @@ def test_sealed_frames_before_handshake_and_handshake_after(
     fresh = Connection(Role.DESTINATION, ids["dst"], trust)
     with pytest.raises(ProtocolError, match="before the handshake"):
         fresh.receive_data(HEADER.pack(b"MG", FrameType.DATA, 0, 20, 0, 0, 0, 4))
-    src, dst = established(ids, trust)
+    _, dst = established(ids, trust)
     hello = HEADER.pack(b"MG", FrameType.HELLO, 0, 1, 0, 0, 0, 0) + b"\x80"
     with pytest.raises(ProtocolError, match="after the handshake"):
         dst.receive_data(hello)
@@ -325,7 +325,7 @@ def test_eof_mid_frame_and_clean_eof(ids: dict[str, Identity], trust: Authorized
     dst.receive_data(seal(src, 0, 0, b"z" * 100)[:50])
     with pytest.raises(ProtocolError, match="middle of a frame"):
         dst.receive_eof()
-    src, dst = established(ids, trust)
+    _, dst = established(ids, trust)
     dst.receive_eof()
     assert isinstance(dst.events()[-1], Closed)
 

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark runs on one image, interleaved so machine noise hits
+every configuration alike.  Prints a Markdown table (median, min, max of GB/s;
+CPU seconds and peak daemon memory per side) and writes the raw runs as JSON.
+
+    .venv/bin/python bench/compare.py --repeat 5
+    .venv/bin/python bench/compare.py --state-size 4G --repeat 1 --configs none/aes-256-gcm
+
+The default image is ``mkstate.py 1024 42`` from ../shared/tools (generated
+into /dev/shm once), so figures compare across runs and tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MKSTATE = ROOT.parent / "shared" / "tools" / "mkstate.py"
+DEFAULT_CONFIGS = ["none/aes-256-gcm", "zstd:1/aes-256-gcm", "none/chacha20-poly1305"]
+
+
+def image(size_mib: int, seed: int) -> str:
+    path = f"/dev/shm/migd-state-{size_mib}-{seed}.img"
+    if not os.path.exists(path):
+        if not MKSTATE.exists():
+            sys.exit(f"{MKSTATE} not found: pass --state-file or --state-size")
+        subprocess.run([sys.executable, str(MKSTATE), str(size_mib), str(seed), path + ".tmp"],
+                       check=True, stdout=subprocess.DEVNULL)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def run(source: list[str], compress: str, cipher: str) -> dict[str, object]:
+    cmd = [str(ROOT / ".venv" / "bin" / "migd"), "bench", *source, "--compress", compress,
+           "--cipher", cipher, "--json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+    result: dict[str, object] = json.loads(out.stdout)
+    result.pop("migration", None)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="COMPRESS/CIPHER")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--state-file")
+    group.add_argument("--state-size")
+    ap.add_argument("--json-out", default=str(ROOT / "bench" / "results" / "compare.json"))
+    args = ap.parse_args()
+    if args.state_size:
+        source, what = ["--state-size", args.state_size], f"sim mix, {args.state_size}"
+    else:
+        path = args.state_file or image(1024, 42)
+        source, what = ["--state-file", path], os.path.basename(path)
+    runs: dict[str, list[dict[str, object]]] = {c: [] for c in args.configs}
+    for i in range(args.repeat):
+        for config in args.configs:
+            compress, cipher = config.split("/")
+            r = run(source, compress, cipher)
+            if not r.get("verified"):
+                sys.exit(f"{config}: migration not verified: {r}")
+            runs[config].append(r)
+            print(f"run {i + 1}/{args.repeat} {config}: {r['gbps']} GB/s", file=sys.stderr)
+    print(f"\n{what}, {args.repeat} interleaved run(s) each, both daemons on this machine\n")
+    print("| compress/cipher | GB/s median | min | max | wire/state | CPU s src+dst | "
+          "peak MiB src/dst |")
+    print("|---|---|---|---|---|---|---|")
+    for config, rs in runs.items():
+        g = [float(str(r["gbps"])) for r in rs]
+        cpu = statistics.median(sum(r["cpu_seconds"].values()) for r in rs)  # type: ignore[attr-defined]
+        ratio = float(str(rs[0]["wire_bytes"])) / float(str(rs[0]["bytes"]))
+        src_mem, dst_mem = (max(r["mem_peak_bytes"][side] for r in rs)  # type: ignore[index]
+                            for side in ("source", "destination"))
+        print(f"| {config} | {statistics.median(g):.2f} | {min(g):.2f} | {max(g):.2f} | "
+              f"{ratio:.2f} | {cpu:.2f} | {src_mem / 2**20:.0f}/{dst_mem / 2**20:.0f} |")
+    os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
+    with open(args.json_out, "w") as f:
+        json.dump(runs, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
