@@ -151,15 +151,15 @@ def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, 
 
 
 def progress_line(d: dict[str, Any]) -> str:
-    total = max(1, int(d.get("total", 0)))
+    total = int(d.get("total", 0))
     moved = int(d.get("transferred", 0))
     elapsed = max(1e-3, d.get("total-time", 0) / 1000)
     rate = moved / elapsed
     pending = max(0, total - moved)
     eta = f"{pending / rate:.1f}s" if rate > 0 and pending else "-"
     return (f"{d.get('status', '?'):>10} {d.get('phase', ''):<14} "
-            f"{human_bytes(moved):>10} / {human_bytes(total):<10} {human_rate(rate):>10}  "
-            f"iter {d.get('dirty-sync-count', 0):<3} eta {eta}")
+            f"{human_bytes(moved):>10} / {human_bytes(total) if total else '?':<10} "
+            f"{human_rate(rate):>10}  iter {d.get('dirty-sync-count', 0):<3} eta {eta}")
 
 
 def summary(d: dict[str, Any]) -> str:
