@@ -183,6 +183,13 @@ async def test_cancel_during_setup(ids: dict[str, Identity], trust: AuthorizedKe
         assert r.dev(r.dst).describe()["loads_committed"] == 0
 
 
+def fail_at(dev: SimDevice, arc: tuple[S, S]) -> None:
+    def hook(cur: S, nxt: S) -> None:
+        if (cur, nxt) == arc:
+            raise DeviceError("injected")
+    dev.fail_hook = hook
+
+
 ARCS = [(S.RUNNING, S.PRE_COPY), (S.PRE_COPY, S.PRE_COPY_P2P), (S.PRE_COPY_P2P, S.STOP_COPY),
         (S.STOP_COPY, S.STOP)]
 
@@ -193,11 +200,7 @@ async def test_source_arc_failure_leaves_source_running(
     async with rig(ids, trust, {"size": "4M"}, {"size": "4M", "content": "zero"}) as r:
         src = r.dev(r.src)
         before = src.digest()
-
-        def hook(cur: S, nxt: S) -> None:
-            if (cur, nxt) == arc:
-                raise DeviceError("injected")
-        src.fail_hook = hook
+        fail_at(src, arc)
         job, _ = await r.migrate()
         if arc == (S.STOP_COPY, S.STOP):
             # After the destination committed the guest lives there: completed, logged.
@@ -219,11 +222,7 @@ async def test_destination_arc_failure_never_resumes(
         ids: dict[str, Identity], trust: AuthorizedKeys, arc: tuple[S, S]) -> None:
     async with rig(ids, trust, {"size": "4M"}, {"size": "4M", "content": "zero"}) as r:
         dst = r.dev(r.dst)
-
-        def hook(cur: S, nxt: S) -> None:
-            if (cur, nxt) == arc:
-                raise DeviceError("injected")
-        dst.fail_hook = hook
+        fail_at(dst, arc)
         job, djob = await r.migrate()
         assert job.status.value == "failed"
         assert r.dev(r.src).state == S.RUNNING
