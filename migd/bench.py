@@ -80,8 +80,6 @@ def migrate_and_measure(pair: Pair, req: dict[str, Any], show: bool) -> dict[str
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.channels != 1:
-        raise ConfigError("--channels: only 1 channel is implemented so far")
     src, dst, size = _device_specs(args)
     req = migrate_args(args, "vf0", "")
     with tempfile.TemporaryDirectory(prefix="migd-bench-") as wd, \

@@ -26,6 +26,8 @@ def _add_migrate_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
                    help="switch over once the rest fits this many ms (default 300)")
     p.add_argument("--max-iterations", type=int, default=30)
+    p.add_argument("--channels", type=int, default=1, metavar="N",
+                   help="parallel connections (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--state-size", default=None, help="simulated state size (default 256M)")
     src.add_argument("--state-file", help="device state image (e.g. from mkstate.py)")
     b.add_argument("--dirty-rate", default="0", help="guest dirtying rate, bytes/s")
-    b.add_argument("--channels", type=int, default=1)
     b.add_argument("--json", action="store_true")
     _add_migrate_knobs(b)
 
@@ -146,7 +147,7 @@ def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, 
         "device": device, "peer": peer, "compress": args.compress, "cipher": args.cipher,
         "chunk-size": parse_size(args.chunk_size, "--chunk-size"),
         "precopy": not args.no_precopy, "downtime-limit": args.downtime_limit,
-        "max-iterations": args.max_iterations,
+        "max-iterations": args.max_iterations, "channels": args.channels,
     }
 
 

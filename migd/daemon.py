@@ -31,7 +31,7 @@ from .codec import parse_compress
 from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
 from .identity import AuthorizedKeys, Identity
-from .session import Host, Job, MigrateOptions, check_options, run_destination, run_source
+from .session import Host, Incoming, Job, MigrateOptions, check_options, run_source, serve_connection
 from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
 from .units import parse_size
 
@@ -128,6 +128,7 @@ class Daemon:
                          devices=devices, transport=transports.REGISTRY.create(cfg.transport),
                          ciphers=cfg.ciphers, idle_timeout=cfg.idle_timeout)
         self.jobs: dict[str, Job] = {}
+        self.incoming: dict[bytes, Incoming] = {}
         # One migration each way can start without allocating: fresh pages are
         # expensive here, so the daemon pays for them once, at start.
         bank = self.host.workers.bank
@@ -202,7 +203,7 @@ class Daemon:
         if not self._accepting:
             channel.close()
             return
-        await run_destination(self.host, channel, self.jobs)
+        await serve_connection(self.host, channel, self.jobs, self.incoming)
 
     # --- control socket -------------------------------------------------------------
 
@@ -274,7 +275,8 @@ class Daemon:
         if not self._accepting:
             raise ConfigError("daemon is shutting down")
         known = {"device", "peer", "dest-device", "compress", "cipher", "chunk-size", "precopy",
-                 "downtime-limit", "max-iterations", "resume", "timeout", "follow", "interval"}
+                 "downtime-limit", "max-iterations", "resume", "timeout", "follow", "interval",
+                 "channels"}
         unknown = set(args) - known
         if unknown:
             raise ConfigError(f"migrate: unknown argument(s) {', '.join(sorted(unknown))}")
@@ -295,6 +297,7 @@ class Daemon:
                 max_iterations=int(args.get("max-iterations", 30)),
                 resume=bool(args.get("resume", True)),
                 timeout=float(args.get("timeout", 30.0)),
+                channels=int(args.get("channels", 1)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"migrate: bad argument: {exc}") from None

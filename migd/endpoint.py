@@ -1,8 +1,11 @@
-"""The asyncio edge of one protocol connection: a Channel driving a Connection.
+"""The asyncio edge of a protocol connection: a Channel driving a Connection.
 
 Everything protocol-shaped happens in :class:`~migd.protocol.connection.Connection`;
 this class only moves its bytes, turns its events into awaitables, and applies
 receive back-pressure when the data pipeline runs out of buffers.
+
+The channels of one migration share a :class:`Bus`: the first failure on any
+of them fails the migration, and silence is measured across all of them.
 """
 
 from __future__ import annotations
@@ -25,24 +28,60 @@ from .errors import (
 from .protocol.connection import Closed, Connection, Control, Data, Established, PeerFailed
 
 
+class Bus:
+    """What the channels of one migration share."""
+
+    def __init__(self) -> None:
+        self.error: MigdError | None = None
+        self.wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        #: Loop time of the last received bytes on any channel: waits time out on
+        #: silence, not on how long a migration takes.
+        self.last_rx = self._loop.time()
+
+    def fail(self, err: MigdError) -> None:
+        # The peer's own reason beats what its closing did to our socket.
+        if self.error is None or (isinstance(err, RemoteError)
+                                  and isinstance(self.error, TransportError | IncompleteStream)):
+            self.error = err
+        self.wake.set()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait for ``cond``; fail on any channel's error or after ``timeout`` s of silence."""
+        start = self._loop.time()
+        while not cond():
+            self.check()
+            self.wake.clear()
+            remaining = max(start, self.last_rx) + timeout - self._loop.time()
+            if remaining <= 0:
+                raise MigrationTimeout(f"peer silent for {timeout:.0f}s while waiting for {what}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), remaining)
+
+
 class Endpoint:
-    def __init__(self, channel: Channel, conn: Connection) -> None:
+    def __init__(self, channel: Channel, conn: Connection, bus: Bus | None = None) -> None:
         self.channel = channel
         self.conn = conn
-        self.error: MigdError | None = None
+        self.bus = bus or Bus()
         self.established: Established | None = None
         self.on_data: Callable[[Data], None] | None = None
         #: Controls handled as they arrive (e.g. progress acks), by message type.
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._controls: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._flush_pending = False
         self.peer_closed = False
-        #: Loop time of the last received bytes: waits time out on silence, not on length.
-        self.last_rx = self._loop.time()
         channel.start(self)
+
+    @property
+    def error(self) -> MigdError | None:
+        return self.bus.error
 
     # --- Receiver protocol -----------------------------------------------------
 
@@ -50,7 +89,7 @@ class Endpoint:
         return self.conn.get_buffer()
 
     def buffer_updated(self, n: int) -> None:
-        self.last_rx = self._loop.time()
+        self.bus.last_rx = self._loop.time()
         self.conn.buffer_updated(n)
         self._dispatch()
         if self.conn.blocked:
@@ -62,71 +101,58 @@ class Endpoint:
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if isinstance(exc, MigdError):
-            self._fail(exc)
+            self.fail(exc)
         else:
-            self._fail(TransportError(f"connection to {self.channel.peer} lost: {exc}"))
+            self.fail(TransportError(f"connection to {self.channel.peer} lost: {exc}"))
 
     # --- event plumbing ----------------------------------------------------------
 
     def fail(self, err: MigdError) -> None:
-        """Record the first failure of this connection and wake every waiter."""
-        self._fail(err)
+        self.bus.fail(err)
 
-    def _fail(self, err: MigdError) -> None:
-        # The peer's own reason beats what its closing did to our socket.
-        if self.error is None or (isinstance(err, RemoteError)
-                                  and isinstance(self.error, TransportError | IncompleteStream)):
-            self.error = err
-        self._wake.set()
+    def check(self) -> None:
+        self.bus.check()
 
-    async def peer_reason(self, err: MigdError, timeout: float = 1.0) -> MigdError:
-        """After a connection-level failure, give the peer's error frame (often
-        already in our receive buffer) a moment to arrive: it says why."""
-        if not isinstance(err, TransportError | IncompleteStream) or self.peer_closed:
-            return self.error if isinstance(self.error, RemoteError) else err
-        deadline = self._loop.time() + timeout
-        while not self.peer_closed and not isinstance(self.error, RemoteError):
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                break
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
-        return self.error if isinstance(self.error, RemoteError) else err
+    def poke(self) -> None:
+        self.bus.wake.set()
 
     def _dispatch(self) -> None:
         for ev in self.conn.events():
             if isinstance(ev, Data):
                 if self.on_data is None:
-                    self._fail(ProtocolError("data before the session accepted it"))
+                    self.fail(ProtocolError("data before the session accepted it"))
                 else:
                     try:
                         self.on_data(ev)
                     except MigdError as exc:
                         self.channel.pause_reading()
-                        self._fail(exc)
+                        self.fail(exc)
             elif isinstance(ev, Control):
                 handler = self.handlers.get(str(ev.msg.get("t")))
                 if handler is not None:
                     try:
                         handler(ev.msg)
                     except MigdError as exc:
-                        self._fail(exc)
+                        self.fail(exc)
                 else:
                     self._controls.put_nowait(ev.msg)
             elif isinstance(ev, Established):
                 self.established = ev
             elif isinstance(ev, PeerFailed):
-                self._fail(ev.error)
+                self.fail(ev.error)
             elif isinstance(ev, Closed):
                 self.peer_closed = True
-                self._fail(IncompleteStream(f"peer {self.channel.peer} closed the connection"))
-        self._wake.set()
-        if self.conn.has_output() and not self._flush_pending:
-            self._flush_pending = True
-            self._loop.call_soon(self._schedule_flush)
+                self.fail(IncompleteStream(f"peer {self.channel.peer} closed the connection"))
+        self.poke()
+        if self.conn.has_output():
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._start_flush)
+
+    def _start_flush(self) -> None:
         self._flush_pending = False
         task = self._loop.create_task(self.flush())
         task.add_done_callback(self._flush_done)
@@ -134,11 +160,7 @@ class Endpoint:
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            self._fail(exc if isinstance(exc, MigdError) else TransportError(str(exc)))
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
+            self.fail(exc if isinstance(exc, MigdError) else TransportError(str(exc)))
 
     async def flush(self) -> None:
         async with self._send_lock:
@@ -151,21 +173,9 @@ class Endpoint:
         if self.conn.blocked and self.conn.unblock() and self.error is None:
             self.channel.resume_reading()
 
-    async def _wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        """Wait for ``cond``; fail after ``timeout`` seconds in which the peer sent nothing."""
-        start = self._loop.time()
-        while not cond():
-            self.check()
-            self._wake.clear()
-            remaining = max(start, self.last_rx) + timeout - self._loop.time()
-            if remaining <= 0:
-                raise MigrationTimeout(f"peer silent for {timeout:.0f}s while waiting for {what}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
-
     async def handshake(self, timeout: float) -> Established:
         await self.flush()
-        await self._wait(lambda: self.established is not None, timeout, "the handshake")
+        await self.bus.wait_until(lambda: self.established is not None, timeout, "the handshake")
         await self.flush()
         assert self.established is not None
         return self.established
@@ -174,9 +184,7 @@ class Endpoint:
         """Queue a control message from synchronous code; it goes out on the next flush."""
         if self.error is None:
             self.conn.send_control(msg)
-            if not self._flush_pending:
-                self._flush_pending = True
-                self._loop.call_soon(self._schedule_flush)
+            self._schedule_flush()
 
     async def send_control(self, msg: dict[str, Any]) -> None:
         self.check()
@@ -184,15 +192,31 @@ class Endpoint:
         await self.flush()
 
     async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
-        await self._wait(lambda: not self._controls.empty(), timeout, f"'{kind}' from the peer")
+        await self.bus.wait_until(lambda: not self._controls.empty(), timeout,
+                                  f"'{kind}' from the peer")
         msg = self._controls.get_nowait()
         if msg.get("t") != kind:
             raise ProtocolError(f"expected '{kind}', peer sent '{msg.get('t')}'")
         return msg
 
     async def next_control(self, timeout: float) -> dict[str, Any]:
-        await self._wait(lambda: not self._controls.empty(), timeout, "a message from the peer")
+        await self.bus.wait_until(lambda: not self._controls.empty(), timeout,
+                                  "a message from the peer")
         return self._controls.get_nowait()
+
+    async def peer_reason(self, err: MigdError, timeout: float = 1.0) -> MigdError:
+        """After a connection-level failure, give the peer's error frame (often
+        already in our receive buffer) a moment to arrive: it says why."""
+        if isinstance(err, TransportError | IncompleteStream) and not self.peer_closed:
+            deadline = self._loop.time() + timeout
+            while not self.peer_closed and not isinstance(self.error, RemoteError):
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    break
+                self.bus.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.bus.wake.wait(), remaining)
+        return self.error if isinstance(self.error, RemoteError) else err
 
     async def abort(self, err: BaseException | None) -> None:
         """Tell the peer (best effort, bounded) and close."""
@@ -201,10 +225,3 @@ class Endpoint:
                 self.conn.send_error(err)
                 await asyncio.wait_for(self.flush(), 2.0)
         self.channel.close()
-
-    async def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        """Wait for a local condition that :meth:`poke` signals, failing on peer errors."""
-        await self._wait(cond, timeout, what)
-
-    def poke(self) -> None:
-        self._wake.set()

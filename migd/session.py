@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from backends.base import Device
@@ -21,7 +23,7 @@ from backends.states import DeviceState, MigCap
 from transports.base import Channel, Transport
 
 from .codec import CompressMode, Encoder
-from .endpoint import Endpoint
+from .endpoint import Bus, Endpoint
 from .errors import (
     Cancelled,
     ConfigError,
@@ -37,6 +39,8 @@ from .protocol.session import SessionEvent, SessionState, Status
 from .stream import Counters, StreamReceiver, StreamSender, Workers
 
 log = logging.getLogger("migd.session")
+
+MAX_CHANNELS = 16
 
 
 @dataclasses.dataclass
@@ -55,6 +59,7 @@ class MigrateOptions:
     resume: bool = True  # start the destination VF after loading
     timeout: float = 30.0
     inflight: int = 8
+    channels: int = 1
 
 
 @dataclasses.dataclass
@@ -176,43 +181,61 @@ def _as_error(exc: BaseException) -> MigdError:
 # --- source -------------------------------------------------------------------------
 
 
+async def _open_channel(host: Host, opts: MigrateOptions, bus: Bus, index: int) -> Endpoint:
+    channel = await host.transport.connect(opts.peer, opts.timeout)
+    conn = Connection(Role.SOURCE, host.identity, host.authorized,
+                      Offer(ciphers=opts.ciphers, max_chunk=opts.chunk_size), channel=index)
+    ep = Endpoint(channel, conn, bus)
+    await ep.handshake(opts.timeout)
+    return ep
+
+
 async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
     """Migrate ``opts.device`` to ``opts.peer``; never leaves the device stopped on failure."""
     job.cpu_start = time.process_time()
     job.state.fire(SessionEvent.START)
     job.compress = str(opts.compress)
     dev: Device | None = None
-    ep: Endpoint | None = None
+    eps: list[Endpoint] = []
     sender: StreamSender | None = None
     committed = False
     try:
         dev = host.claim(opts.device)
         job.total = dev.state_size()
-        channel = await host.transport.connect(opts.peer, opts.timeout)
-        conn = Connection(Role.SOURCE, host.identity, host.authorized,
-                          Offer(ciphers=opts.ciphers, max_chunk=opts.chunk_size))
-        ep = Endpoint(channel, conn)
-        est = await ep.handshake(opts.timeout)
-        job.cipher = est.cipher
-        log.info("migration %s: %s authenticated as %s, cipher %s", job.id, opts.peer,
-                 est.peer_name, est.cipher)
+        bus = Bus()
+        ep = await _open_channel(host, opts, bus, 0)
+        eps.append(ep)
+        assert ep.established is not None
+        job.cipher = ep.established.cipher
+        log.info("migration %s: %s authenticated as %s, cipher %s, %d channel(s)", job.id,
+                 opts.peer, ep.established.peer_name, job.cipher, opts.channels)
         precopy = opts.precopy and bool(dev.caps & MigCap.PRE_COPY)
         await ep.send_control({
             "t": "migrate", "id": job.id, "device": opts.dest_device or opts.device,
             "kind": dev.kind, "compat": dev.compat(), "state_size": dev.state_size(),
-            "precopy": precopy, "resume": opts.resume,
+            "precopy": precopy, "resume": opts.resume, "channels": opts.channels,
         })
         accept = await ep.expect("accept", opts.timeout)
-        limit = accept.get("limit")
-        if not isinstance(limit, int):
-            raise ProtocolError("accept: missing stream limit")
+        limit, token = accept.get("limit"), accept.get("token")
+        if not isinstance(limit, int) or not isinstance(token, bytes):
+            raise ProtocolError("accept: missing stream limit or join token")
+        for k in range(1, opts.channels):
+            extra = await _open_channel(host, opts, bus, k)
+            eps.append(extra)
+            await extra.send_control({"t": "join", "token": token, "channel": k})
+            await extra.expect("joined", opts.timeout)
         job.setup_time_ms = int((time.monotonic() - job.started) * 1000)
         job.state.fire(SessionEvent.ACCEPTED)
         ep.handlers["ack"] = lambda m: setattr(job.counters, "acked", int(m.get("offset", 0)))
-        sender = StreamSender(ep, dev, Encoder(opts.compress), host.workers, job.counters,
+        loaded: list[dict[str, Any]] = []
+        ep.handlers["initial-loaded"] = loaded.append
+        sender = StreamSender(eps, dev, Encoder(opts.compress), host.workers, job.counters,
                               opts.inflight)
         if precopy:
-            await _precopy(dev, ep, sender, job, opts, limit)
+            await _precopy(dev, sender, job, opts, limit)
+            # switchover-ack: stop the source only once the destination loaded the initial bytes
+            job.phase = "switchover-ack"
+            await bus.wait_until(lambda: bool(loaded), opts.timeout, "'initial-loaded'")
         job.state.fire(SessionEvent.SWITCHOVER)
         job.phase = "stop-copy"
         t_stop = time.monotonic()
@@ -243,10 +266,10 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
                 with contextlib.suppress(Exception):
                     dev.recover()
             cancelled = isinstance(err, Cancelled)
-            if ep is not None:
+            if eps:
                 if not cancelled:
-                    err = await ep.peer_reason(err)
-                await ep.abort(err)
+                    err = await eps[0].peer_reason(err)
+                await _abort_all(eps, err)
             log.warning("migration %s %s: %s (source device %s)", job.id,
                         "cancelled" if cancelled else "failed", err.message,
                         dev.state.name if dev else "-")
@@ -258,15 +281,22 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
     finally:
         if sender is not None:
             await sender.close()
-        if ep is not None:
-            ep.channel.close()
+        for e in eps:
+            e.channel.close()
         if dev is not None:
             host.busy.discard(opts.device)
         job.done.set()
 
 
-async def _precopy(dev: Device, ep: Endpoint, sender: StreamSender, job: Job,
-                   opts: MigrateOptions, limit: int) -> None:
+async def _abort_all(eps: list[Endpoint], err: MigdError) -> None:
+    """The reason goes on the control channel; the others just close."""
+    await eps[0].abort(err)
+    for e in eps[1:]:
+        e.channel.close()
+
+
+async def _precopy(dev: Device, sender: StreamSender, job: Job, opts: MigrateOptions,
+                   limit: int) -> None:
     """Iterate while what is pending would not fit the downtime limit at the measured rate."""
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(sender.workers.io, dev.set_state, DeviceState.PRE_COPY)
@@ -285,43 +315,112 @@ async def _precopy(dev: Device, ep: Endpoint, sender: StreamSender, job: Job,
         if info.initial_bytes == 0:
             if not marked:
                 marked = True
-                await ep.send_control({"t": "initial-sent", "offset": sender.offset})
+                await sender.control.send_control({"t": "initial-sent", "offset": sender.offset})
             fits = rate > 0 and pending / rate * 1000 <= opts.downtime_limit_ms
             room = limit - sender.announced - dev.stop_copy_size() - pending
             if fits or pending == 0 or job.dirty_sync_count >= opts.max_iterations or room < 0:
                 break
         sent_total += await sender.send(pending)
         job.dirty_sync_count += 1
-    # switchover-ack: stop the source only once the destination loaded the initial bytes
-    job.phase = "switchover-ack"
-    await ep.expect("initial-loaded", opts.timeout)
 
 
 # --- destination ----------------------------------------------------------------------
 
 
-async def run_destination(host: Host, channel: Channel, jobs: dict[str, Job],
-                          resume_default: bool = True) -> None:
-    """Serve one incoming connection: authenticate, load, verify, commit or reset."""
-    receiver: StreamReceiver | None = None
+@dataclasses.dataclass(eq=False)
+class Incoming:
+    """An incoming migration that further channels may join."""
 
-    def buffers(n: int) -> bytearray | None:
-        return receiver.take_buffer(n) if receiver is not None else None
+    job: Job
+    peer_key: bytes
+    receiver: StreamReceiver
+    bus: Bus
+    joined: set[int] = dataclasses.field(default_factory=set)
 
+
+class _Buffers:
+    """Where a connection's DATA payloads go; set once the connection has a role."""
+
+    def __init__(self) -> None:
+        self.take: Callable[[], bytearray | None] | None = None
+
+    def __call__(self, size: int) -> bytearray | None:
+        return self.take() if self.take is not None else None
+
+
+async def serve_connection(host: Host, channel: Channel, jobs: dict[str, Job],
+                           incoming: dict[bytes, Incoming]) -> None:
+    """Authenticate a new connection; it starts a migration or joins one as a channel."""
+    buffers = _Buffers()
     conn = Connection(Role.DESTINATION, host.identity, host.authorized,
                       Offer(ciphers=host.ciphers, max_chunk=host.max_chunk), data_buffers=buffers)
     ep = Endpoint(channel, conn)
+    try:
+        await ep.handshake(host.idle_timeout)
+        first = await ep.next_control(host.idle_timeout)
+    except BaseException as exc:
+        err = _as_error(exc)
+        log.warning("connection from %s refused: %s", channel.peer, err.message)
+        await ep.abort(err)
+        if not isinstance(exc, Exception):
+            raise
+        return
+    if first.get("t") == "join":
+        await _join(host, ep, buffers, first, incoming)
+    else:
+        await _run_incoming(host, ep, buffers, first, jobs, incoming)
+
+
+async def _join(host: Host, ep: Endpoint, buffers: _Buffers, msg: dict[str, Any],
+                incoming: dict[bytes, Incoming]) -> None:
+    token, k = msg.get("token"), msg.get("channel")
+    session = incoming.get(token) if isinstance(token, bytes) else None
+    assert ep.established is not None
+    try:
+        if session is None:
+            raise ProtocolError("join: no migration with that token")
+        if ep.established.peer_key != session.peer_key:
+            raise ProtocolError("join: channel authenticated as another peer than its migration")
+        if not isinstance(k, int) or not 0 < k < session.receiver.nchannels or k in session.joined:
+            raise ProtocolError(f"join: bad or duplicate channel number {k!r}")
+        if k != ep.conn.channel:
+            raise ProtocolError(f"join: channel {k} was opened as channel {ep.conn.channel}")
+    except MigdError as err:
+        log.warning("channel from %s refused: %s", ep.channel.peer, err.message)
+        await ep.abort(err)
+        if session is not None:
+            session.bus.fail(err)
+        return
+    session.joined.add(k)
+    ep.bus = session.bus  # from now on its failures are the migration's
+    buffers.take = lambda: session.receiver.take_buffer(k)
+    session.receiver.attach(k, ep)
+    await ep.send_control({"t": "joined", "channel": k})
+    await session.job.done.wait()
+    ep.channel.close()
+
+
+async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[str, Any],
+                        jobs: dict[str, Job], incoming: dict[bytes, Incoming]) -> None:
+    """Load one incoming migration: verify, commit, or reset the device."""
+    receiver: StreamReceiver | None = None
     job: Job | None = None
     dev: Device | None = None
     claimed = ""
     loaded = False
+    token = os.urandom(32)
+    assert ep.established is not None
+    est = ep.established
     try:
-        est = await ep.handshake(host.idle_timeout)
-        req = await ep.expect("migrate", host.idle_timeout)
+        if req.get("t") != "migrate":
+            raise ProtocolError(f"expected 'migrate' or 'join', peer sent {req.get('t')!r}")
         name = req.get("device")
         if not isinstance(name, str):
             raise ProtocolError("migrate: device name missing")
-        job = Job("destination", name, peer=f"{est.peer_name}@{channel.peer}")
+        nchan = req.get("channels", 1)
+        if not isinstance(nchan, int) or not 1 <= nchan <= MAX_CHANNELS:
+            raise ProtocolError(f"migrate: channels must be 1..{MAX_CHANNELS}")
+        job = Job("destination", name, peer=f"{est.peer_name}@{ep.channel.peer}")
         if isinstance(req.get("id"), str):
             job.id = str(req["id"])[:64]
         job.cpu_start = time.process_time()
@@ -339,11 +438,14 @@ async def run_destination(host: Host, channel: Channel, jobs: dict[str, Job],
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(host.workers.io, dev.set_state, DeviceState.RESUMING)
         limit = host.stream_limit_factor * dev.state_size() + (64 << 20)
-        receiver = StreamReceiver(ep, dev, host.workers, job.counters, conn.max_chunk, limit)
-        ep.on_data = receiver.on_data
+        receiver = StreamReceiver(ep.bus, dev, host.workers, job.counters, ep.conn.max_chunk,
+                                  limit, channels=nchan)
+        receiver.attach(0, ep)
+        buffers.take = lambda: receiver.take_buffer(0) if receiver is not None else None
         ep.handlers["announce"] = receiver.announce
         ep.handlers["initial-sent"] = receiver.initial_sent
-        await ep.send_control({"t": "accept", "limit": limit})
+        incoming[token] = Incoming(job, est.peer_key, receiver, ep.bus)
+        await ep.send_control({"t": "accept", "limit": limit, "token": token})
         job.setup_time_ms = int((time.monotonic() - job.started) * 1000)
         job.state.fire(SessionEvent.ACCEPTED)
         job.phase = "loading"
@@ -351,7 +453,7 @@ async def run_destination(host: Host, channel: Channel, jobs: dict[str, Job],
         job.state.fire(SessionEvent.SWITCHOVER)
         job.phase = "verify"
         await receiver.finish(end, host.idle_timeout)
-        resume = bool(req.get("resume", resume_default))
+        resume = bool(req.get("resume", True))
         # RESUMING -> STOP is where the device itself validates what it loaded.
         await loop.run_in_executor(host.workers.io, dev.set_state,
                                    DeviceState.RUNNING if resume else DeviceState.STOP)
@@ -359,8 +461,8 @@ async def run_destination(host: Host, channel: Channel, jobs: dict[str, Job],
         await ep.send_control({"t": "committed", "running": resume})
         job.phase = "done"
         job.rate = job.counters.transferred / max(1e-9, time.monotonic() - job.started)
-        log.info("incoming migration %s into %s committed (%d bytes, device %s)", job.id, name,
-                 job.counters.transferred, dev.state.name)
+        log.info("incoming migration %s into %s committed (%d bytes, %d channel(s), device %s)",
+                 job.id, name, job.counters.transferred, nchan, dev.state.name)
         job.finish(SessionEvent.COMMITTED)
     except BaseException as exc:
         err = _as_error(exc)
@@ -379,9 +481,10 @@ async def run_destination(host: Host, channel: Channel, jobs: dict[str, Job],
         if not isinstance(exc, Exception):
             raise
     finally:
+        incoming.pop(token, None)
         if receiver is not None:
             await receiver.close()
-        channel.close()
+        ep.channel.close()
         if claimed:
             host.busy.discard(claimed)
         if job is not None:
@@ -396,3 +499,5 @@ def check_options(opts: MigrateOptions, host: Host) -> None:
         raise ConfigError("chunk-size must be between 4 KiB and 16 MiB")
     if opts.downtime_limit_ms < 0:
         raise ConfigError("downtime-limit must not be negative")
+    if not 1 <= opts.channels <= MAX_CHANNELS:
+        raise ConfigError(f"channels must be between 1 and {MAX_CHANNELS}")

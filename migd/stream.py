@@ -28,7 +28,7 @@ from backends.base import Device
 
 from .codec import Decoder, Encoder, Encoding, zero_view
 from .crypto import TAG_SIZE
-from .endpoint import Endpoint
+from .endpoint import Bus, Endpoint
 from .errors import (
     DeviceError,
     IncompleteStream,
@@ -38,7 +38,7 @@ from .errors import (
     OverAnnounced,
 )
 from .protocol.connection import Data
-from .protocol.frames import HEADER_SIZE
+from .protocol.frames import HEADER_SIZE, Header
 
 log = logging.getLogger("migd.stream")
 
@@ -126,20 +126,24 @@ class _TxSlot:
 
 
 class StreamSender:
-    """Source side.  AEAD alone costs ~0.1 ms per MiB, less than a thread hop, so
-    without compression chunks are sealed inline; zstd goes to the codec pool."""
+    """Source side.  Chunk ``i`` travels on channel ``i mod N``, so the destination
+    can check each channel's indices exactly.  AEAD alone costs ~0.1 ms per MiB,
+    less than a thread hop, so without compression chunks are sealed inline; zstd
+    goes to the codec pool."""
 
-    def __init__(self, ep: Endpoint, device: Device, encoder: Encoder, workers: Workers,
-                 counters: Counters, inflight: int = DEFAULT_INFLIGHT) -> None:
-        self.ep = ep
+    def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
+                 workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT) -> None:
+        self.channels = channels
+        self.control = channels[0]
         self.device = device
         self.encoder = encoder
         self.workers = workers
         self.counters = counters
-        self.chunk = ep.conn.max_chunk
+        self.chunk = self.control.conn.max_chunk
         self.index = 0
         self.offset = 0
         self.announced = 0
+        self.acked_announced = 0
         self.digest = hashlib.sha256()
         self._sizes = tx_sizes(self.chunk, inflight)
         self._bufs = workers.bank.take(self._sizes)
@@ -147,16 +151,26 @@ class StreamSender:
         for i in range(0, len(self._bufs), 2):
             self._slots.put_nowait(_TxSlot(self._bufs[i], self._bufs[i + 1]))
         self._inline = encoder.mode.name == "none"
-        self._queue: asyncio.Queue[tuple[int, asyncio.Future[memoryview], _TxSlot]] = (
+        self._queue: asyncio.Queue[tuple[Endpoint, int, asyncio.Future[memoryview], _TxSlot]] = (
             asyncio.Queue())
         self._loop = asyncio.get_running_loop()
         self._writer = self._loop.create_task(self._write_frames())
+        self.control.handlers["announced"] = self._on_announced
         self.downtime_phase = False
 
-    async def announce(self, nbytes: int) -> None:
-        """Raise what the destination will accept; it refuses anything beyond."""
+    def _on_announced(self, msg: dict[str, object]) -> None:
+        n = msg.get("bytes")
+        if isinstance(n, int):
+            self.acked_announced = max(self.acked_announced, n)
+
+    async def announce(self, nbytes: int, timeout: float = 30.0) -> None:
+        """Raise what the destination will accept, and wait until it has: data on
+        other channels may overtake the announcement otherwise."""
         self.announced += nbytes
-        await self.ep.send_control({"t": "announce", "bytes": nbytes})
+        await self.control.send_control({"t": "announce", "bytes": nbytes})
+        target = self.announced
+        await self.control.bus.wait_until(lambda: self.acked_announced >= target, timeout,
+                                          "the destination to accept the announcement")
 
     async def _read(self, buf: memoryview) -> int:
         try:
@@ -175,7 +189,7 @@ class StreamSender:
         if budget is not None:
             await self.announce(budget)
         sent = await (self._send_inline(budget) if self._inline else self._send_pooled(budget))
-        self.ep.check()
+        self.control.check()
         return sent
 
     async def _next_want(self, budget: int | None, sent: int) -> int:
@@ -190,18 +204,19 @@ class StreamSender:
         sent = 0
         try:
             while budget is None or sent < budget:
-                self.ep.check()
+                self.control.check()
                 want = await self._next_want(budget, sent)
                 n = await self._read(memoryview(slot.plain)[:want])
                 if n == 0:
                     break
-                seq = self.ep.conn.reserve_seq()
-                frame = self._seal(slot, n, seq, self.index, self.offset)
+                ep = self.channels[self.index % len(self.channels)]
+                seq = ep.conn.reserve_seq()
+                frame = self._seal(ep, slot, n, seq, self.index, self.offset)
                 self.index += 1
                 self.offset += n
                 sent += n
-                self.ep.conn.submit(seq, frame)
-                await self.ep.flush()
+                ep.conn.submit(seq, frame)
+                await ep.flush()
                 self._count(frame)
         finally:
             self._slots.put_nowait(slot)
@@ -212,27 +227,29 @@ class StreamSender:
         sent = 0
         while budget is None or sent < budget:
             slot = await self._slots.get()
-            self.ep.check()
+            self.control.check()
             want = await self._next_want(budget, sent)
             n = await self._read(memoryview(slot.plain)[:want])
             if n == 0:
                 self._slots.put_nowait(slot)
                 break
-            seq = self.ep.conn.reserve_seq()
-            fut = self._loop.run_in_executor(self.workers.codec, self._seal, slot, n, seq,
+            ep = self.channels[self.index % len(self.channels)]
+            seq = ep.conn.reserve_seq()
+            fut = self._loop.run_in_executor(self.workers.codec, self._seal, ep, slot, n, seq,
                                              self.index, self.offset)
-            self._queue.put_nowait((seq, fut, slot))
+            self._queue.put_nowait((ep, seq, fut, slot))
             self.index += 1
             self.offset += n
             sent += n
         await self._queue.join()
         return sent
 
-    def _seal(self, slot: _TxSlot, n: int, seq: int, index: int, offset: int) -> memoryview:
+    def _seal(self, ep: Endpoint, slot: _TxSlot, n: int, seq: int, index: int,
+              offset: int) -> memoryview:
         plain = memoryview(slot.plain)[:n]
         encoding, payload = self.encoder.encode(plain)
-        return self.ep.conn.seal_data_into(seq, index, offset, encoding, payload, n,
-                                           memoryview(slot.wire))
+        return ep.conn.seal_data_into(seq, index, offset, encoding, payload, n,
+                                      memoryview(slot.wire))
 
     def _count(self, frame: memoryview) -> None:
         self.digest.update(frame[:HEADER_SIZE])
@@ -253,17 +270,17 @@ class StreamSender:
 
     async def _write_frames(self) -> None:
         while True:
-            seq, fut, slot = await self._queue.get()
+            ep, seq, fut, slot = await self._queue.get()
             try:
                 frame = await fut
-                self.ep.conn.submit(seq, frame)
-                await self.ep.flush()
+                ep.conn.submit(seq, frame)
+                await ep.flush()
                 self._count(frame)
             except MigdError as exc:
-                self.ep.fail(exc)
+                ep.fail(exc)
             except Exception:  # a worker crashed: never leave the waiter hanging
                 log.exception("send pipeline failed")
-                self.ep.fail(MigdError("internal error in the send pipeline"))
+                ep.fail(MigdError("internal error in the send pipeline"))
             finally:
                 self._slots.put_nowait(slot)
                 self._queue.task_done()
@@ -278,7 +295,7 @@ class StreamSender:
         # Frames still being sealed by a worker must not write into buffers
         # that another migration already took.
         while not self._queue.empty():
-            _, pending, _ = self._queue.get_nowait()
+            _, _, pending, _ = self._queue.get_nowait()
             await asyncio.gather(pending, return_exceptions=True)
         self.workers.bank.give(self._sizes, self._bufs)
 
@@ -287,6 +304,7 @@ class StreamSender:
 class _RxSlot:
     payload: bytearray
     plain: bytearray
+    channel: int = 0
 
 
 @dataclass
@@ -294,47 +312,82 @@ class _Scratch(threading.local):
     buf: bytearray = field(default_factory=bytearray)
 
 
-class StreamReceiver:
-    """Destination side: validates arrival order and allowance, decodes, loads in order.
+@dataclass(eq=False)
+class _Placed:
+    """A chunk that arrived and is waiting for its turn to be loaded."""
 
-    Raw and zero chunks are opened inline as they arrive and, when nothing is
-    queued ahead of them, loaded at once; compressed chunks go to the codec pool
-    and are loaded in index order by the writer task.
+    pieces: asyncio.Future[list[memoryview]]
+    slot: _RxSlot
+    header: Header
+
+
+class StreamReceiver:
+    """Destination side: checks each channel's indices and the allowance on arrival,
+    decodes, then loads chunks into the device strictly in index order.
+
+    Each channel has its own buffers.  The chunk due next always travels on a
+    channel whose earlier chunks are all loaded, so that channel has a free
+    buffer for it: reassembly cannot deadlock, and memory stays bounded.
     """
 
-    def __init__(self, ep: Endpoint, device: Device, workers: Workers, counters: Counters,
-                 max_chunk: int, limit_bytes: int, inflight: int = DEFAULT_INFLIGHT) -> None:
-        self.ep = ep
+    def __init__(self, bus: Bus, device: Device, workers: Workers, counters: Counters,
+                 max_chunk: int, limit_bytes: int, channels: int = 1,
+                 inflight: int = DEFAULT_INFLIGHT) -> None:
+        self.bus = bus
         self.device = device
         self.workers = workers
         self.counters = counters
         self.limit_bytes = limit_bytes
+        self.nchannels = channels
+        self.endpoints: list[Endpoint | None] = [None] * channels
         self.decoder = Decoder()
         self.announced = 0
-        self.next_index = 0
-        self.arrived = 0
+        self.arrived_chunks = 0
+        self.next_index = 0  # next chunk to load
         self.written = 0
         self.digest = hashlib.sha256()
         self.initial_target: int | None = None
-        self._sizes = rx_sizes(max_chunk, inflight)
+        per_channel = max(2, inflight // channels)
+        self._sizes = rx_sizes(max_chunk, per_channel * channels)
         self._bufs = workers.bank.take(self._sizes)
-        self._free = collections.deque(
-            _RxSlot(self._bufs[i], self._bufs[i + 1]) for i in range(0, len(self._bufs), 2)
-        )
-        self._by_payload: dict[int, _RxSlot] = {id(s.payload): s for s in self._free}
+        self._free: list[collections.deque[_RxSlot]] = [collections.deque() for _ in range(channels)]
+        for i in range(0, len(self._bufs), 2):
+            ch = (i // 2) // per_channel
+            self._free[ch].append(_RxSlot(self._bufs[i], self._bufs[i + 1], ch))
+        self._by_payload: dict[int, _RxSlot] = {
+            id(s.payload): s for q in self._free for s in q}
+        self._chan_next = list(range(channels))
+        self._ready: dict[int, _Placed] = {}
+        self._have = asyncio.Event()
         self._scratch = _Scratch()
         self._max_chunk = max_chunk
-        self._queue: asyncio.Queue[tuple[asyncio.Future[list[memoryview]], _RxSlot, int]] = (
-            asyncio.Queue())
         self._loop = asyncio.get_running_loop()
+        self._writing = False
         self._writer = self._loop.create_task(self._write_chunks())
         self._next_ack = ACK_EVERY
 
+    @property
+    def control(self) -> Endpoint:
+        ep = self.endpoints[0]
+        assert ep is not None
+        return ep
+
     # --- hooks for Connection and Endpoint -----------------------------------------
 
-    def take_buffer(self, size: int) -> bytearray | None:
-        """Connection asks for a payload buffer; None applies back-pressure."""
-        return self._free.popleft().payload if self._free else None
+    def attach(self, channel: int, ep: Endpoint) -> None:
+        self.endpoints[channel] = ep
+        ep.on_data = lambda ev: self.on_data(channel, ev)
+
+    def take_buffer(self, channel: int) -> bytearray | None:
+        """A channel's Connection asks for a payload buffer; None applies back-pressure."""
+        free = self._free[channel]
+        return free.popleft().payload if free else None
+
+    def _release(self, slot: _RxSlot) -> None:
+        self._free[slot.channel].append(slot)
+        ep = self.endpoints[slot.channel]
+        if ep is not None:
+            ep.unblock()
 
     def announce(self, msg: dict[str, object]) -> None:
         n = msg.get("bytes")
@@ -346,80 +399,82 @@ class StreamReceiver:
                 "this destination accepts for the device"
             )
         self.announced += n
+        self.control.post_control({"t": "announced", "bytes": self.announced})
 
-    def on_data(self, ev: Data) -> None:
+    def on_data(self, channel: int, ev: Data) -> None:
         h = ev.header
         slot = self._by_payload[id(ev.buf)]
-        if h.index != self.next_index or h.offset != self.arrived:
-            self._free.append(slot)
+        if h.index != self._chan_next[channel]:
+            self._release(slot)
             raise IntegrityError(
-                f"chunk {h.index} at offset {h.offset} where chunk {self.next_index} at "
-                f"{self.arrived} was due"
+                f"chunk {h.index} on channel {channel} where chunk {self._chan_next[channel]} "
+                "was due"
             )
-        if self.arrived + h.plain_len > self.announced:
-            self._free.append(slot)
+        # Every byte is announced (and acknowledged) before it is sent, on any channel.
+        if h.offset + h.plain_len > self.announced:
+            self._release(slot)
             raise OverAnnounced(
                 f"chunk {h.index} goes past the {self.announced} bytes the source announced"
             )
-        self.next_index += 1
-        self.arrived += h.plain_len
-        self.digest.update(h.pack())
-        self.digest.update(memoryview(ev.buf)[h.payload_len - TAG_SIZE : h.payload_len])
+        self._chan_next[channel] += self.nchannels
+        self.arrived_chunks += 1
         c = self.counters
         c.wire_bytes += HEADER_SIZE + h.payload_len
         c.chunks += 1
         if h.encoding == Encoding.ZSTD:
-            self._queue.put_nowait(
-                (self._loop.run_in_executor(self.workers.codec, self._open, ev, slot), slot,
-                 h.plain_len))
-            return
-        try:
-            pieces = self._open(ev, slot)
-        except BaseException:
-            self._free.append(slot)
-            raise
-        if self._queue.empty() and not self.device.blocking_io:
-            try:
-                self._load(pieces)
-            finally:
-                self._free.append(slot)
-            self._loaded(h.plain_len)
+            pieces = self._loop.run_in_executor(self.workers.codec, self._open, ev, slot)
         else:
-            done: asyncio.Future[list[memoryview]] = self._loop.create_future()
-            done.set_result(pieces)
-            self._queue.put_nowait((done, slot, h.plain_len))
+            try:
+                decoded = self._open(ev, slot)
+            except BaseException:
+                self._release(slot)
+                raise
+            if (h.index == self.next_index and not self._writing and not self.device.blocking_io):
+                try:  # the common case: in order, nothing ahead of it, load it now
+                    self._place(h, slot, decoded)
+                finally:
+                    self._release(slot)
+                return
+            pieces = self._loop.create_future()
+            pieces.set_result(decoded)
+        self._ready[h.index] = _Placed(pieces, slot, h)
+        self._have.set()
 
-    # --- worker side -----------------------------------------------------------------
+    # --- decoding (inline or on a worker) --------------------------------------------
 
     def _open(self, ev: Data, slot: _RxSlot) -> list[memoryview]:
         """Authenticate and decode one chunk; returns its plain bytes as pieces."""
         h = ev.header
+        ep = self.endpoints[slot.channel]
+        assert ep is not None
         out = memoryview(slot.plain)[: h.plain_len]
         body = h.payload_len - TAG_SIZE
         if h.encoding == Encoding.RAW:
             if body != h.plain_len:
                 raise IntegrityError(f"raw chunk {h.index} is {body} bytes, "
                                      f"header says {h.plain_len}")
-            self.ep.conn.open_data_into(ev, out)
+            ep.conn.open_data_into(ev, out)
             return [out]
         if h.encoding == Encoding.SPARSE:
             if body >= h.plain_len:
                 raise IntegrityError(f"sparse chunk {h.index} is not smaller than its data")
-            self.ep.conn.open_data_into(ev, memoryview(slot.plain)[:body])
+            ep.conn.open_data_into(ev, memoryview(slot.plain)[:body])
             return self.decoder.sparse_segments(memoryview(slot.plain)[:body], h.plain_len)
         if h.encoding == Encoding.ZERO:
             if body:
                 raise IntegrityError(f"zero chunk {h.index} carries a payload")
-            self.ep.conn.open_data_into(ev, memoryview(slot.plain)[:0])
+            ep.conn.open_data_into(ev, memoryview(slot.plain)[:0])
             return [zero_view(h.plain_len)]
         if h.encoding == Encoding.ZSTD:
             scratch = self._scratch.buf
             if len(scratch) < self._max_chunk:
                 scratch = self._scratch.buf = bytearray(self._max_chunk)
-            n = self.ep.conn.open_data_into(ev, memoryview(scratch)[:body])
+            n = ep.conn.open_data_into(ev, memoryview(scratch)[:body])
             self.decoder.decode_into(h.encoding, memoryview(scratch)[:n], out)
             return [out]
         raise IntegrityError(f"chunk {h.index} has unknown encoding {h.encoding}")
+
+    # --- loading, in index order -------------------------------------------------------
 
     def _load(self, pieces: list[memoryview]) -> None:
         for data in pieces:
@@ -429,37 +484,55 @@ class StreamReceiver:
                     raise DeviceError("device accepted no data")
                 data = data[n:]
 
+    def _place(self, h: Header, slot: _RxSlot, pieces: list[memoryview]) -> None:
+        """Load the chunk due next (non-blocking devices) and account for it."""
+        self._check_place(h, slot)
+        self._load(pieces)
+        self._loaded(h.plain_len)
+
+    def _check_place(self, h: Header, slot: _RxSlot) -> None:
+        if h.offset != self.written:
+            raise IntegrityError(f"chunk {h.index} at offset {h.offset}, stream is at {self.written}")
+        self.digest.update(h.pack())
+        self.digest.update(memoryview(slot.payload)[h.payload_len - TAG_SIZE : h.payload_len])
+
     def _loaded(self, n: int) -> None:
         """Bookkeeping after ``n`` more bytes reached the device, in order."""
+        self.next_index += 1
         self.written += n
         self.counters.transferred = self.written
         if self.written >= self._next_ack:
             self._next_ack = self.written + ACK_EVERY
-            self.ep.post_control({"t": "ack", "offset": self.written})
+            self.control.post_control({"t": "ack", "offset": self.written})
         if self.initial_target is not None and self.written >= self.initial_target:
             self.initial_target = None
-            self.ep.post_control({"t": "initial-loaded", "offset": self.written})
-        self.ep.poke()
+            self.control.post_control({"t": "initial-loaded", "offset": self.written})
+        self._have.set()  # the chunk after this one may already be waiting
+        self.bus.wake.set()
 
     async def _write_chunks(self) -> None:
         while True:
-            pending, slot, plain_len = await self._queue.get()
+            while self.next_index not in self._ready:
+                self._have.clear()
+                await self._have.wait()
+            placed = self._ready.pop(self.next_index)
+            self._writing = True
             try:
-                pieces = await pending
+                pieces = await placed.pieces
                 if self.device.blocking_io:
+                    self._check_place(placed.header, placed.slot)
                     await self._loop.run_in_executor(self.workers.io, self._load, pieces)
+                    self._loaded(placed.header.plain_len)
                 else:
-                    self._load(pieces)
-                self._loaded(plain_len)
+                    self._place(placed.header, placed.slot, pieces)
             except MigdError as exc:
-                self.ep.fail(exc)
+                self.bus.fail(exc)
             except Exception:
                 log.exception("load pipeline failed")
-                self.ep.fail(MigdError("internal error in the load pipeline"))
+                self.bus.fail(MigdError("internal error in the load pipeline"))
             finally:
-                self._free.append(slot)
-                self._queue.task_done()
-                self.ep.unblock()
+                self._writing = False
+                self._release(placed.slot)
 
     def initial_sent(self, msg: dict[str, object]) -> None:
         off = msg.get("offset")
@@ -467,29 +540,34 @@ class StreamReceiver:
             raise IntegrityError("initial-sent: bad offset")
         if self.written >= off:
             self.initial_target = None
-            self.ep.post_control({"t": "initial-loaded", "offset": off})
+            self.control.post_control({"t": "initial-loaded", "offset": off})
         else:
             self.initial_target = off
 
     async def finish(self, end: dict[str, object], timeout: float) -> None:
-        """Wait for every chunk to be loaded, then check the end-of-stream record."""
+        """Wait for every chunk to arrive and be loaded, then check the end record."""
         total, chunks, digest = end.get("bytes"), end.get("chunks"), end.get("digest")
         if not isinstance(total, int) or not isinstance(chunks, int) or not isinstance(digest, bytes):
             raise IncompleteStream("end-of-stream record is malformed")
-        if total != self.arrived or chunks != self.next_index:
+        if total > self.announced or chunks < self.arrived_chunks:
             raise IncompleteStream(
-                f"source sent {total} bytes in {chunks} chunks, {self.arrived} bytes in "
-                f"{self.next_index} chunks arrived"
+                f"end record says {total} bytes in {chunks} chunks; {self.announced} bytes were "
+                f"announced and {self.arrived_chunks} chunks arrived"
             )
-        await self.ep.wait_until(lambda: self.written == self.arrived, timeout,
-                                 "the device to load the stream")
+        # Chunks on other channels may still be in flight behind the end record.
+        await self.bus.wait_until(lambda: self.next_index >= chunks, timeout,
+                                  f"chunks {self.next_index}..{chunks - 1}")
+        if self.written != total or self.arrived_chunks != chunks:
+            raise IncompleteStream(
+                f"source sent {total} bytes in {chunks} chunks, {self.written} bytes in "
+                f"{self.arrived_chunks} chunks arrived"
+            )
         if digest != self.digest.digest():
             raise IntegrityError("stream digest mismatch: what arrived is not what was sent")
 
     async def close(self) -> None:
         self._writer.cancel()
         await asyncio.gather(self._writer, return_exceptions=True)
-        while not self._queue.empty():
-            pending, _, _ = self._queue.get_nowait()
-            await asyncio.gather(pending, return_exceptions=True)
+        for placed in self._ready.values():
+            await asyncio.gather(placed.pieces, return_exceptions=True)
         self.workers.bank.give(self._sizes, self._bufs)

@@ -431,6 +431,10 @@ class Connection:
                 f"no common cipher: peer offers {ciphers}, this host allows {list(self._offer.ciphers)}"))
         max_chunk = _field(hello, "max_chunk", int, "HELLO")
         self.max_chunk = min(max_chunk, self._offer.max_chunk, MAX_CHUNK_LIMIT)
+        channel = _field(hello, "channel", int, "HELLO")
+        if not 0 <= channel < 1 << 16:
+            raise self._refuse(ProtocolError(f"channel number {channel} out of range"))
+        self.channel = channel  # part of every nonce; the keys are this connection's own
         if self.max_chunk < 4096:
             raise self._refuse(NegotiationError(f"chunk size {max_chunk} below 4096"))
         peer_eph = _field(hello, "eph", bytes, "HELLO")

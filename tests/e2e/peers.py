@@ -19,15 +19,19 @@ Mutation = Callable[[int, bytes], list[bytes] | None]
 
 
 class Proxy:
-    """Forwards one connection; the source->destination direction is parsed into
-    frames and every DATA frame passes through ``mutate(data_index, frame)``, which
-    returns the frames to send instead, or None to cut the connection there."""
+    """Forwards connections to ``upstream``.  On the ``target``-th connection (a
+    migration's channel, in the order the source opens them) the source->destination
+    direction is parsed into frames: every DATA frame passes through
+    ``mutate(data_index, frame)``, which returns the frames to send instead, or
+    None to cut that connection there; ``hello`` may rewrite its HELLO."""
 
     def __init__(self, upstream: str, mutate: Mutation,
-                 hello: Callable[[dict[str, object]], dict[str, object]] | None = None) -> None:
+                 hello: Callable[[dict[str, object]], dict[str, object]] | None = None,
+                 target: int = 0) -> None:
         self._upstream = upstream
         self._mutate = mutate
         self._hello = hello
+        self._target = target
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self._lsock.settimeout(30)
         self.address = f"127.0.0.1:{self._lsock.getsockname()[1]}"
@@ -36,17 +40,20 @@ class Proxy:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            client, _ = self._lsock.accept()
-        except OSError:
-            return
-        host, port = self._upstream.rsplit(":", 1)
-        server = socket.create_connection((host, int(port)), timeout=30)
-        self._socks += [client, server]
-        back = threading.Thread(target=self._pump_raw, args=(server, client), daemon=True)
-        back.start()
-        self._pump_frames(client, server)
-        back.join(30)
+        number = 0
+        while True:
+            try:
+                client, _ = self._lsock.accept()
+            except OSError:
+                return
+            host, port = self._upstream.rsplit(":", 1)
+            server = socket.create_connection((host, int(port)), timeout=30)
+            self._socks += [client, server]
+            threading.Thread(target=self._pump_raw, args=(server, client), daemon=True).start()
+            tamper = number == self._target
+            threading.Thread(target=self._pump_frames, args=(client, server, tamper),
+                             daemon=True).start()
+            number += 1
 
     @staticmethod
     def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -61,7 +68,7 @@ class Proxy:
             buf += chunk
         return bytes(buf)
 
-    def _pump_frames(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump_frames(self, src: socket.socket, dst: socket.socket, tamper: bool) -> None:
         index = 0
         try:
             while True:
@@ -72,14 +79,19 @@ class Proxy:
                 if payload is None:
                     break
                 frame = hdr + payload
+                if not tamper:
+                    dst.sendall(frame)
+                    continue
                 if hdr[2] == FrameType.HELLO and self._hello is not None:
                     body = msgpack.packb(self._hello(msgpack.unpackb(payload)))
                     frame = HEADER.pack(b"MG", FrameType.HELLO, 0, len(body), 0, 0, 0, 0) + body
                 if hdr[2] == FrameType.DATA:
                     out = self._mutate(index, frame)
                     index += 1
-                    if out is None:  # cut the wire, both ways, mid-stream
-                        self.close()
+                    if out is None:  # cut this connection, both ways, mid-stream
+                        for s in (src, dst):
+                            with contextlib.suppress(OSError):
+                                s.shutdown(socket.SHUT_RDWR)
                         return
                     for f in out:
                         dst.sendall(f)
@@ -97,7 +109,9 @@ class Proxy:
                 dst.sendall(data)
         except OSError:
             pass
-        self.close()
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         for s in self._socks:
@@ -111,10 +125,10 @@ class ScriptedSource:
     """A peer that speaks migd's protocol but does what the test says."""
 
     def __init__(self, address: str, ident: Identity, trust: AuthorizedKeys,
-                 offer: Offer | None = None) -> None:
+                 offer: Offer | None = None, channel: int = 0) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.conn = Connection(Role.SOURCE, ident, trust, offer)
+        self.conn = Connection(Role.SOURCE, ident, trust, offer, channel=channel)
         self.events: list[Event] = []
         self.flush()
 

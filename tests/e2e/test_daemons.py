@@ -93,6 +93,17 @@ def test_cli_migrate_with_precopy_under_workload_is_byte_exact() -> None:
         assert incoming["status"] == "completed" and incoming["id"] == final["id"]
 
 
+def test_cli_multichannel(pair: Pair) -> None:
+    r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
+             "--channels", "3", "--chunk-size", "256K", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["chunks"] >= SIZE // (256 << 10)  # every channel carried many
+    assert device(pair.src)["sha256"] == device(pair.dst)["sha256"]
+    r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
+             "--channels", "99")
+    assert r.returncode == 2 and "channels must be between 1 and 16" in r.stderr
+
+
 def test_cli_progress_and_summary(pair: Pair) -> None:
     r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
              "--compress", "none", "--cipher", "chacha20-poly1305", "--stay-stopped")
@@ -263,6 +274,22 @@ def test_key_swapped_in_flight_is_refused_by_both() -> None:
         assert all(j["status"] == "failed" for j in p.dst.call("query-migrate"))
 
 
+@pytest.mark.parametrize("mutate, error", [(flip, "integrity-error"), (truncate, "")],
+                         ids=["flipped-bit", "dead-channel"])
+def test_tampering_with_a_secondary_channel(pair: Pair, mutate: Any, error: str) -> None:
+    before = device(pair.src)["sha256"]
+    proxy = Proxy(pair.dst.address, mutate, target=1)
+    try:
+        final = migrate(pair, proxy.address, compress="none", channels=2,
+                        **{"chunk-size": 256 << 10})
+    finally:
+        proxy.close()
+    assert final["status"] == "failed" and error in final["error-desc"]
+    (incoming,) = wait_finished(pair.dst)
+    assert incoming["status"] == "failed"
+    assert_rolled_back(pair, before)
+
+
 # --- a scripted source with valid keys that misbehaves -----------------------------------
 
 
@@ -277,12 +304,12 @@ VALID_CHUNK = (RECORD.pack(b"SIMR", 0, 0, SIZE) + RECORD.pack(b"SIMR", 1, 0, 409
                + bytes(4096 - 48))
 
 
-def start_session(p: Pair, s: ScriptedSource, size: int = SIZE) -> None:
+def start_session(p: Pair, s: ScriptedSource, size: int = SIZE, channels: int = 1) -> None:
     s.pump(lambda: any(isinstance(e, Established) for e in s.events) or bool(s.failure()))
     assert not s.failure()
     s.send({"t": "migrate", "id": "evil", "device": "vf0", "kind": "sim",
             "compat": {"model": "sim-vf", "state_size": size, "format": 1, "caps": 7},
-            "state_size": size, "precopy": False, "resume": True})
+            "state_size": size, "precopy": False, "resume": True, "channels": channels})
     s.pump(lambda: s.control("accept") is not None or bool(s.failure()))
     assert s.control("accept") is not None
 
@@ -296,6 +323,54 @@ def finish_refused(p: Pair, s: ScriptedSource, error: str) -> None:
     assert incoming["status"] == "failed" and incoming["error-class"] == error
     d = device(p.dst)
     assert d["state"] == "RUNNING" and d["sha256"] == ZERO and d["loads_committed"] == 0
+
+
+def joiner(p: Pair, ident: Identity, channel: int, token: object) -> ScriptedSource:
+    trust = AuthorizedKeys({p.keys["dst"].public: "dst"})
+    j = ScriptedSource(p.dst.address, ident, trust, channel=channel)
+    j.pump(lambda: any(isinstance(e, Established) for e in j.events) or bool(j.failure()))
+    j.send({"t": "join", "token": token, "channel": channel})
+    j.pump(lambda: bool(j.failure()) or j.control("joined") is not None)
+    return j
+
+
+def test_channel_joins_are_checked() -> None:
+    other = Identity.generate()
+    with local_pair([SRC], [DST], dst_also_trusts=[other.public]) as p:
+        me = Identity.load(os.path.join(p.workdir, "src.key"))
+
+        def session(channels: int) -> tuple[ScriptedSource, bytes]:
+            s = scripted(p)
+            start_session(p, s, channels=channels)
+            token = s.control("accept")["token"]  # type: ignore[index]
+            assert isinstance(token, bytes)
+            return s, token
+
+        def refused(j: ScriptedSource, why: str) -> None:
+            failure = j.failure()
+            assert failure is not None and why in failure.error.message
+            j.close()
+
+        # A token nobody issued is turned away without touching any migration.
+        s, token = session(3)
+        refused(joiner(p, me, 1, b"\x00" * 32), "no migration with that token")
+        ok = joiner(p, me, 1, token)
+        assert ok.control("joined") == {"t": "joined", "channel": 1}
+        # The real token, misused, fails the migration it names (fail closed).
+        refused(joiner(p, me, 1, token), "duplicate")
+        s.pump(lambda: bool(s.failure()))
+        assert s.failure() is not None
+        for c in (ok, s):
+            c.close()
+        for ident, channel, why in [(me, 5, "bad or duplicate channel number"),
+                                    (other, 1, "another peer")]:
+            s, token = session(2)
+            refused(joiner(p, ident, channel, token), why)
+            s.pump(lambda: bool(s.failure()))  # noqa: B023
+            assert s.failure() is not None
+            s.close()
+        assert all(j["status"] == "failed" for j in wait_finished(p.dst))
+        assert device(p.dst)["sha256"] == ZERO
 
 
 def test_decompression_bomb(pair: Pair) -> None:

@@ -16,7 +16,7 @@ from backends.states import DeviceState
 from migd.codec import parse_compress
 from migd.errors import DeviceError
 from migd.identity import AuthorizedKeys, Identity
-from migd.session import Host, Job, MigrateOptions, run_destination, run_source
+from migd.session import Host, Incoming, Job, MigrateOptions, run_source, serve_connection
 from migd.stream import Workers
 
 S = DeviceState
@@ -59,8 +59,9 @@ async def rig(ids: dict[str, Identity], trust: AuthorizedKeys,
     src = host(ids["src"], trust, {"vf0": src_dev})
     dst = host(ids["dst"], trust, {"vf0": dst_dev})
     jobs: dict[str, Job] = {}
+    incoming: dict[bytes, Incoming] = {}
     listener = await dst.transport.listen("127.0.0.1:0",
-                                          lambda ch: run_destination(dst, ch, jobs))
+                                          lambda ch: serve_connection(dst, ch, jobs, incoming))
     try:
         yield Rig(src, dst, listener.address, jobs)
     finally:
@@ -108,6 +109,19 @@ async def test_stay_stopped_no_precopy_and_chacha(ids: dict[str, Identity],
         assert r.dev(r.dst).state == S.STOP
         assert r.dev(r.src).arc_log[:3] == [(S.RUNNING, S.RUNNING_P2P),
                                             (S.RUNNING_P2P, S.STOP), (S.STOP, S.STOP_COPY)]
+        assert r.dev(r.dst).digest() == r.dev(r.src).digest()
+
+
+@pytest.mark.parametrize("channels, compress", [(2, "none"), (3, "zstd:1")])
+async def test_multichannel_is_byte_exact(ids: dict[str, Identity], trust: AuthorizedKeys,
+                                          channels: int, compress: str) -> None:
+    async with rig(ids, trust, {"size": "32M", "dirty-rate": "32M"},
+                   {"size": "32M", "content": "zero"}) as r:
+        job, djob = await r.migrate(channels=channels, compress=parse_compress(compress),
+                                    downtime_limit_ms=0, max_iterations=3, chunk_size=256 << 10)
+        assert job.status.value == "completed", job.error
+        assert djob is not None and djob.status.value == "completed"
+        assert job.dirty_sync_count >= 2 and job.counters.chunks > 3 * channels
         assert r.dev(r.dst).digest() == r.dev(r.src).digest()
 
 
