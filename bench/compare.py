@@ -36,9 +36,10 @@ def image(size_mib: int, seed: int) -> str:
     return path
 
 
-def run(source: list[str], compress: str, cipher: str) -> dict[str, object]:
+def run(source: list[str], config: str) -> dict[str, object]:
+    compress, cipher, *rest = config.split("/")
     cmd = [str(ROOT / ".venv" / "bin" / "migd"), "bench", *source, "--compress", compress,
-           "--cipher", cipher, "--json"]
+           "--cipher", cipher, "--channels", rest[0] if rest else "1", "--json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
     result: dict[str, object] = json.loads(out.stdout)
     result.pop("migration", None)
@@ -48,7 +49,8 @@ def run(source: list[str], compress: str, cipher: str) -> dict[str, object]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="COMPRESS/CIPHER")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
+                    metavar="COMPRESS/CIPHER[/CHANNELS]")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--state-file")
     group.add_argument("--state-size")
@@ -62,14 +64,13 @@ def main() -> int:
     runs: dict[str, list[dict[str, object]]] = {c: [] for c in args.configs}
     for i in range(args.repeat):
         for config in args.configs:
-            compress, cipher = config.split("/")
-            r = run(source, compress, cipher)
+            r = run(source, config)
             if not r.get("verified"):
                 sys.exit(f"{config}: migration not verified: {r}")
             runs[config].append(r)
             print(f"run {i + 1}/{args.repeat} {config}: {r['gbps']} GB/s", file=sys.stderr)
     print(f"\n{what}, {args.repeat} interleaved run(s) each, both daemons on this machine\n")
-    print("| compress/cipher | GB/s median | min | max | wire/state | CPU s src+dst | "
+    print("| compress/cipher[/channels] | GB/s median | min | max | wire/state | CPU s src+dst | "
           "peak MiB src/dst |")
     print("|---|---|---|---|---|---|---|")
     for config, rs in runs.items():

@@ -26,8 +26,8 @@ def _add_migrate_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
                    help="switch over once the rest fits this many ms (default 300)")
     p.add_argument("--max-iterations", type=int, default=30)
-    p.add_argument("--channels", type=int, default=1, metavar="N",
-                   help="parallel connections (default 1)")
+    p.add_argument("--channels", type=int, default=2, metavar="N",
+                   help="parallel connections, like QEMU's multifd-channels (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -297,7 +297,7 @@ class Daemon:
                 max_iterations=int(args.get("max-iterations", 30)),
                 resume=bool(args.get("resume", True)),
                 timeout=float(args.get("timeout", 30.0)),
-                channels=int(args.get("channels", 1)),
+                channels=int(args.get("channels", 2)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"migrate: bad argument: {exc}") from None

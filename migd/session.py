@@ -59,7 +59,7 @@ class MigrateOptions:
     resume: bool = True  # start the destination VF after loading
     timeout: float = 30.0
     inflight: int = 8
-    channels: int = 1
+    channels: int = 2
 
 
 @dataclasses.dataclass

@@ -32,6 +32,9 @@ class Proxy:
         self._mutate = mutate
         self._hello = hello
         self._target = target
+        #: Whether the mutation or the HELLO rewrite changed anything: a tampering
+        #: test whose tampering never happened proves nothing.
+        self.fired = False
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self._lsock.settimeout(30)
         self.address = f"127.0.0.1:{self._lsock.getsockname()[1]}"
@@ -85,9 +88,11 @@ class Proxy:
                 if hdr[2] == FrameType.HELLO and self._hello is not None:
                     body = msgpack.packb(self._hello(msgpack.unpackb(payload)))
                     frame = HEADER.pack(b"MG", FrameType.HELLO, 0, len(body), 0, 0, 0, 0) + body
+                    self.fired = True
                 if hdr[2] == FrameType.DATA:
                     out = self._mutate(index, frame)
                     index += 1
+                    self.fired = self.fired or out != [frame]
                     if out is None:  # cut this connection, both ways, mid-stream
                         for s in (src, dst):
                             with contextlib.suppress(OSError):

@@ -236,9 +236,10 @@ def test_tampered_stream_rolls_back_both_sides(pair: Pair, mutate: Any, error: s
     before = device(pair.src)["sha256"]
     proxy = Proxy(pair.dst.address, mutate)
     try:
-        final = migrate(pair, proxy.address, compress="none")
+        final = migrate(pair, proxy.address, compress="none", **{"chunk-size": 256 << 10})
     finally:
         proxy.close()
+    assert proxy.fired
     assert final["status"] == "failed"
     assert error in final["error-desc"]
     (incoming,) = wait_finished(pair.dst)
@@ -253,6 +254,7 @@ def test_version_mismatch_between_real_daemons(pair: Pair) -> None:
         final = migrate(pair, proxy.address)
     finally:
         proxy.close()
+    assert proxy.fired
     assert final["status"] == "failed" and "version-mismatch" in final["error-desc"]
     assert "speaks protocol [99]" in final["error-desc"]
     assert_rolled_back(pair, before)
@@ -269,6 +271,7 @@ def test_key_swapped_in_flight_is_refused_by_both() -> None:
             final = migrate(p, proxy.address)
         finally:
             proxy.close()
+        assert proxy.fired
         assert final["status"] == "failed" and final["error-class"] == "bad-signature"
         assert_rolled_back(p, before)
         assert all(j["status"] == "failed" for j in p.dst.call("query-migrate"))
@@ -284,6 +287,7 @@ def test_tampering_with_a_secondary_channel(pair: Pair, mutate: Any, error: str)
                         **{"chunk-size": 256 << 10})
     finally:
         proxy.close()
+    assert proxy.fired
     assert final["status"] == "failed" and error in final["error-desc"]
     (incoming,) = wait_finished(pair.dst)
     assert incoming["status"] == "failed"
