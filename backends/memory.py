@@ -1,0 +1,266 @@
+"""Device-internal state memory for the emulated devices, outside the daemon's heap.
+
+The memory is a mapped file: a ``/dev/shm`` file unlinked at once, or a private
+copy-on-write mapping of a state image (the user's file is never written), so a
+4 GiB device costs the daemon no heap.  A guest thread writes it at a
+configured rate while the device runs, with page-granular dirty tracking, so
+pre-copy has real dirty data to chase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import random
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+
+from migd.errors import ConfigError
+from migd.units import parse_size
+
+PAGE = 4096
+# <linux/mman.h>, Linux >= 5.14; older kernels answer EINVAL and we fault lazily.
+_MADV_POPULATE_READ = 22
+_MADV_POPULATE_WRITE = 23
+
+#: The options every memory-backed device understands.
+MEMORY_OPTIONS = frozenset({"size", "state-file", "dirty-rate", "seed", "content", "prefault",
+                            "dir"})
+
+
+def check_options(name: str, kind: str, options: Mapping[str, str], own: set[str]) -> None:
+    known = MEMORY_OPTIONS | own
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigError(
+            f"device {name}: unknown {kind} option(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+
+
+def fill_mixed(mv: memoryview, seed: int) -> None:
+    """Fill device memory with the benchmark page mix: runs of 1..64 pages,
+    ~35% zero, 25% structured records, 20% text log lines, 20% random."""
+    rng = random.Random(seed)
+    pages = len(mv) // PAGE
+    rec = struct.Struct("<IHHQIIQII24x")
+    done = 0
+    seq = rng.getrandbits(20)
+    while done < pages:
+        kind = rng.choices(("zero", "struct", "text", "random"), (35, 25, 20, 20))[0]
+        n = min(rng.randint(1, 64), pages - done)
+        off = done * PAGE
+        if kind == "random":
+            mv[off : off + n * PAGE] = rng.randbytes(n * PAGE)
+        elif kind == "struct":
+            page = bytearray(PAGE)
+            hi = (0x7F00 | rng.getrandbits(8)) << 32
+            for i in range(PAGE // rec.size):
+                seq += 1
+                rec.pack_into(page, i * rec.size, seq & 0xFFFFFFFF, rng.randrange(16),
+                              rng.choice((1, 3, 0x11, 0x81)), hi | rng.getrandbits(20) << 12,
+                              rng.choice((512, 4096, 65536)), 0, rng.getrandbits(40), i, 1)
+            for p in range(n):
+                struct.pack_into("<I", page, 0, (seq + p) & 0xFFFFFFFF)
+                mv[off + p * PAGE : off + (p + 1) * PAGE] = page
+        elif kind == "text":
+            lines = []
+            size = 0
+            while size < PAGE:
+                line = (f"ts={rng.random() * 1e9:.6f} lvl=INFO dev=vf{rng.randrange(8)} "
+                        f"q={rng.randrange(64)} op=WRITE lba=0x{rng.getrandbits(32):x} "
+                        f"lat_us={rng.randrange(900)} status=OK\n")
+                lines.append(line)
+                size += len(line)
+            page = bytearray("".join(lines).encode()[:PAGE])
+            for p in range(n):
+                rot = (p * 61) % PAGE
+                mv[off + p * PAGE : off + (p + 1) * PAGE] = page[rot:] + page[:rot]
+        done += n
+
+
+class _Workload:
+    """The guest: dirties pages at ``rate`` bytes/s while the device runs."""
+
+    def __init__(self, dev: DeviceMemory, rate: int, seed: int) -> None:
+        self._dev = dev
+        self._rate = rate
+        self._rng = random.Random(seed ^ 0x5EED)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pages_written = 0
+
+    def start(self) -> None:
+        if self._rate > 0 and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=f"guest-{self._dev.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Quiesce: when this returns the guest writes nothing more."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        tick = 0.002
+        per_tick = max(1, int(self._rate * tick) // PAGE)
+        pages = self._dev.pages
+        stamp = bytearray(64)
+        while not self._stop.wait(tick):
+            for _ in range(per_tick):
+                page = self._rng.randrange(pages)
+                self.pages_written += 1
+                struct.pack_into("<QQ", stamp, 0, self.pages_written, time.monotonic_ns())
+                off = page * PAGE + self._rng.randrange(PAGE // 64) * 64
+                self._dev.guest_write(off, stamp)
+
+
+class DeviceMemory:
+    def __init__(self, name: str, options: Mapping[str, str], default_size: str = "64M") -> None:
+        self.name = name
+        self._seed = int(options.get("seed", "42"))
+        state_file = options.get("state-file")
+        if state_file:
+            try:
+                fd = os.open(state_file, os.O_RDONLY)
+            except OSError as exc:
+                raise ConfigError(f"device {name}: state-file {state_file}: {exc.strerror}") from None
+            size = os.fstat(fd).st_size
+            if size == 0 or size % PAGE:
+                os.close(fd)
+                raise ConfigError(f"device {name}: state-file size {size} is not a multiple of {PAGE}")
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            os.close(fd)
+        else:
+            size = parse_size(options.get("size", default_size), f"device {name}: size")
+            if size == 0 or size % PAGE:
+                raise ConfigError(f"device {name}: size must be a positive multiple of {PAGE}")
+            where = options.get("dir") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+            fd, tmp = tempfile.mkstemp(prefix=f"migd-{name}-", dir=where)
+            os.unlink(tmp)
+            try:
+                os.ftruncate(fd, size)
+                self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        if options.get("prefault", "yes") not in ("yes", "no"):
+            raise ConfigError(f"device {name}: prefault must be yes or no")
+        if options.get("prefault", "yes") == "yes":
+            # Device memory exists before a migration touches it: fault it in now,
+            # so first-touch page faults are not billed to the migration.
+            with contextlib.suppress(OSError):
+                self._map.madvise(_MADV_POPULATE_READ if state_file else _MADV_POPULATE_WRITE)
+        self.mv = memoryview(self._map)
+        self.size = size
+        self.pages = size // PAGE
+        content = options.get("content", "mixed")
+        if content not in ("zero", "mixed"):
+            raise ConfigError(f"device {name}: content must be mixed or zero")
+        if not state_file and content == "mixed":
+            fill_mixed(self.mv, self._seed)
+        self._dirty = bytearray(self.pages)
+        self.dirty_count = 0
+        self._track = False
+        #: Taken by the guest for each write and by whoever snapshots dirty pages.
+        self.lock = threading.Lock()
+        self._running = True
+        self._workload = _Workload(self, parse_size(options.get("dirty-rate", "0"), "dirty-rate"),
+                                   self._seed)
+        self._workload.start()
+
+    # --- the guest ---------------------------------------------------------------
+
+    def guest_write(self, off: int, data: bytes | bytearray) -> None:
+        """A write by the guest: data first, then the dirty bit."""
+        with self.lock:
+            if not self._running:
+                return
+            self.mv[off : off + len(data)] = data
+            if self._track:
+                p = off // PAGE
+                if not self._dirty[p]:
+                    self._dirty[p] = 1
+                    self.dirty_count += 1
+
+    @property
+    def guest_pages_written(self) -> int:
+        return self._workload.pages_written
+
+    def set_running(self, running: bool) -> None:
+        """Whether the device (and so its guest) may change state.  Stopping
+        quiesces: when it returns the guest writes nothing more."""
+        if running == self._running:
+            return
+        if running:
+            self._running = True
+            self._workload.start()
+        else:
+            self._workload.stop()
+            with self.lock:
+                self._running = False
+
+    # --- dirty tracking ------------------------------------------------------------
+
+    def start_tracking(self) -> None:
+        with self.lock:
+            self._dirty[:] = bytes(self.pages)
+            self.dirty_count = 0
+            self._track = True
+
+    def stop_tracking(self) -> None:
+        with self.lock:
+            self._track = False
+
+    def take_dirty(self, max_run: int) -> list[tuple[int, int]]:
+        """Every dirty page as coalesced (offset, length) runs of at most
+        ``max_run`` bytes; their bits are cleared."""
+        runs: list[tuple[int, int]] = []
+        with self.lock:
+            if not self.dirty_count:
+                return runs
+            dirty = self._dirty
+            p = dirty.find(1)
+            while p != -1:
+                end = dirty.find(0, p)
+                if end == -1:
+                    end = self.pages
+                end = min(end, p + max_run // PAGE)
+                runs.append((p * PAGE, (end - p) * PAGE))
+                dirty[p:end] = bytes(end - p)
+                p = dirty.find(1, end)
+            self.dirty_count = 0
+        return runs
+
+    # --- whole-memory operations ----------------------------------------------------------
+
+    def wipe(self) -> None:
+        with self.lock:
+            zeros = bytes(8 << 20)
+            for off in range(0, self.size, len(zeros)):
+                n = min(len(zeros), self.size - off)
+                self.mv[off : off + n] = zeros[:n]
+
+    def digest(self) -> str:
+        with self.lock:
+            h = hashlib.sha256()
+            for off in range(0, self.size, 8 << 20):
+                h.update(self.mv[off : off + (8 << 20)])
+            return h.hexdigest()
+
+    def dump(self, path: str) -> None:
+        with self.lock, open(path, "wb") as f:
+            f.write(self.mv)
+
+    def close(self) -> None:
+        self._workload.stop()
+        self.mv.release()
+        self._map.close()
