@@ -76,7 +76,7 @@ class Device(abc.ABC):
                 try:
                     self._arc(cur, nxt)
                 except DeviceError:
-                    self._state = DeviceState.ERROR
+                    self._state = self._state_after_failure(cur, nxt)
                     raise
                 self._state = nxt
                 self.arc_log.append((cur, nxt))
@@ -113,6 +113,11 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def _reset(self) -> None: ...
 
+    def _state_after_failure(self, cur: DeviceState, nxt: DeviceState) -> DeviceState:
+        """Where a failed arc left the device.  Emulated devices cannot know better
+        than ERROR; a real one is asked (GET), as the kernel documentation says."""
+        return DeviceState.ERROR
+
     # --- data path -----------------------------------------------------------
 
     @abc.abstractmethod
@@ -120,7 +125,8 @@ class Device(abc.ABC):
         """Read saving data into ``buf``.
 
         Returns the bytes read; 0 means end of stream in STOP_COPY.  In PRE_COPY
-        states, raises :class:`NoDataNow` when nothing is queued right now.
+        states "nothing queued right now" is either :class:`NoDataNow` (mlx5's
+        ENOMSG, EAGAIN) or a 0 return (hisi): callers treat both as temporary.
         """
 
     @abc.abstractmethod

@@ -1,0 +1,335 @@
+"""``hisi``: a HiSilicon-style accelerator VF whose state is a page of registers.
+
+The VF's BAR2 is a memory-mapped file.  Its first half is what the guest sees
+(queue doorbells); the second half is the migration register page, hidden from
+the guest: a mailbox, an interrupt-status register, and ``struct acc_vf_data``
+(176 bytes, little-endian), whose first 40 bytes are the match data a target
+checks before loading anything.
+
+Driver behaviour reproduced: stopping is a "pause QM" mailbox command followed
+by polling interrupt status (100 x 100 us, else "device busy"); starting rings
+every queue's doorbell; PRE_COPY offers only the 40 match bytes (dirty bytes
+are always 0) and a read with nothing left returns 0 bytes; STOP_COPY offers
+the full 176 (only 40 if the queue manager is not ready); the target checks the
+match data as soon as 40 bytes arrive (EFAULT on mismatch), so an incompatible
+target fails during pre-copy, before the source stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import random
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from migd.errors import ConfigError, DeviceBusy, DeviceError, IncompatibleDevice
+
+from .base import REGISTRY, Device, PrecopyInfo
+from .states import DeviceState, MigCap
+
+MAGIC_V2 = 0xAACCFEEDDECADEDE
+MAGIC_V1 = 0xCDCDCDCDFEEDAACC
+MAJOR, MINOR = 1, 0
+QM_NOT_READY, QM_READY = 0, 1
+
+#: struct acc_vf_data: 40 bytes of match data, registers, four DMA addresses.
+MATCH = struct.Struct("<QIIIIIHH8x")
+REGS = struct.Struct("<6I7I7I5I4x")
+DMA = struct.Struct("<4Q")
+MATCH_SIZE = MATCH.size
+STATE_SIZE = MATCH.size + REGS.size + DMA.size
+assert (MATCH_SIZE, STATE_SIZE, MATCH.size + REGS.size) == (40, 176, 144)
+
+BAR2_SIZE = 64 << 10
+MIG_BASE = BAR2_SIZE // 2  # the migration half
+MAILBOX, MB_STATUS, INT_STATUS, VF_DATA = 0x0, 0x4, 0x8, 0x100
+DOORBELL_STRIDE = 0x100
+MB_PAUSE_QM, MB_RESUME_QM = 1, 2
+POLL_TRIES, POLL_INTERVAL = 100, 100e-6
+
+
+class Bar2:
+    """The VF's BAR2 as the host driver maps it: both halves."""
+
+    def __init__(self, directory: str | None) -> None:
+        fd, path = tempfile.mkstemp(prefix="migd-hisi-bar2-", dir=directory)
+        os.unlink(path)
+        os.ftruncate(fd, BAR2_SIZE)
+        self.map = mmap.mmap(fd, BAR2_SIZE, flags=mmap.MAP_SHARED)
+        os.close(fd)
+        self.mv = memoryview(self.map)
+
+    def u32(self, off: int) -> int:
+        return int.from_bytes(self.mv[off : off + 4], "little")
+
+    def set_u32(self, off: int, value: int) -> None:
+        self.mv[off : off + 4] = value.to_bytes(4, "little")
+
+    def close(self) -> None:
+        self.mv.release()
+        self.map.close()
+
+
+class GuestBar2:
+    """The guest's view of BAR2: told it is half its size; the migration half is refused."""
+
+    def __init__(self, bar: Bar2) -> None:
+        self._bar = bar
+        self.size = MIG_BASE
+
+    def _check(self, off: int, n: int) -> None:
+        if off < 0 or n < 0 or off + n > self.size:
+            raise PermissionError(f"BAR2 access [{off:#x}, +{n}) is beyond the guest's "
+                                  f"{self.size:#x}-byte BAR")
+
+    def read(self, off: int, n: int) -> bytes:
+        self._check(off, n)
+        return bytes(self._bar.mv[off : off + n])
+
+    def write(self, off: int, data: bytes) -> None:
+        self._check(off, len(data))
+        self._bar.mv[off : off + len(data)] = data
+
+    def mmap(self, off: int, n: int) -> memoryview:
+        self._check(off, n)
+        return self._bar.mv[off : off + n]
+
+
+class _QueueManager:
+    """The hardware side: queues that change registers while running; a mailbox."""
+
+    def __init__(self, dev: HisiDevice, stuck: bool, traffic: bool) -> None:
+        self._dev = dev
+        self._stuck = stuck
+        self._traffic = traffic
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random(dev.dev_id)
+
+    def start(self) -> None:
+        if self._traffic and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=f"qm-{self._dev.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        """Queue traffic: event-queue context words advance while the VF runs."""
+        bar = self._dev.bar
+        base = MIG_BASE + VF_DATA + MATCH_SIZE + 6 * 4  # qm_eqc_dw[0]
+        while not self._stop.wait(0.002):
+            for i in range(2):
+                off = base + 4 * i
+                bar.set_u32(off, (bar.u32(off) + self._rng.randrange(1, 9)) & 0xFFFFFFFF)
+
+    def mailbox(self, cmd: int) -> None:
+        bar = self._dev.bar
+        if cmd == MB_PAUSE_QM:
+            self.stop()
+            # Outstanding interrupts drain over a few polls, unless the hardware is wedged.
+            bar.set_u32(MIG_BASE + INT_STATUS, 0xFFFFFFFF if self._stuck else 3)
+        elif cmd == MB_RESUME_QM:
+            self.start()
+        bar.set_u32(MIG_BASE + MB_STATUS, 0)
+
+    def poll_int_status(self) -> int:
+        bar = self._dev.bar
+        status = bar.u32(MIG_BASE + INT_STATUS)
+        if status and not self._stuck:
+            bar.set_u32(MIG_BASE + INT_STATUS, status - 1)
+        return status
+
+
+class HisiDevice(Device):
+    kind = "hisi"
+    blocking_io = False
+
+    def __init__(self, name: str, options: Mapping[str, str]) -> None:
+        known = {"dev-id", "qp-num", "qp-base", "que-iso-cfg", "qm-ready", "stuck", "magic",
+                 "major", "dir", "seed", "traffic"}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"device {name}: unknown hisi option(s) {', '.join(sorted(unknown))};"
+                              f" known: {', '.join(sorted(known))}")
+        super().__init__(name, MigCap.STOP_COPY | MigCap.PRE_COPY)
+        try:
+            self.dev_id = int(options.get("dev-id", "0xa255"), 0)
+            self.qp_num = int(options.get("qp-num", "4"), 0)
+            qp_base = int(options.get("qp-base", "0"), 0)
+            que_iso_cfg = int(options.get("que-iso-cfg", "1"), 0)
+            magic = int(options.get("magic", hex(MAGIC_V2)), 0)
+            major = int(options.get("major", str(MAJOR)), 0)
+            seed = int(options.get("seed", "7"), 0)
+        except ValueError as exc:
+            raise ConfigError(f"device {name}: {exc}") from None
+        if not 1 <= self.qp_num <= (MIG_BASE // DOORBELL_STRIDE):
+            raise ConfigError(f"device {name}: qp-num must be 1..{MIG_BASE // DOORBELL_STRIDE}")
+        self.qm_ready = options.get("qm-ready", "yes") == "yes"
+        self.bar = Bar2(options.get("dir") or ("/dev/shm" if os.path.isdir("/dev/shm") else None))
+        self._qm = _QueueManager(self, options.get("stuck", "no") == "yes",
+                                 options.get("traffic", "no") == "yes")
+        rng = random.Random(seed)
+        MATCH.pack_into(self.bar.mv, MIG_BASE + VF_DATA, magic, self.qp_num, self.dev_id,
+                        que_iso_cfg, qp_base, QM_READY if self.qm_ready else QM_NOT_READY,
+                        major, MINOR)
+        REGS.pack_into(self.bar.mv, MIG_BASE + VF_DATA + MATCH_SIZE,
+                       *(rng.getrandbits(32) for _ in range(25)))
+        DMA.pack_into(self.bar.mv, MIG_BASE + VF_DATA + MATCH_SIZE + REGS.size,
+                      *((0xFF00 << 32 | rng.getrandbits(30) << 12) for _ in range(4)))
+        self._out = b""
+        self._out_pos = 0
+        self._rx = bytearray()
+        self._loading = False
+        self.loads_committed = 0
+        self.doorbells_rung = 0
+        self._qm.start()
+
+    def guest(self) -> GuestBar2:
+        return GuestBar2(self.bar)
+
+    def _vf_data(self) -> bytes:
+        return bytes(self.bar.mv[MIG_BASE + VF_DATA : MIG_BASE + VF_DATA + STATE_SIZE])
+
+    # --- FSM arcs ------------------------------------------------------------------
+
+    def _arc(self, cur: DeviceState, nxt: DeviceState) -> None:
+        S = DeviceState
+        if (cur, nxt) == (S.RUNNING, S.STOP) or (cur, nxt) == (S.PRE_COPY, S.STOP_COPY):
+            self._pause()
+        if (cur, nxt) == (S.RUNNING, S.PRE_COPY):
+            self._out, self._out_pos = self._vf_data()[:MATCH_SIZE], 0
+        elif (cur, nxt) == (S.PRE_COPY, S.STOP_COPY):
+            self._out = self._vf_data() if self.qm_ready else self._out[:MATCH_SIZE]
+        elif (cur, nxt) == (S.STOP, S.STOP_COPY):
+            data = self._vf_data()
+            self._out, self._out_pos = (data if self.qm_ready else data[:MATCH_SIZE]), 0
+        elif cur in (S.PRE_COPY, S.STOP_COPY) and nxt in (S.RUNNING, S.STOP):
+            self._out, self._out_pos = b"", 0
+        elif (cur, nxt) == (S.STOP, S.RESUMING):
+            self._rx.clear()
+            self._loading = True
+        elif (cur, nxt) == (S.RESUMING, S.STOP):
+            if len(self._rx) < STATE_SIZE and not (len(self._rx) == MATCH_SIZE and
+                                                   MATCH.unpack(self._rx)[5] == QM_NOT_READY):
+                raise DeviceError(f"{self.name}: loaded {len(self._rx)} of {STATE_SIZE} bytes")
+            # Load the registers; the queue manager is not ready without the rest.
+            base = MIG_BASE + VF_DATA
+            self.bar.mv[base : base + len(self._rx)] = self._rx
+            self.loads_committed += 1
+        if nxt == S.RUNNING and cur in (S.STOP, S.PRE_COPY):
+            if cur == S.STOP:
+                self._start()
+            self._loading = False
+
+    def _pause(self) -> None:
+        self._qm.mailbox(MB_PAUSE_QM)
+        for _ in range(POLL_TRIES):
+            if not self._qm.poll_int_status():
+                return
+            time.sleep(POLL_INTERVAL)
+        raise DeviceBusy(f"{self.name}: queue manager did not quiesce after pause "
+                         f"({POLL_TRIES} polls of interrupt status)")
+
+    def _start(self) -> None:
+        self._qm.mailbox(MB_RESUME_QM)
+        for q in range(self.qp_num):
+            self.bar.set_u32(q * DOORBELL_STRIDE, 1)  # ring the doorbell
+            self.doorbells_rung += 1
+
+    def _reset(self) -> None:
+        self._out, self._out_pos = b"", 0
+        self._rx.clear()
+        if self._loading:
+            base = MIG_BASE + VF_DATA + MATCH_SIZE
+            self.bar.mv[base : base + STATE_SIZE - MATCH_SIZE] = bytes(STATE_SIZE - MATCH_SIZE)
+            self._loading = False
+        self.bar.set_u32(MIG_BASE + INT_STATUS, 0)
+        self._qm.mailbox(MB_RESUME_QM)
+
+    # --- data ------------------------------------------------------------------------
+
+    def read_into(self, buf: memoryview) -> int:
+        with self._lock:
+            self._require(DeviceState.PRE_COPY, DeviceState.STOP_COPY, op="read")
+            k = min(len(buf), len(self._out) - self._out_pos)
+            buf[:k] = self._out[self._out_pos : self._out_pos + k]
+            self._out_pos += k
+            return k  # 0 in PRE_COPY means "nothing for now": the hisi quirk
+
+    def precopy_info(self) -> PrecopyInfo:
+        with self._lock:
+            self._require(DeviceState.PRE_COPY, op="precopy-info")
+            return PrecopyInfo(max(0, MATCH_SIZE - self._out_pos), 0)
+
+    def stop_copy_size(self) -> int:
+        return STATE_SIZE
+
+    def write(self, data: memoryview) -> int:
+        with self._lock:
+            self._require(DeviceState.RESUMING, op="write")
+            if len(self._rx) + len(data) > STATE_SIZE:
+                raise DeviceError(f"{self.name}: more than {STATE_SIZE} bytes of state")
+            had = len(self._rx)
+            self._rx += data
+            if had < MATCH_SIZE <= len(self._rx):
+                self._match(bytes(self._rx[:MATCH_SIZE]))
+            return len(data)
+
+    def _match(self, data: bytes) -> None:
+        magic, qp_num, dev_id, que_iso_cfg, _, _, major, _ = MATCH.unpack(data)
+        mine = MATCH.unpack(self._vf_data()[:MATCH_SIZE])
+        problems = []
+        if magic != MAGIC_V2:
+            problems.append(f"magic {magic:#x}")
+        if major != MAJOR:
+            problems.append(f"major version {major}")
+        if dev_id != mine[2]:
+            problems.append(f"dev_id {dev_id:#x} (this VF {mine[2]:#x})")
+        if qp_num != mine[1]:
+            problems.append(f"qp_num {qp_num} (this VF {mine[1]})")
+        if que_iso_cfg != mine[3]:
+            problems.append(f"que_iso_cfg {que_iso_cfg} (this VF {mine[3]})")
+        if problems:
+            raise IncompatibleDevice(f"{self.name}: EFAULT, match data differs: "
+                                     + ", ".join(problems))
+
+    # --- identity --------------------------------------------------------------------
+
+    def state_size(self) -> int:
+        return STATE_SIZE
+
+    def compat(self) -> dict[str, Any]:
+        return {"model": "hisi-acc-vf", "dev_id": self.dev_id, "qp_num": self.qp_num}
+
+    def check_compat(self, source: Mapping[str, Any]) -> None:
+        # The authoritative check is the driver's, on the first 40 bytes of the stream.
+        if source.get("model") != "hisi-acc-vf":
+            raise IncompatibleDevice(f"source model {source.get('model')!r} is not a hisi VF")
+
+    def digest(self) -> str:
+        return hashlib.sha256(self._vf_data()).hexdigest()
+
+    def close(self) -> None:
+        self._qm.stop()
+        self.bar.close()
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(model="hisi-acc-vf", dev_id=self.dev_id, loads_committed=self.loads_committed,
+                 loading=self._loading, doorbells_rung=self.doorbells_rung)
+        return d
+
+
+REGISTRY.register("hisi", HisiDevice)
