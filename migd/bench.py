@@ -21,21 +21,31 @@ from .errors import ConfigError
 from .harness import Pair, local_pair
 from .units import human_bytes, parse_size
 
+BENCH_BACKENDS = ("sim", "mlx5", "hisi")
+
 
 def _device_specs(args: argparse.Namespace) -> tuple[str, str, int]:
-    if args.backend != "sim":
-        raise ConfigError(f"bench: backend {args.backend!r} is not available yet; supported: sim")
+    """Source and destination device specs for one VF of the chosen kind."""
+    kind = args.backend
+    if kind not in BENCH_BACKENDS:
+        raise ConfigError(f"bench: backend {kind!r} needs real hardware; "
+                          f"bench runs {', '.join(BENCH_BACKENDS)}")
+    if kind == "hisi":  # 176 bytes of registers: size options do not apply
+        if args.state_file or args.state_size:
+            raise ConfigError("bench: a hisi VF's state is its 176-byte register page; "
+                              "drop --state-size/--state-file")
+        return "vf0:hisi", "vf0:hisi:seed=2", 176
     extra = f",dirty-rate={parse_size(args.dirty_rate, '--dirty-rate')}"
     if args.state_file:
         try:
             size = os.path.getsize(args.state_file)
         except OSError as exc:
             raise ConfigError(f"--state-file {args.state_file}: {exc.strerror}") from None
-        src = f"vf0:sim:state-file={os.path.abspath(args.state_file)}{extra}"
+        src = f"vf0:{kind}:state-file={os.path.abspath(args.state_file)}{extra}"
     else:
         size = parse_size(args.state_size or "256M", "--state-size")
-        src = f"vf0:sim:size={size}{extra}"
-    return src, f"vf0:sim:size={size},content=zero", size
+        src = f"vf0:{kind}:size={size}{extra}"
+    return src, f"vf0:{kind}:size={size},content=zero", size
 
 
 def migrate_and_measure(pair: Pair, req: dict[str, Any], show: bool) -> dict[str, Any]:

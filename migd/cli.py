@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--control", default=DEFAULT_CONTROL)
 
     b = sub.add_parser("bench", help="migrate between two real local daemons and measure")
-    b.add_argument("--backend", default="sim")
+    b.add_argument("--backend", default="sim", help="sim | mlx5 | hisi (default sim)")
     src = b.add_mutually_exclusive_group()
     src.add_argument("--state-size", default=None, help="simulated state size (default 256M)")
     src.add_argument("--state-file", help="device state image (e.g. from mkstate.py)")

@@ -93,6 +93,38 @@ def test_cli_migrate_with_precopy_under_workload_is_byte_exact() -> None:
         assert incoming["status"] == "completed" and incoming["id"] == final["id"]
 
 
+def test_mlx5_vf_of_256mib_with_precopy_under_workload() -> None:
+    size = 256 << 20
+    with local_pair([f"vf0:mlx5:size={size},dirty-rate=32M,vhca-id=3"],
+                    [f"vf0:mlx5:size={size},content=zero,vhca-id=7"]) as p:
+        time.sleep(0.2)
+        final = migrate(p, **{"max-iterations": 3, "downtime-limit": 0})
+        assert final["status"] == "completed", final.get("error-desc")
+        assert final["dirty-sync-count"] >= 2 and final["transferred"] > size
+        assert final["downtime"] >= 0
+        s, d = device(p.src), device(p.dst)
+        assert s["kind"] == "mlx5" and s["vhca_id"] == 3 and d["vhca_id"] == 7
+        assert s["state"] == "STOP" and d["state"] == "RUNNING"
+        assert s["sha256"] == d["sha256"]
+
+
+def test_hisi_vf_through_daemons_and_an_incompatible_target() -> None:
+    with local_pair(["vf0:hisi:seed=1", "vf1:hisi"], ["vf0:hisi:seed=2", "vf1:hisi:dev-id=0x99"]) as p:
+        final = migrate(p)
+        assert final["status"] == "completed", final.get("error-desc")
+        assert final["transferred"] == 176 and final["downtime"] >= 0
+        s, d = device(p.src), device(p.dst)
+        assert s["sha256"] == d["sha256"] and d["state"] == "RUNNING"
+        assert d["doorbells_rung"] == 4
+        # The target checks the 40 match bytes during pre-copy: the source never stops.
+        with p.src.client() as c:
+            bad = c.migrate_follow({"device": "vf1", "peer": p.dst.address})
+        assert bad["status"] == "failed" and "EFAULT" in bad["error-desc"]
+        assert bad["downtime-bytes"] == 0 and bad["phase"] in ("pre-copy", "switchover-ack")
+        vf1 = next(x for x in p.src.call("query-devices") if x["name"] == "vf1")
+        assert vf1["state"] == "RUNNING"
+
+
 def test_cli_multichannel(pair: Pair) -> None:
     r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
              "--channels", "3", "--chunk-size", "256K", "--json")
@@ -145,6 +177,18 @@ def test_serve_rejects_bad_configuration(tmp_path: Any) -> None:
     os.chmod(key, 0o644)
     r = migd(*base)
     assert r.returncode == 2 and "chmod 600" in r.stderr
+
+
+@pytest.mark.parametrize("backend", ["mlx5", "hisi"])
+def test_bench_other_backends(backend: str) -> None:
+    args = ["--state-size", "16M"] if backend == "mlx5" else []
+    r = migd("bench", "--backend", backend, *args, "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["verified"] is True and res["backend"] == backend
+    assert isinstance(res["downtime_ms"], int)
+    r = migd("bench", "--backend", "vfio", timeout=60)
+    assert r.returncode == 2 and "needs real hardware" in r.stderr
 
 
 def test_bench_reports_what_operators_need() -> None:
