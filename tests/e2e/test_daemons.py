@@ -66,9 +66,11 @@ def assert_rolled_back(p: Pair, src_before: str) -> None:
     assert d["loads_committed"] == 0
 
 
-def migrate(p: Pair, peer: str | None = None, **extra: Any) -> dict[str, Any]:
+def migrate(p: Pair, peer: str | None = None, options: dict[str, Any] | None = None,
+            **extra: Any) -> dict[str, Any]:
     with p.src.client() as c:
-        return c.migrate_follow({"device": "vf0", "peer": peer or p.dst.address, **extra})
+        return c.migrate_follow({"device": "vf0", "peer": peer or p.dst.address,
+                                 **(options or {}), **extra})
 
 
 # --- the happy path through the CLI ------------------------------------------------------
@@ -98,7 +100,7 @@ def test_mlx5_vf_of_256mib_with_precopy_under_workload() -> None:
     with local_pair([f"vf0:mlx5:size={size},dirty-rate=32M,vhca-id=3"],
                     [f"vf0:mlx5:size={size},content=zero,vhca-id=7"]) as p:
         time.sleep(0.2)
-        final = migrate(p, **{"max-iterations": 3, "downtime-limit": 0})
+        final = migrate(p, options={"max-iterations": 3, "downtime-limit": 0})
         assert final["status"] == "completed", final.get("error-desc")
         assert final["dirty-sync-count"] >= 2 and final["transferred"] > size
         assert final["downtime"] >= 0
