@@ -282,7 +282,7 @@ def test_tampered_stream_rolls_back_both_sides(pair: Pair, mutate: Any, error: s
     before = device(pair.src)["sha256"]
     proxy = Proxy(pair.dst.address, mutate)
     try:
-        final = migrate(pair, proxy.address, compress="none", **{"chunk-size": 256 << 10})
+        final = migrate(pair, proxy.address, {"chunk-size": 256 << 10}, compress="none")
     finally:
         proxy.close()
     assert proxy.fired
@@ -329,8 +329,8 @@ def test_tampering_with_a_secondary_channel(pair: Pair, mutate: Any, error: str)
     before = device(pair.src)["sha256"]
     proxy = Proxy(pair.dst.address, mutate, target=1)
     try:
-        final = migrate(pair, proxy.address, compress="none", channels=2,
-                        **{"chunk-size": 256 << 10})
+        final = migrate(pair, proxy.address, {"chunk-size": 256 << 10}, compress="none",
+                        channels=2)
     finally:
         proxy.close()
     assert proxy.fired
