@@ -19,7 +19,10 @@ DEFAULT_CONTROL = os.path.join(os.environ.get("RUNTIME_DIRECTORY", "/run/migd"),
 
 
 def _add_migrate_knobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compress", default="zstd:1", help="none | zstd[:LEVEL] (default zstd:1)")
+    p.add_argument("--compress", default="zstd:1",
+                   help="none | zstd[:LEVEL] | auto[:LEVEL] (default zstd:1)")
+    p.add_argument("--max-bandwidth", default="0", metavar="BYTES_PER_SEC",
+                   help="cap on wire bytes per second, like QEMU's max-bandwidth (0: none)")
     p.add_argument("--cipher", default="aes-256-gcm", choices=sorted(CIPHERS))
     p.add_argument("--chunk-size", default="1M", help="chunk size (default 1M)")
     p.add_argument("--no-precopy", action="store_true", help="stop the device at once")
@@ -148,6 +151,7 @@ def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, 
         "chunk-size": parse_size(args.chunk_size, "--chunk-size"),
         "precopy": not args.no_precopy, "downtime-limit": args.downtime_limit,
         "max-iterations": args.max_iterations, "channels": args.channels,
+        "max-bandwidth": parse_size(args.max_bandwidth, "--max-bandwidth"),
     }
 
 

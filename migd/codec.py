@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import threading
+import time
 
 import zstandard
 
@@ -32,14 +33,14 @@ SPARSE_BLOCK = 16 << 10
 
 @dataclasses.dataclass(frozen=True)
 class CompressMode:
-    name: str  # "none" | "zstd"
+    name: str  # "none" | "zstd" | "auto" (zstd when measurements say it pays)
     level: int = 1
 
     def __str__(self) -> str:
         return self.name if self.name == "none" else f"{self.name}:{self.level}"
 
 
-COMPRESSIONS = ("none", "zstd")
+COMPRESSIONS = ("none", "zstd", "auto")
 DEFAULT_COMPRESSION = "zstd:1"
 
 
@@ -47,15 +48,15 @@ def parse_compress(text: str) -> CompressMode:
     name, _, level = text.partition(":")
     if name == "none" and not level:
         return CompressMode("none", 0)
-    if name == "zstd":
+    if name in ("zstd", "auto"):
         try:
             lvl = int(level) if level else 1
         except ValueError:
             raise ConfigError(f"compress: level {level!r} is not a number") from None
         if not -7 <= lvl <= 22:
             raise ConfigError(f"compress: zstd level {lvl} out of range -7..22")
-        return CompressMode("zstd", lvl)
-    raise ConfigError(f"compress: {text!r} unknown; supported: none, zstd[:LEVEL]")
+        return CompressMode(name, lvl)
+    raise ConfigError(f"compress: {text!r} unknown; supported: none, zstd[:LEVEL], auto[:LEVEL]")
 
 
 # Chunks shrinking by less than this go raw: decompressing costs more than the bytes saved.
@@ -86,6 +87,15 @@ class Encoder:
     def __init__(self, mode: CompressMode) -> None:
         self.mode = mode
         self._local = threading.local()
+        self._stats_lock = threading.Lock()
+        #: Compressor measurements since the last take_stats(): CPU s, bytes in, out.
+        self._stats = [0.0, 0, 0]
+
+    def take_stats(self) -> tuple[float, int, int]:
+        with self._stats_lock:
+            cpu, n_in, n_out = self._stats
+            self._stats = [0.0, 0, 0]
+        return float(cpu), int(n_in), int(n_out)
 
     def _scratch(self, n: int) -> bytearray:
         buf: bytearray | None = getattr(self._local, "scratch", None)
@@ -130,12 +140,21 @@ class Encoder:
             self._local.c = c
         return c
 
-    def encode(self, plain: memoryview) -> tuple[Encoding, memoryview | bytes]:
-        """The chunk's encoding and payload (``plain`` itself when raw)."""
+    def encode(self, plain: memoryview, compress: bool | None = None) -> tuple[
+            Encoding, memoryview | bytes]:
+        """The chunk's encoding and payload (``plain`` itself when raw).
+
+        ``compress`` overrides the mode (``auto`` decides per window)."""
         if is_zero(plain):
             return Encoding.ZERO, b""
-        if self.mode.name == "zstd":
+        if compress if compress is not None else self.mode.name == "zstd":
+            t0 = time.thread_time()
             packed = self._zstd().compress(plain)
+            cpu = time.thread_time() - t0
+            with self._stats_lock:
+                self._stats[0] += cpu
+                self._stats[1] += len(plain)
+                self._stats[2] += len(packed)
             if len(packed) < len(plain) * _MIN_GAIN:
                 return Encoding.ZSTD, packed
         sparse = self._sparse(plain)

@@ -276,7 +276,7 @@ class Daemon:
             raise ConfigError("daemon is shutting down")
         known = {"device", "peer", "dest-device", "compress", "cipher", "chunk-size", "precopy",
                  "downtime-limit", "max-iterations", "resume", "timeout", "follow", "interval",
-                 "channels"}
+                 "channels", "max-bandwidth"}
         unknown = set(args) - known
         if unknown:
             raise ConfigError(f"migrate: unknown argument(s) {', '.join(sorted(unknown))}")
@@ -298,6 +298,7 @@ class Daemon:
                 resume=bool(args.get("resume", True)),
                 timeout=float(args.get("timeout", 30.0)),
                 channels=int(args.get("channels", 2)),
+                max_bandwidth=parse_size(args.get("max-bandwidth", 0), "max-bandwidth"),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"migrate: bad argument: {exc}") from None

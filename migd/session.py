@@ -60,6 +60,7 @@ class MigrateOptions:
     timeout: float = 30.0
     inflight: int = 8
     channels: int = 2
+    max_bandwidth: int = 0  # wire bytes/s, 0 = unlimited (QEMU's max-bandwidth)
 
 
 @dataclasses.dataclass
@@ -123,6 +124,7 @@ class Job:
             "zero-chunks": c.zero_chunks,
             "compressed-chunks": c.compressed_chunks,
             "sparse-chunks": c.sparse_chunks,
+            "auto-compress-windows": [c.auto_compressed_windows, c.auto_windows],
             "acked": c.acked,
             "cpu-seconds": round(self.cpu_seconds, 3),
         }
@@ -230,7 +232,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
         loaded: list[dict[str, Any]] = []
         ep.handlers["initial-loaded"] = loaded.append
         sender = StreamSender(eps, dev, Encoder(opts.compress), host.workers, job.counters,
-                              opts.inflight)
+                              opts.inflight, opts.max_bandwidth)
         if precopy:
             await _precopy(dev, sender, job, opts, limit)
             # switchover-ack: stop the source only once the destination loaded the initial bytes

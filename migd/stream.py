@@ -37,6 +37,7 @@ from .errors import (
     NoDataNow,
     OverAnnounced,
 )
+from .pacing import AutoPolicy, TokenBucket, Window
 from .protocol.connection import Data
 from .protocol.frames import HEADER_SIZE, Header
 
@@ -58,6 +59,8 @@ class Counters:
     zero_chunks: int = 0
     compressed_chunks: int = 0
     sparse_chunks: int = 0
+    auto_windows: int = 0  # --compress auto: windows decided ...
+    auto_compressed_windows: int = 0  # ... and how many of them chose to compress
     acked: int = 0
 
 
@@ -127,12 +130,20 @@ class _TxSlot:
 
 class StreamSender:
     """Source side.  Chunk ``i`` travels on channel ``i mod N``, so the destination
-    can check each channel's indices exactly.  AEAD alone costs ~0.1 ms per MiB,
-    less than a thread hop, so without compression chunks are sealed inline; zstd
-    goes to the codec pool."""
+    can check each channel's indices exactly.
+
+    AEAD alone costs ~0.1 ms per MiB, less than a thread hop, so a chunk that is
+    not compressed is sealed inline (when nothing is queued ahead of it); zstd
+    goes to the codec pool and an ordered writer sends its frames.  With
+    ``auto`` compression an :class:`~migd.pacing.AutoPolicy` decides per window
+    of chunks; ``max_bandwidth`` paces wire bytes with a token bucket."""
+
+    WINDOW = 16  # chunks per auto-compression decision
+    PROBE_EVERY = 4  # raw windows compress one chunk every this many, to keep measuring
 
     def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
-                 workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT) -> None:
+                 workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT,
+                 max_bandwidth: int = 0) -> None:
         self.channels = channels
         self.control = channels[0]
         self.device = device
@@ -150,13 +161,20 @@ class StreamSender:
         self._slots: asyncio.Queue[_TxSlot] = asyncio.Queue()
         for i in range(0, len(self._bufs), 2):
             self._slots.put_nowait(_TxSlot(self._bufs[i], self._bufs[i + 1]))
-        self._inline = encoder.mode.name == "none"
         self._queue: asyncio.Queue[tuple[Endpoint, int, asyncio.Future[memoryview], _TxSlot]] = (
             asyncio.Queue())
+        self._queued = 0  # frames handed to the writer and not yet sent
         self._loop = asyncio.get_running_loop()
         self._writer = self._loop.create_task(self._write_frames())
         self.control.handlers["announced"] = self._on_announced
         self.downtime_phase = False
+        self.auto = AutoPolicy(threads=2) if encoder.mode.name == "auto" else None
+        self.bucket = TokenBucket(max_bandwidth, self._loop.time()) if max_bandwidth else None
+        self._paced = 0.0
+        self._win_start = self._loop.time()
+        self._win_chunks = self._win_state = self._win_wire = 0
+        self._win_waited = self._waited()
+        self._win_compressed = False
 
     def _on_announced(self, msg: dict[str, object]) -> None:
         n = msg.get("bytes")
@@ -181,6 +199,17 @@ class StreamSender:
         except NoDataNow:
             return 0
 
+    def _compress_next(self) -> bool:
+        mode = self.encoder.mode.name
+        if mode != "auto":
+            return mode == "zstd"
+        assert self.auto is not None
+        if self.auto.compress:
+            return True
+        # One probe chunk now and then keeps the compressor's speed and ratio measured.
+        # By index: the window counters only move when frames are sent.
+        return self.index % (self.WINDOW * self.PROBE_EVERY) == 0
+
     async def send(self, budget: int | None) -> int:
         """Stream device data: up to ``budget`` bytes (pre-copy) or to end of stream.
 
@@ -188,68 +217,64 @@ class StreamSender:
         """
         if budget is not None:
             await self.announce(budget)
-        sent = await (self._send_inline(budget) if self._inline else self._send_pooled(budget))
-        self.control.check()
-        return sent
-
-    async def _next_want(self, budget: int | None, sent: int) -> int:
-        want = self.chunk if budget is None else min(self.chunk, budget - sent)
-        if budget is None and self.offset + want > self.announced:
-            await self.announce(max(want, self.device.stop_copy_size()))
-        return want
-
-    async def _send_inline(self, budget: int | None) -> int:
-        """One thread does it all anyway: read, seal, send, no hand-offs."""
-        slot = await self._slots.get()
-        sent = 0
-        try:
-            while budget is None or sent < budget:
-                self.control.check()
-                want = await self._next_want(budget, sent)
-                n = await self._read(memoryview(slot.plain)[:want])
-                if n == 0:
-                    break
-                ep = self.channels[self.index % len(self.channels)]
-                seq = ep.conn.reserve_seq()
-                frame = self._seal(ep, slot, n, seq, self.index, self.offset)
-                self.index += 1
-                self.offset += n
-                sent += n
-                ep.conn.submit(seq, frame)
-                await ep.flush()
-                self._count(frame)
-        finally:
-            self._slots.put_nowait(slot)
-        return sent
-
-    async def _send_pooled(self, budget: int | None) -> int:
-        """Compression is worth a thread hop: seal on the codec pool, send in order."""
         sent = 0
         while budget is None or sent < budget:
             slot = await self._slots.get()
             self.control.check()
-            want = await self._next_want(budget, sent)
+            want = self.chunk if budget is None else min(self.chunk, budget - sent)
+            if budget is None and self.offset + want > self.announced:
+                await self.announce(max(want, self.device.stop_copy_size()))
             n = await self._read(memoryview(slot.plain)[:want])
             if n == 0:
                 self._slots.put_nowait(slot)
                 break
             ep = self.channels[self.index % len(self.channels)]
             seq = ep.conn.reserve_seq()
-            fut = self._loop.run_in_executor(self.workers.codec, self._seal, ep, slot, n, seq,
-                                             self.index, self.offset)
-            self._queue.put_nowait((ep, seq, fut, slot))
+            args = (ep, slot, n, seq, self.index, self.offset)
+            if self._compress_next():
+                self._hand_to_writer(ep, seq, self._loop.run_in_executor(
+                    self.workers.codec, self._seal, *args, True), slot)
+            elif self._queued == 0:  # nothing ahead of it: seal and send it right here
+                try:
+                    await self._emit(ep, seq, self._seal(*args, False))
+                finally:
+                    self._slots.put_nowait(slot)
+            else:
+                done: asyncio.Future[memoryview] = self._loop.create_future()
+                done.set_result(self._seal(*args, False))
+                self._hand_to_writer(ep, seq, done, slot)
             self.index += 1
             self.offset += n
             sent += n
         await self._queue.join()
+        self.control.check()
         return sent
 
-    def _seal(self, ep: Endpoint, slot: _TxSlot, n: int, seq: int, index: int,
-              offset: int) -> memoryview:
+    def _hand_to_writer(self, ep: Endpoint, seq: int, fut: asyncio.Future[memoryview],
+                        slot: _TxSlot) -> None:
+        self._queued += 1
+        self._queue.put_nowait((ep, seq, fut, slot))
+
+    def _seal(self, ep: Endpoint, slot: _TxSlot, n: int, seq: int, index: int, offset: int,
+              compress: bool) -> memoryview:
         plain = memoryview(slot.plain)[:n]
-        encoding, payload = self.encoder.encode(plain)
+        encoding, payload = self.encoder.encode(plain, compress)
         return ep.conn.seal_data_into(seq, index, offset, encoding, payload, n,
                                       memoryview(slot.wire))
+
+    def _waited(self) -> float:
+        return sum(e.channel.waited for e in self.channels) + self._paced
+
+    async def _emit(self, ep: Endpoint, seq: int, frame: memoryview) -> None:
+        """Pace, send (in sequence order) and account for one sealed frame."""
+        if self.bucket is not None:
+            delay = self.bucket.delay(len(frame), self._loop.time())
+            if delay:
+                self._paced += delay
+                await asyncio.sleep(delay)
+        ep.conn.submit(seq, frame)
+        await ep.flush()
+        self._count(frame)
 
     def _count(self, frame: memoryview) -> None:
         self.digest.update(frame[:HEADER_SIZE])
@@ -267,15 +292,32 @@ class StreamSender:
             c.downtime_bytes += plain_len
         else:
             c.precopy_bytes += plain_len
+        if self.auto is not None:
+            self._window(plain_len, len(frame), encoding == Encoding.ZSTD)
+
+    def _window(self, state: int, wire: int, compressed: bool) -> None:
+        self._win_chunks += 1
+        self._win_state += state
+        self._win_wire += wire
+        if self._win_chunks < self.WINDOW:
+            return
+        assert self.auto is not None
+        now, waited = self._loop.time(), self._waited()
+        cpu, n_in, n_out = self.encoder.take_stats()
+        decided = self.auto.record(Window(
+            compressed=self.auto.compress, state_bytes=self._win_state, wire_bytes=self._win_wire,
+            seconds=now - self._win_start, waiting_seconds=waited - self._win_waited,
+            compress_cpu=cpu, compress_in=n_in, compress_out=n_out))
+        self.counters.auto_windows += 1
+        self.counters.auto_compressed_windows += decided
+        self._win_start, self._win_waited = now, waited
+        self._win_chunks = self._win_state = self._win_wire = 0
 
     async def _write_frames(self) -> None:
         while True:
             ep, seq, fut, slot = await self._queue.get()
             try:
-                frame = await fut
-                ep.conn.submit(seq, frame)
-                await ep.flush()
-                self._count(frame)
+                await self._emit(ep, seq, await fut)
             except MigdError as exc:
                 ep.fail(exc)
             except Exception:  # a worker crashed: never leave the waiter hanging
@@ -283,6 +325,7 @@ class StreamSender:
                 ep.fail(MigdError("internal error in the send pipeline"))
             finally:
                 self._slots.put_nowait(slot)
+                self._queued -= 1
                 self._queue.task_done()
 
     def end_record(self) -> dict[str, object]:

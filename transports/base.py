@@ -26,6 +26,8 @@ class Receiver(Protocol):
 
 class Channel(abc.ABC):
     peer: str = "?"
+    #: Seconds senders spent waiting for the link to take more (a full socket).
+    waited: float = 0.0
 
     @abc.abstractmethod
     async def send(self, frames: Sequence[bytes | bytearray | memoryview]) -> None:

@@ -78,9 +78,11 @@ class TcpChannel(Channel):
         fut: asyncio.Future[None] = self._loop.create_future()
         self._write_waiter = fut
         self._loop.add_writer(self._fd, self._writable)
+        t0 = self._loop.time()
         try:
             await fut
         finally:
+            self.waited += self._loop.time() - t0
             self._write_waiter = None
             if not self._closed:
                 self._loop.remove_writer(self._fd)

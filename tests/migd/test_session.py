@@ -125,6 +125,24 @@ async def test_multichannel_is_byte_exact(ids: dict[str, Identity], trust: Autho
         assert r.dev(r.dst).digest() == r.dev(r.src).digest()
 
 
+async def test_auto_compression_under_a_bandwidth_cap(ids: dict[str, Identity],
+                                                      trust: AuthorizedKeys) -> None:
+    """Decisions, not timing: under a 40 MB/s cap auto chooses to compress; and the
+    cap holds (a lower bound on time, which a slow machine cannot break)."""
+    async with rig(ids, trust, {"size": "48M"}, {"size": "48M", "content": "zero"}) as r:
+        cap = 40_000_000
+        t0 = asyncio.get_running_loop().time()
+        job, _ = await r.migrate(compress=parse_compress("auto"), max_bandwidth=cap,
+                                 chunk_size=256 << 10, precopy=False)
+        elapsed = asyncio.get_running_loop().time() - t0
+        assert job.status.value == "completed", job.error
+        c = job.counters
+        assert c.auto_windows >= 8 and c.auto_compressed_windows >= c.auto_windows // 2
+        assert c.compressed_chunks > c.chunks // 2
+        assert elapsed >= 0.8 * c.wire_bytes / cap
+        assert r.dev(r.dst).digest() == r.dev(r.src).digest()
+
+
 async def test_incompatible_destination(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
     async with rig(ids, trust, {"size": "4M"}, {"size": "8M", "content": "zero"}) as r:
         before = r.dev(r.src).digest()
