@@ -30,7 +30,7 @@ _MADV_POPULATE_WRITE = 23
 
 #: The options every memory-backed device understands.
 MEMORY_OPTIONS = frozenset({"size", "state-file", "dirty-rate", "seed", "content", "prefault",
-                            "dir"})
+                            "dir", "state-copy"})
 
 
 def check_options(name: str, kind: str, options: Mapping[str, str], own: set[str]) -> None:
@@ -128,6 +128,17 @@ class DeviceMemory:
         self.name = name
         self._seed = int(options.get("seed", "42"))
         state_file = options.get("state-file")
+        if options.get("state-copy", "no") not in ("yes", "no"):
+            raise ConfigError(f"device {name}: state-copy must be yes or no")
+        copy_from = state_file if options.get("state-copy") == "yes" else None
+        if copy_from:
+            # Device memory of its own, filled from the image: it can also receive
+            # migrations without its writes becoming the daemon's private pages.
+            try:
+                options = dict(options, size=str(os.path.getsize(copy_from)), content="zero")
+            except OSError as exc:
+                raise ConfigError(f"device {name}: state-file {copy_from}: {exc.strerror}") from None
+            state_file = None
         if state_file:
             try:
                 fd = os.open(state_file, os.O_RDONLY)
@@ -165,7 +176,10 @@ class DeviceMemory:
         content = options.get("content", "mixed")
         if content not in ("zero", "mixed"):
             raise ConfigError(f"device {name}: content must be mixed or zero")
-        if not state_file and content == "mixed":
+        if copy_from:
+            with open(copy_from, "rb") as f:
+                f.readinto(self.mv)
+        elif not state_file and content == "mixed":
             fill_mixed(self.mv, self._seed)
         self._dirty = bytearray(self.pages)
         self.dirty_count = 0

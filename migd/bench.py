@@ -17,8 +17,9 @@ import tempfile
 from typing import Any
 
 from .cli import migrate_args, progress_line, summary
+from .codec import parse_compress
 from .errors import ConfigError
-from .harness import Pair, local_pair
+from .harness import DaemonProc, local_pair
 from .units import human_bytes, parse_size
 
 BENCH_BACKENDS = ("sim", "mlx5", "hisi")
@@ -48,10 +49,12 @@ def _device_specs(args: argparse.Namespace) -> tuple[str, str, int]:
     return src, f"vf0:{kind}:size={size},content=zero", size
 
 
-def migrate_and_measure(pair: Pair, req: dict[str, Any], show: bool) -> dict[str, Any]:
-    for d in (pair.src, pair.dst):
+def migrate_and_measure(src: DaemonProc, dst: DaemonProc, req: dict[str, Any],
+                        show: bool) -> dict[str, Any]:
+    """One migration src -> dst, with each daemon's CPU and peak memory around it."""
+    for d in (src, dst):
         d.call("query-stats", **{"reset-peak": True})
-    before = {d.name: d.call("query-stats")["cpu_seconds"] for d in (pair.src, pair.dst)}
+    before = {d.name: d.call("query-stats")["cpu_seconds"] for d in (src, dst)}
     tty = sys.stderr.isatty()
 
     def progress(d: dict[str, Any]) -> None:
@@ -60,12 +63,12 @@ def migrate_and_measure(pair: Pair, req: dict[str, Any], show: bool) -> dict[str
             print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
                   flush=True)
 
-    with pair.src.client(timeout=3600) as c:
-        final = c.migrate_follow(dict(req, peer=pair.dst.address), progress)
+    with src.client(timeout=3600) as c:
+        final = c.migrate_follow(dict(req, peer=dst.address), progress)
     if show and tty:
         print(file=sys.stderr)
-    stats = {d.name: d.call("query-stats") for d in (pair.src, pair.dst)}
-    digests = {d.name: d.call("device-digest", device="vf0")["sha256"] for d in (pair.src, pair.dst)}
+    stats = {d.name: d.call("query-stats") for d in (src, dst)}
+    digests = {d.name: d.call("device-digest", device="vf0")["sha256"] for d in (src, dst)}
     seconds = final.get("total-time", 0) / 1000
     moved = int(final.get("transferred", 0))
     return {
@@ -78,11 +81,12 @@ def migrate_and_measure(pair: Pair, req: dict[str, Any], show: bool) -> dict[str
         "downtime_ms": final.get("downtime"),
         "setup_ms": final.get("setup-time"),
         "precopy_iterations": final.get("dirty-sync-count"),
-        "verified": final.get("status") == "completed" and digests["src"] == digests["dst"],
-        "cpu_seconds": {"source": round(stats["src"]["cpu_seconds"] - before["src"], 3),
-                        "destination": round(stats["dst"]["cpu_seconds"] - before["dst"], 3)},
-        "mem_peak_bytes": {"source": stats["src"]["mem_peak_bytes"],
-                           "destination": stats["dst"]["mem_peak_bytes"]},
+        "verified": final.get("status") == "completed" and digests[src.name] == digests[dst.name],
+        "cpu_seconds": {"source": round(stats[src.name]["cpu_seconds"] - before[src.name], 3),
+                        "destination": round(stats[dst.name]["cpu_seconds"] - before[dst.name],
+                                             3)},
+        "mem_peak_bytes": {"source": stats[src.name]["mem_peak_bytes"],
+                           "destination": stats[dst.name]["mem_peak_bytes"]},
         "cipher": final.get("cipher"),
         "compress": final.get("compress"),
         "migration": final,
@@ -90,11 +94,13 @@ def migrate_and_measure(pair: Pair, req: dict[str, Any], show: bool) -> dict[str
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.matrix:
+        return run_matrix(args)
     src, dst, size = _device_specs(args)
     req = migrate_args(args, "vf0", "")
     with tempfile.TemporaryDirectory(prefix="migd-bench-") as wd, \
             local_pair([src], [dst], workdir=wd) as pair:
-        result = migrate_and_measure(pair, req, show=not args.json)
+        result = migrate_and_measure(pair.src, pair.dst, req, show=not args.json)
     result.update(backend=args.backend, state_size=size, channels=args.channels,
                   chunk_size=req["chunk-size"])
     if args.json:
@@ -124,9 +130,140 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"source {pair.src.address}  ->  destination {pair.dst.address} "
               "(Ed25519-authenticated, zstd:1 + AES-256-GCM)", file=sys.stderr)
         req = {"device": "vf0", "compress": "zstd:1", "cipher": "aes-256-gcm"}
-        r = migrate_and_measure(pair, req, show=True)
+        r = migrate_and_measure(pair.src, pair.dst, req, show=True)
         devices = {d.name: d.call("query-devices")[0] for d in (pair.src, pair.dst)}
     _print_result(r)
     print(f"  source VF now {devices['src']['state']}, destination VF now "
           f"{devices['dst']['state']}")
     return 0 if r["verified"] else 1
+
+
+# --- the benchmark matrix ---------------------------------------------------------------
+
+
+def _axis(text: str, what: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ConfigError(f"--matrix-{what}: give a comma-separated list")
+    return values
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    """A grid of migrations between one pair of daemons, ping-ponging the VF."""
+    import itertools
+
+    from .transports_info import check_transports
+
+    transports = check_transports(_axis(args.matrix_transports, "transports"))
+    grid = list(itertools.product(
+        transports, [int(c) for c in _axis(args.matrix_channels, "channels")],
+        _axis(args.matrix_compress, "compress"), _axis(args.matrix_ciphers, "ciphers"),
+        [parse_size(c, "--matrix-chunk-sizes") for c in _axis(args.matrix_chunk_sizes,
+                                                                 "chunk-sizes")]))
+    for compress in {g[2] for g in grid}:
+        parse_compress(compress)
+    if args.backend != "sim":
+        raise ConfigError("--matrix runs the sim backend")
+    if args.state_file:
+        spec = f"vf0:sim:state-file={os.path.abspath(args.state_file)},state-copy=yes"
+        size = os.path.getsize(args.state_file)
+    else:
+        size = parse_size(args.state_size or "256M", "--state-size")
+        spec = f"vf0:sim:size={size}"
+    rows: list[dict[str, Any]] = []
+    total = len(grid) * args.repeat
+    with tempfile.TemporaryDirectory(prefix="migd-matrix-") as wd, \
+            local_pair([spec], [f"vf0:sim:size={size},content=zero"], workdir=wd) as pair:
+        ends = [pair.src, pair.dst]
+        for n, (point, rep) in enumerate(itertools.product(grid, range(args.repeat))):
+            transport, channels, compress, cipher, chunk = point
+            _progress_bar(n, total, f"{transport} ch={channels} {compress} {cipher} "
+                                    f"chunk={human_bytes(chunk)}")
+            req = {"device": "vf0", "compress": compress, "cipher": cipher, "channels": channels,
+                   "chunk-size": chunk, "max-bandwidth": parse_size(args.max_bandwidth,
+                                                                    "--max-bandwidth")}
+            r = migrate_and_measure(ends[0], ends[1], req, show=False)
+            if r["status"] != "completed" or not r["verified"]:
+                raise ConfigError(f"matrix point {point} failed: {r['error']}")
+            ends.reverse()  # the VF now lives on the other daemon: send it back next time
+            gb = r["bytes"] / 1e9
+            rows.append({"transport": transport, "channels": channels, "compress": compress,
+                         "cipher": cipher, "chunk_size": chunk, "repeat": rep, "gbps": r["gbps"],
+                         "cpu_s_per_gb": {k: round(v / gb, 3) for k, v in r["cpu_seconds"].items()},
+                         "wire_ratio": round(r["wire_bytes"] / r["bytes"], 3),
+                         "downtime_ms": r["downtime_ms"], "mem_peak_bytes": r["mem_peak_bytes"]})
+        _progress_bar(total, total, "done")
+    print(file=sys.stderr)
+    _matrix_table(rows, size)
+    os.makedirs(os.path.dirname(os.path.abspath(args.matrix_out)) or ".", exist_ok=True)
+    with open(args.matrix_out, "w") as f:
+        json.dump({"state_size": size, "runs": rows}, f, indent=1)
+    print(f"\nraw runs: {args.matrix_out}")
+    chart = os.path.splitext(args.matrix_out)[0] + ".png"
+    if _matrix_chart(rows, chart):
+        print(f"chart: {chart}")
+    else:
+        print("chart: install the plot extra (pip install 'migd[plot]') for a PNG")
+    return 0
+
+
+def _progress_bar(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = width * done // max(1, total)
+    end = "\n" if not sys.stderr.isatty() else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<50}", end=end,
+          file=sys.stderr, flush=True)
+
+
+def _group(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["transport"], r["channels"], r["compress"], r["cipher"], r["chunk_size"])
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _matrix_table(rows: list[dict[str, Any]], size: int) -> None:
+    import statistics
+
+    print(f"state {human_bytes(size)}, both daemons on this machine, median of repeats\n")
+    print("| transport | channels | compress | cipher | chunk | GB/s | CPU s/GB src | "
+          "CPU s/GB dst | wire/state | downtime ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (t, ch, comp, ciph, chunk), rs in _group(rows).items():
+        med = statistics.median
+        print(f"| {t} | {ch} | {comp} | {ciph} | {human_bytes(chunk)} | "
+              f"{med(r['gbps'] for r in rs):.2f} | "
+              f"{med(r['cpu_s_per_gb']['source'] for r in rs):.2f} | "
+              f"{med(r['cpu_s_per_gb']['destination'] for r in rs):.2f} | "
+              f"{med(r['wire_ratio'] for r in rs):.2f} | "
+              f"{med(r['downtime_ms'] or 0 for r in rs):.0f} |")
+
+
+def _matrix_chart(rows: list[dict[str, Any]], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import statistics
+
+    groups = _group(rows)
+    labels = [f"{t}/{ch}ch/{comp}/{ciph.split('-')[0]}/{human_bytes(chunk)}"
+              for (t, ch, comp, ciph, chunk) in groups]
+    gbps = [statistics.median(r["gbps"] for r in rs) for rs in groups.values()]
+    cpu = [statistics.median(sum(r["cpu_s_per_gb"].values()) for r in rs)
+           for rs in groups.values()]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(8, len(labels) * 0.9), 8), sharex=True)
+    a.bar(labels, gbps, color="tab:blue")
+    a.set_ylabel("GB/s of state")
+    a.set_title("migd bench --matrix")
+    b.bar(labels, cpu, color="tab:orange")
+    b.set_ylabel("CPU s per GB (both daemons)")
+    b.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--state-size", default=None, help="simulated state size (default 256M)")
     src.add_argument("--state-file", help="device state image (e.g. from mkstate.py)")
     b.add_argument("--dirty-rate", default="0", help="guest dirtying rate, bytes/s")
+    b.add_argument("--matrix", action="store_true",
+                   help="run a grid (the --matrix-* lists) and print a table, JSON and a chart")
+    b.add_argument("--repeat", type=int, default=1, help="runs per matrix point")
+    b.add_argument("--matrix-transports", default="tcp")
+    b.add_argument("--matrix-channels", default="1,2")
+    b.add_argument("--matrix-compress", default="none,zstd:1,auto")
+    b.add_argument("--matrix-ciphers", default="aes-256-gcm,chacha20-poly1305")
+    b.add_argument("--matrix-chunk-sizes", default="1M")
+    b.add_argument("--matrix-out", default="bench/results/matrix.json")
     b.add_argument("--json", action="store_true")
     _add_migrate_knobs(b)
 

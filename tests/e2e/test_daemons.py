@@ -181,6 +181,23 @@ def test_serve_rejects_bad_configuration(tmp_path: Any) -> None:
     assert r.returncode == 2 and "chmod 600" in r.stderr
 
 
+def test_bench_matrix(tmp_path: Any) -> None:
+    out = tmp_path / "m.json"
+    r = migd("bench", "--matrix", "--state-size", "8M", "--matrix-channels", "1,2",
+             "--matrix-compress", "none,auto", "--matrix-ciphers", "aes-256-gcm",
+             "--repeat", "2", "--matrix-out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    table = [line for line in r.stdout.splitlines() if line.startswith("| tcp |")]
+    assert len(table) == 4  # 2 channel counts x 2 compress modes
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 8 and {run["channels"] for run in runs} == {1, 2}
+    assert all(run["gbps"] > 0 and set(run["cpu_s_per_gb"]) == {"source", "destination"}
+               for run in runs)
+    assert "8/8" in r.stderr  # the progress bar reached the end
+    bad = migd("bench", "--matrix", "--matrix-transports", "carrier-pigeon", timeout=60)
+    assert bad.returncode == 2 and "transport 'carrier-pigeon' unknown" in bad.stderr
+
+
 @pytest.mark.parametrize("backend", ["mlx5", "hisi"])
 def test_bench_other_backends(backend: str) -> None:
     args = ["--state-size", "16M"] if backend == "mlx5" else []
