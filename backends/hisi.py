@@ -23,7 +23,6 @@ import os
 import random
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 from migd.errors import ConfigError, DeviceBusy, DeviceError, IncompatibleDevice
 
 from .base import REGISTRY, Device, PrecopyInfo
+from .memory import Ticker
 from .states import DeviceState, MigCap
 
 MAGIC_V2 = 0xAACCFEEDDECADEDE
@@ -108,31 +108,23 @@ class _QueueManager:
         self._dev = dev
         self._stuck = stuck
         self._traffic = traffic
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._rng = random.Random(dev.dev_id)
+        self._ticker = Ticker(f"qm-{dev.name}", 0.002, self._tick)
 
     def start(self) -> None:
-        if self._traffic and self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name=f"qm-{self._dev.name}",
-                                            daemon=True)
-            self._thread.start()
+        if self._traffic:
+            self._ticker.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+        self._ticker.stop()
 
-    def _run(self) -> None:
+    def _tick(self) -> None:
         """Queue traffic: event-queue context words advance while the VF runs."""
         bar = self._dev.bar
         base = MIG_BASE + VF_DATA + MATCH_SIZE + 6 * 4  # qm_eqc_dw[0]
-        while not self._stop.wait(0.002):
-            for i in range(2):
-                off = base + 4 * i
-                bar.set_u32(off, (bar.u32(off) + self._rng.randrange(1, 9)) & 0xFFFFFFFF)
+        for i in range(2):
+            off = base + 4 * i
+            bar.set_u32(off, (bar.u32(off) + self._rng.randrange(1, 9)) & 0xFFFFFFFF)
 
     def mailbox(self, cmd: int) -> None:
         bar = self._dev.bar

@@ -18,7 +18,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from migd.errors import ConfigError
 from migd.units import parse_size
@@ -84,43 +84,64 @@ def fill_mixed(mv: memoryview, seed: int) -> None:
         done += n
 
 
-class _Workload:
-    """The guest: dirties pages at ``rate`` bytes/s while the device runs."""
+class Ticker:
+    """Something an emulated device does on its own every ``period`` seconds while
+    it runs (a guest's writes, queue traffic).  ``stop`` quiesces: when it
+    returns, ``tick`` is not running and will not run again until ``start``."""
 
-    def __init__(self, dev: DeviceMemory, rate: int, seed: int) -> None:
-        self._dev = dev
-        self._rate = rate
-        self._rng = random.Random(seed ^ 0x5EED)
+    def __init__(self, name: str, period: float, tick: Callable[[], None]) -> None:
+        self._name = name
+        self._period = period
+        self._tick = tick
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.pages_written = 0
 
     def start(self) -> None:
-        if self._rate > 0 and self._thread is None:
+        if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name=f"guest-{self._dev.name}",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
-        """Quiesce: when this returns the guest writes nothing more."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
 
     def _run(self) -> None:
-        tick = 0.002
-        per_tick = max(1, int(self._rate * tick) // PAGE)
-        pages = self._dev.pages
-        stamp = bytearray(64)
-        while not self._stop.wait(tick):
-            for _ in range(per_tick):
-                page = self._rng.randrange(pages)
-                self.pages_written += 1
-                struct.pack_into("<QQ", stamp, 0, self.pages_written, time.monotonic_ns())
-                off = page * PAGE + self._rng.randrange(PAGE // 64) * 64
-                self._dev.guest_write(off, stamp)
+        while not self._stop.wait(self._period):
+            self._tick()
+
+
+class _Workload:
+    """The guest: dirties pages at ``rate`` bytes/s while the device runs."""
+
+    TICK = 0.002
+
+    def __init__(self, dev: DeviceMemory, rate: int, seed: int) -> None:
+        self._dev = dev
+        self._rate = rate
+        self._rng = random.Random(seed ^ 0x5EED)
+        self._per_tick = max(1, int(rate * self.TICK) // PAGE)
+        self._stamp = bytearray(64)
+        self._ticker = Ticker(f"guest-{dev.name}", self.TICK, self._tick)
+        self.pages_written = 0
+
+    def start(self) -> None:
+        if self._rate > 0:
+            self._ticker.start()
+
+    def stop(self) -> None:
+        """Quiesce: when this returns the guest writes nothing more."""
+        self._ticker.stop()
+
+    def _tick(self) -> None:
+        for _ in range(self._per_tick):
+            page = self._rng.randrange(self._dev.pages)
+            self.pages_written += 1
+            struct.pack_into("<QQ", self._stamp, 0, self.pages_written, time.monotonic_ns())
+            off = page * PAGE + self._rng.randrange(PAGE // 64) * 64
+            self._dev.guest_write(off, self._stamp)
 
 
 class DeviceMemory:

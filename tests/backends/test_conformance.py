@@ -26,6 +26,7 @@ from migd.session import Host, Incoming, Job, MigrateOptions, run_source, serve_
 from migd.stream import Workers
 
 from .kernel_model import KernelModel
+from .streams import drain
 
 S = DeviceState
 
@@ -79,20 +80,6 @@ def devices(kind: str, *roles: str) -> Iterator[list[Made]]:
             m.device.close()
             if m.model is not None and m.model.dev is not None:
                 m.model.dev.close()
-
-
-def drain(dev: Device) -> bytes:
-    out = bytearray()
-    buf = bytearray(1 << 20)
-    while True:
-        try:
-            n = dev.read_into(memoryview(buf))
-        except NoDataNow:
-            break
-        if n == 0:
-            break
-        out += buf[:n]
-    return bytes(out)
 
 
 def load(dev: Device, data: bytes) -> None:

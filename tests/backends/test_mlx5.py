@@ -15,6 +15,8 @@ from backends.mlx5 import REC, Mlx5Device
 from backends.states import DeviceState
 from migd.errors import DeviceError, NoDataNow
 
+from . import streams
+
 S = DeviceState
 
 
@@ -44,15 +46,7 @@ def records(stream: bytes) -> list[tuple[int, int, int]]:
 
 
 def drain(dev: Mlx5Device) -> bytes:
-    out, buf = bytearray(), bytearray(3 << 20)
-    while True:
-        try:
-            n = dev.read_into(memoryview(buf))
-        except NoDataNow:
-            return bytes(out)
-        if not n:
-            return bytes(out)
-        out += buf[:n]
+    return streams.drain(dev, bufsize=3 << 20)
 
 
 def test_the_guest_cannot_reach_migration_state(made: list[Mlx5Device]) -> None:

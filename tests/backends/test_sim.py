@@ -13,6 +13,8 @@ from backends.sim import MAX_RECORD, PAGE, RECORD, SimDevice
 from backends.states import DeviceState, MigCap
 from migd.errors import ConfigError, DeviceError, IncompatibleDevice, NoDataNow
 
+from . import streams
+
 S = DeviceState
 
 
@@ -32,17 +34,7 @@ def make(devices: list[SimDevice], **opts: str) -> SimDevice:
 
 
 def drain(dev: SimDevice, limit: int | None = None) -> bytes:
-    out = bytearray()
-    buf = bytearray(300_000)  # deliberately not record-aligned
-    while limit is None or len(out) < limit:
-        try:
-            n = dev.read_into(memoryview(buf))
-        except NoDataNow:
-            break
-        if n == 0:
-            break
-        out += buf[:n]
-    return bytes(out)
+    return streams.drain(dev, limit, bufsize=300_000)  # deliberately not record-aligned
 
 
 def test_registry_rejects_unknown_kinds_and_options(devices: list[SimDevice]) -> None:

@@ -40,11 +40,15 @@ class Rig:
             setattr(opts, k, v)
         job = Job("source", opts.device, peer=self.address)
         await asyncio.wait_for(run_source(self.src, job, opts), 60)
-        for _ in range(200):  # the destination finishes its side asynchronously
-            if all(j.done.is_set() for j in self.dst_jobs.values()):
-                break
-            await asyncio.sleep(0.01)
+        await self.settled()
         return job, self.dst_jobs.get(job.id)
+
+    async def settled(self) -> None:
+        """The destination finishes its side asynchronously: wait for it (bounded)."""
+        for _ in range(500):
+            if all(j.done.is_set() for j in self.dst_jobs.values()):
+                return
+            await asyncio.sleep(0.01)
 
 
 def host(ident: Identity, trust: AuthorizedKeys, devices: dict[str, dict[str, str]]) -> Host:
@@ -180,10 +184,7 @@ async def test_cancel_mid_stream_rolls_back(ids: dict[str, Identity],
         await asyncio.wait_for(task, 20)
         assert job.status.value == "cancelled"
         assert r.dev(r.src).state == S.RUNNING and r.dev(r.src).digest() == before
-        for _ in range(500):
-            if all(j.done.is_set() for j in r.dst_jobs.values()):
-                break
-            await asyncio.sleep(0.01)
+        await r.settled()
         (djob,) = r.dst_jobs.values()
         assert djob.status.value == "failed"
         assert r.dev(r.dst).state == S.RUNNING
@@ -207,10 +208,7 @@ async def test_cancel_during_setup(ids: dict[str, Identity], trust: AuthorizedKe
         await asyncio.wait_for(task, 10)
         gate.set()
         assert job.status.value == "cancelled" and r.dev(r.src).state == S.RUNNING
-        for _ in range(500):
-            if all(j.done.is_set() for j in r.dst_jobs.values()):
-                break
-            await asyncio.sleep(0.01)
+        await r.settled()
         assert r.dev(r.dst).state == S.RUNNING
         assert r.dev(r.dst).describe()["loads_committed"] == 0
 

@@ -115,13 +115,8 @@ def test_data_frames_and_trailing_garbage(ids: dict[str, Identity], trust: Autho
     assert dst.open_data_into(data[1], memoryview(plain)) == 6 and plain == b"world!"
 
 
-@settings(max_examples=60, deadline=None)
-@given(msgs=st.lists(st.dictionaries(st.text(min_size=1, max_size=8),
-                                     st.one_of(st.integers(-2**63, 2**63 - 1), st.binary(max_size=64),
-                                               st.text(max_size=32), st.booleans(), st.none()),
-                                     max_size=5), max_size=6),
-       cut=st.integers(min_value=1, max_value=97))
-def test_control_roundtrip(msgs: list[dict[str, object]], cut: int) -> None:
+def fresh_pair() -> tuple[Connection, Connection]:
+    """Hypothesis examples cannot share function-scoped fixtures: a pair of their own."""
     a, b = Identity.generate(), Identity.generate()
     trust = AuthorizedKeys({a.public: "a", b.public: "b"})
     src = Connection(Role.SOURCE, a, trust)
@@ -129,6 +124,17 @@ def test_control_roundtrip(msgs: list[dict[str, object]], cut: int) -> None:
     dst.receive_data(out(src))
     src.receive_data(out(dst))
     dst.receive_data(out(src))
+    return src, dst
+
+
+@settings(max_examples=60, deadline=None)
+@given(msgs=st.lists(st.dictionaries(st.text(min_size=1, max_size=8),
+                                     st.one_of(st.integers(-2**63, 2**63 - 1), st.binary(max_size=64),
+                                               st.text(max_size=32), st.booleans(), st.none()),
+                                     max_size=5), max_size=6),
+       cut=st.integers(min_value=1, max_value=97))
+def test_control_roundtrip(msgs: list[dict[str, object]], cut: int) -> None:
+    src, dst = fresh_pair()
     dst.events()
     for m in msgs:
         src.send_control(m)
@@ -141,13 +147,7 @@ def test_control_roundtrip(msgs: list[dict[str, object]], cut: int) -> None:
 @settings(max_examples=40, deadline=None)
 @given(chunks=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=5))
 def test_data_roundtrip(chunks: list[bytes]) -> None:
-    a, b = Identity.generate(), Identity.generate()
-    trust = AuthorizedKeys({a.public: "a", b.public: "b"})
-    src = Connection(Role.SOURCE, a, trust)
-    dst = Connection(Role.DESTINATION, b, trust)
-    dst.receive_data(out(src))
-    src.receive_data(out(dst))
-    dst.receive_data(out(src))
+    src, dst = fresh_pair()
     off = 0
     wire = b""
     for i, c in enumerate(chunks):
