@@ -57,10 +57,13 @@ class AutoPolicy:
     #: A window spending more than this share waiting for the link is link-bound.
     LINK_BOUND = 0.3
 
-    def __init__(self, threads: int, explore_every: int = 8) -> None:
+    def __init__(self, threads: int, explore_every: int = 16, cap: float | None = None) -> None:
         self.threads = threads
         self.explore_every = explore_every
+        #: --max-bandwidth: when the operator capped the link, its capacity is known.
+        self.cap = cap
         self.compress = False
+        self._last_mode: bool | None = None
         self.windows = 0
         self.compressed_windows = 0
         self.raw_rate: float | None = None  # state bytes/s, uncompressed windows
@@ -78,11 +81,13 @@ class AutoPolicy:
             self.codec_speed = _ewma(self.codec_speed, w.compress_in / w.compress_cpu)
         if w.compress_out:
             self.ratio = _ewma(self.ratio, w.compress_in / w.compress_out)
+        steady = self._last_mode == w.compressed  # a switch's first window misleads:
+        self._last_mode = w.compressed  # buffers and tokens saved up by the other mode
         if w.seconds > 0:
             rate = w.state_bytes / w.seconds
-            if w.compressed:
+            if steady and w.compressed:
                 self.comp_rate = _ewma(self.comp_rate, rate)
-            else:
+            elif steady or (self.raw_rate is None and not w.compressed):
                 self.raw_rate = _ewma(self.raw_rate, rate)
             self.link_bound = w.waiting_seconds / w.seconds > self.LINK_BOUND
             if self.link_bound:
@@ -94,21 +99,30 @@ class AutoPolicy:
         if self.codec_speed is None or self.ratio is None:
             return None
         cpu_limit = self.codec_speed * self.threads
-        if self.link_rate is None:
-            return cpu_limit
-        return min(cpu_limit, self.link_rate * self.ratio)
+        link = self.cap or self.link_rate
+        return cpu_limit if link is None else min(cpu_limit, link * self.ratio)
 
     def _choose(self) -> bool:
+        """Measurements beat predictions: once both ways have been measured, the
+        faster one wins, and the other is re-measured every ``explore_every``
+        windows (the link or the data may have changed)."""
         if self.ratio is not None and self.ratio < 1.1:
             return False  # this data does not compress
+        if self.cap is not None:
+            # A known cap: raw can never beat it, so compress whenever that promises more.
+            predicted = self.predicted_compressed()
+            return predicted is None or predicted > self.cap * self.MARGIN
+        explore = self.windows % self.explore_every == 0
         if self.compress:
-            if self.windows % self.explore_every == 0:
-                return False  # now and then re-measure raw: the link may have got faster
-            # Keep compressing while the link is what limits us, or while it measured faster.
-            return self.link_bound or self.raw_rate is None or (
-                self.comp_rate is not None and self.comp_rate > self.raw_rate)
+            if explore or self.comp_rate is None or self.raw_rate is None:
+                return not explore
+            return self.comp_rate > self.raw_rate
         if not self.link_bound:
             return False  # CPU-bound: compressing could only add work
+        if self.comp_rate is not None and self.raw_rate is not None:
+            # Waiting on the socket may be a slow receiver, not a slow link: what
+            # compression actually achieved is the answer, not what it promised.
+            return explore or self.comp_rate > self.raw_rate * self.MARGIN
         predicted = self.predicted_compressed()
         if predicted is None or self.raw_rate is None:
             return True  # the link is the limit and we know nothing better: try it

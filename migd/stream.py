@@ -168,7 +168,8 @@ class StreamSender:
         self._writer = self._loop.create_task(self._write_frames())
         self.control.handlers["announced"] = self._on_announced
         self.downtime_phase = False
-        self.auto = AutoPolicy(threads=2) if encoder.mode.name == "auto" else None
+        self.auto = (AutoPolicy(threads=2, cap=max_bandwidth or None)
+                     if encoder.mode.name == "auto" else None)
         self.bucket = TokenBucket(max_bandwidth, self._loop.time()) if max_bandwidth else None
         self._paced = 0.0
         self._win_start = self._loop.time()

@@ -71,3 +71,28 @@ def test_a_link_that_gets_faster_stops_compression() -> None:
         p.record(window(comp, 16 * MiB, int(16 * MiB / 3.5) if comp else 16 * MiB,
                         16 * MiB / 1.2e9 if comp else fast, 0.0))
     assert p.compress is False
+
+
+def test_a_slow_receiver_is_not_mistaken_for_a_slow_link() -> None:
+    """The sender waits on the socket because the receiver is busy; compressing was
+    tried and measured slower: it stays raw, retrying only now and then."""
+    p = AutoPolicy(threads=2, explore_every=16)
+    raw = 16 * MiB / 1.0e9  # the prediction (2 x 0.9 GB/s) promises more than this
+    p.record(window(False, 16 * MiB, 16 * MiB, raw, 0.6 * raw))  # looks link-bound
+    assert p.compress  # nothing measured yet: try compressing
+    comp = 16 * MiB / 0.9e9
+    p.record(window(True, 16 * MiB, int(16 * MiB / 3.5), comp, 0.0))  # measured: slower
+    decisions = [p.record(window(p.compress, 16 * MiB, 16 * MiB, raw, 0.6 * raw))
+                 for _ in range(30)]
+    assert decisions.count(True) <= 2  # only the periodic re-measurement
+
+
+def test_a_known_cap_decides_without_exploring() -> None:
+    p = AutoPolicy(threads=2, cap=250e6)
+    secs = 16 * MiB / 250e6
+    decisions = [p.record(window(p.compress, 16 * MiB, 16 * MiB, secs, 0.9 * secs))
+                 for _ in range(40)]
+    assert all(decisions)  # 2 x 0.9 GB/s of compressor, 3.5x: far above 250 MB/s
+    fast = AutoPolicy(threads=2, cap=10e9)  # a cap above what compression can reach
+    assert not any(fast.record(window(fast.compress, 16 * MiB, 16 * MiB, 0.01, 0.0))
+                   for _ in range(10))
