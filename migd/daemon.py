@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -28,9 +27,11 @@ import transports
 from backends.base import Device
 
 from .codec import parse_compress
+from .config import Config, DeviceConfig
 from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
 from .identity import AuthorizedKeys, Identity
+from .notify import Notifier
 from .session import Host, Incoming, Job, MigrateOptions, check_options, run_source, serve_connection
 from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
 from .units import parse_size
@@ -40,39 +41,19 @@ log = logging.getLogger("migd.daemon")
 MAX_REQUEST = 64 << 10
 
 
-@dataclasses.dataclass
-class DeviceSpec:
-    name: str
-    kind: str
-    options: dict[str, str]
-
-    @classmethod
-    def parse(cls, text: str) -> DeviceSpec:
-        """``NAME:KIND[:key=value,...]``, e.g. ``vf0:sim:size=64M,dirty-rate=4M``."""
-        parts = text.split(":", 2)
-        if len(parts) < 2 or not parts[0] or not parts[1]:
-            raise ConfigError(f"device {text!r}: expected NAME:KIND[:key=value,...]")
-        opts: dict[str, str] = {}
-        if len(parts) == 3 and parts[2]:
-            for item in parts[2].split(","):
-                key, eq, value = item.partition("=")
-                if not eq or not key:
-                    raise ConfigError(f"device {parts[0]}: option {item!r} is not key=value")
-                opts[key.strip()] = value.strip()
-        return cls(parts[0], parts[1], opts)
-
-
-@dataclasses.dataclass
-class DaemonConfig:
-    listen: str = "127.0.0.1:7707"
-    control: str = "/run/migd/migd.sock"
-    identity: str = "/etc/migd/identity.key"
-    authorized_keys: str = "/etc/migd/authorized_keys"
-    devices: list[DeviceSpec] = dataclasses.field(default_factory=list)
-    transport: str = "tcp"
-    ciphers: tuple[str, ...] = ("aes-256-gcm", "chacha20-poly1305")
-    idle_timeout: float = 30.0
-    stop_timeout: float = 60.0
+def parse_device(text: str) -> DeviceConfig:
+    """``NAME:KIND[:key=value,...]``, e.g. ``vf0:sim:size=64M,dirty-rate=4M``."""
+    parts = text.split(":", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"device {text!r}: expected NAME:KIND[:key=value,...]")
+    opts: dict[str, str] = {}
+    if len(parts) == 3 and parts[2]:
+        for item in parts[2].split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"device {parts[0]}: option {item!r} is not key=value")
+            opts[key.strip()] = value.strip()
+    return DeviceConfig(parts[0], parts[1], opts)
 
 
 class MemorySampler:
@@ -107,19 +88,18 @@ class MemorySampler:
 
 
 class Daemon:
-    def __init__(self, cfg: DaemonConfig) -> None:
+    def __init__(self, cfg: Config, reread: Callable[[], Config] | None = None) -> None:
         self.cfg = cfg
+        self._reread = reread
         identity = Identity.load(cfg.identity)
         authorized = AuthorizedKeys.load(cfg.authorized_keys)
-        for c in cfg.ciphers:
-            if c not in CIPHERS:
-                raise ConfigError(f"cipher {c!r} unknown; supported: {', '.join(CIPHERS)}")
         devices: dict[str, Device] = {}
         try:
             for spec in cfg.devices:
                 if spec.name in devices:
                     raise ConfigError(f"device {spec.name!r} defined twice")
-                devices[spec.name] = backends.REGISTRY.create(spec.kind, spec.name, spec.options)
+                devices[spec.name] = backends.REGISTRY.create(spec.backend, spec.name,
+                                                              spec.options)
         except BaseException:
             for d in devices.values():
                 d.close()
@@ -135,7 +115,9 @@ class Daemon:
         bank.prewarm(tx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
         bank.prewarm(rx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
         self.memory = MemorySampler()
+        self.notify = Notifier()
         self._stopping = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
         self._accepting = True
         self._listener: transports.Listener | None = None
         self._control: asyncio.AbstractServer | None = None
@@ -172,12 +154,53 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.notify.ready(self._status())
+        if self.notify.watchdog_interval:
+            self._watchdog = loop.create_task(self._ping(self.notify.watchdog_interval))
         await self._stopping.wait()
+        self.notify.stopping()
         await self.shutdown()
+
+    def _status(self) -> str:
+        active = [j for j in self.jobs.values() if not j.state.finished]
+        if not active:
+            return f"idle; {len(self.host.devices)} device(s), listening on {self.address}"
+        return "; ".join(f"{j.role} {j.device} {j.status.value} "
+                         f"{j.counters.transferred >> 20}/{j.total >> 20} MiB" for j in active)
+
+    async def _ping(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a wedged loop stops the pings."""
+        while True:
+            self.notify.watchdog()
+            self.notify.status(self._status())
+            await asyncio.sleep(interval)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read authorized keys, migration defaults and the log level.
+        Devices, addresses and the identity need a restart; a change is logged."""
+        self.notify.reloading()
+        try:
+            new = self.cfg if self._reread is None else self._reread()
+            self.host.authorized = AuthorizedKeys.load(new.authorized_keys)
+            self.cfg.defaults = new.defaults
+            self.cfg.authorized_keys = new.authorized_keys
+            logging.getLogger().setLevel(new.log_level.upper())
+            if [(d.name, d.backend, d.options) for d in new.devices] != [
+                    (d.name, d.backend, d.options) for d in self.cfg.devices] or (
+                    new.listen, new.identity, new.control) != (
+                    self.cfg.listen, self.cfg.identity, self.cfg.control):
+                log.warning("reload: device, address or identity changes need a restart")
+            log.info("configuration reloaded: %d authorized peer(s)", len(self.host.authorized))
+        except MigdError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc.message)
+        self.notify.ready(self._status())
 
     async def shutdown(self) -> None:
         """Stop accepting; let running migrations finish or roll back within the stop timeout."""
         self._accepting = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._listener is not None:
             self._listener.close()
         running = [j for j in self.jobs.values() if not j.state.finished]
@@ -195,6 +218,7 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cfg.control)
         self.memory.stop()
+        self.notify.close()
         self.host.workers.shutdown()
         for d in self.host.devices.values():
             d.close()
@@ -283,22 +307,24 @@ class Daemon:
         device, peer = args.get("device"), args.get("peer")
         if not isinstance(device, str) or not isinstance(peer, str):
             raise ConfigError("migrate: 'device' and 'peer' are required strings")
-        cipher = args.get("cipher", "aes-256-gcm")
+        d = self.cfg.defaults
+        cipher = args.get("cipher", d.cipher)
         if cipher not in CIPHERS:
             raise ConfigError(f"cipher {cipher!r} unknown; supported: {', '.join(CIPHERS)}")
         try:
             opts = MigrateOptions(
                 peer=peer, device=device, dest_device=str(args.get("dest-device") or device),
-                compress=parse_compress(str(args.get("compress", "zstd:1"))),
+                compress=parse_compress(str(args.get("compress", d.compress))),
                 ciphers=(cipher,),
-                chunk_size=parse_size(args.get("chunk-size", 1 << 20), "chunk-size"),
+                chunk_size=parse_size(args.get("chunk-size", d.chunk_size), "chunk-size"),
                 precopy=bool(args.get("precopy", True)),
-                downtime_limit_ms=int(args.get("downtime-limit", 300)),
+                downtime_limit_ms=int(args.get("downtime-limit", d.downtime_limit)),
                 max_iterations=int(args.get("max-iterations", 30)),
                 resume=bool(args.get("resume", True)),
                 timeout=float(args.get("timeout", 30.0)),
-                channels=int(args.get("channels", 2)),
-                max_bandwidth=parse_size(args.get("max-bandwidth", 0), "max-bandwidth"),
+                channels=int(args.get("channels", d.channels)),
+                max_bandwidth=parse_size(args.get("max-bandwidth", d.max_bandwidth),
+                                         "max-bandwidth"),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"migrate: bad argument: {exc}") from None
@@ -370,8 +396,9 @@ class Daemon:
         return {}
 
 
-async def serve(cfg: DaemonConfig, ready: Callable[[Daemon], None] | None = None) -> None:
-    daemon = Daemon(cfg)
+async def serve(cfg: Config, ready: Callable[[Daemon], None] | None = None,
+                reread: Callable[[], Config] | None = None) -> None:
+    daemon = Daemon(cfg, reread)
     try:
         await daemon.start()
     except BaseException:

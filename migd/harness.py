@@ -62,7 +62,8 @@ def write_identity(directory: str, name: str) -> Identity:
 
 def start_daemon(workdir: str, name: str, devices: Sequence[str],
                  authorized: Sequence[bytes], extra: Sequence[str] = (),
-                 identity: str | None = None, wait: float = 120.0) -> DaemonProc:
+                 identity: str | None = None, wait: float = 120.0,
+                 env: dict[str, str] | None = None) -> DaemonProc:
     """Start ``migd serve`` with a port chosen by the kernel; wait until it answers."""
     auth = os.path.join(workdir, f"{name}.authorized")
     with open(auth, "w") as f:
@@ -78,7 +79,8 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
         cmd += ["--device", d]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL,
+                                env=None if env is None else {**os.environ, **env})
     deadline = time.monotonic() + wait
     while not os.path.exists(port_file):
         if proc.poll() is not None or time.monotonic() > deadline:

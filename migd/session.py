@@ -83,6 +83,7 @@ class Job:
     error: MigdError | None = None
     cipher: str = ""
     compress: str = ""
+    channels: int = 1
     phase: str = "setup"
     rate: float = 0.0
     cpu_start: float = 0.0
@@ -120,6 +121,7 @@ class Job:
             "mbps": round(self.rate * 8 / 1e6, 1),
             "cipher": self.cipher,
             "compress": self.compress,
+            "channels": self.channels,
             "chunks": c.chunks,
             "zero-chunks": c.zero_chunks,
             "compressed-chunks": c.compressed_chunks,
@@ -197,6 +199,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
     job.cpu_start = time.process_time()
     job.state.fire(SessionEvent.START)
     job.compress = str(opts.compress)
+    job.channels = opts.channels
     dev: Device | None = None
     eps: list[Endpoint] = []
     sender: StreamSender | None = None
@@ -427,6 +430,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
             job.id = str(req["id"])[:64]
         job.cpu_start = time.process_time()
         job.cipher = est.cipher
+        job.channels = nchan
         job.state.fire(SessionEvent.START)
         jobs[job.id] = job
         dev = host.claim(name)

@@ -1,0 +1,182 @@
+"""``/etc/migd/migd.toml``: the daemon's configuration, checked whole at start.
+
+Every key is declared here once, with its type, default and meaning; the example
+file ``systemd/migd.toml`` documents each.  Unknown keys, wrong types and
+impossible values are refused with the key and the file named.  Command-line
+flags override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+from .codec import parse_compress
+from .crypto import CIPHERS
+from .errors import ConfigError
+from .units import parse_size
+
+DEFAULT_PATH = "/etc/migd/migd.toml"
+
+
+@dataclasses.dataclass
+class Defaults:
+    """What a migration uses when its request does not say."""
+
+    channels: int = 2
+    compress: str = "zstd:1"
+    cipher: str = "aes-256-gcm"
+    max_bandwidth: int = 0
+    downtime_limit: int = 300
+    chunk_size: int = 1 << 20
+
+
+@dataclasses.dataclass
+class DeviceConfig:
+    name: str
+    backend: str
+    options: dict[str, str]
+
+
+@dataclasses.dataclass
+class Config:
+    listen: str = "127.0.0.1:7707"
+    control: str = "/run/migd/migd.sock"
+    control_group: str = ""
+    identity: str = "/etc/migd/identity.key"
+    authorized_keys: str = "/etc/migd/authorized_keys"
+    transport: str = "tcp"
+    ciphers: tuple[str, ...] = ("aes-256-gcm", "chacha20-poly1305")
+    idle_timeout: float = 30.0
+    stop_timeout: float = 60.0
+    log_level: str = "info"
+    defaults: Defaults = dataclasses.field(default_factory=Defaults)
+    devices: list[DeviceConfig] = dataclasses.field(default_factory=list)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("a string")
+    return v
+
+
+def _positive_float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise TypeError("a positive number of seconds")
+    return float(v)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise TypeError(f"a whole number from {lo} to {hi}")
+        return v
+    return check
+
+
+def _size(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise TypeError("a size (bytes, or a string like \"1M\")")
+    return parse_size(v)
+
+
+def _ciphers(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v):
+        raise TypeError("a non-empty list of cipher names")
+    for c in v:
+        if c not in CIPHERS:
+            raise TypeError(f"ciphers from {', '.join(CIPHERS)} (not {c!r})")
+    return tuple(v)
+
+
+def _cipher(v: Any) -> str:
+    return _ciphers([v])[0]
+
+
+def _compress(v: Any) -> str:
+    parse_compress(_str(v))
+    return str(v)
+
+
+def _log_level(v: Any) -> str:
+    if v not in ("debug", "info", "warning", "error"):
+        raise TypeError("one of debug, info, warning, error")
+    return str(v)
+
+
+TOP: dict[str, Callable[[Any], Any]] = {
+    "listen": _str, "control": _str, "control_group": _str, "identity": _str,
+    "authorized_keys": _str, "transport": _str, "ciphers": _ciphers,
+    "idle_timeout": _positive_float, "stop_timeout": _positive_float, "log_level": _log_level,
+}
+DEFAULTS: dict[str, Callable[[Any], Any]] = {
+    "channels": _int_range(1, 16), "compress": _compress, "cipher": _cipher,
+    "max_bandwidth": _size, "downtime_limit": _int_range(0, 3_600_000),
+    "chunk_size": lambda v: _checked_chunk(_size(v)),
+}
+
+
+def _checked_chunk(n: int) -> int:
+    if not 4096 <= n <= 16 << 20:
+        raise TypeError("a chunk size from 4K to 16M")
+    return n
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
+    cfg = Config()
+
+    def take(table: dict[str, Any], schema: dict[str, Callable[[Any], Any]], prefix: str,
+             target: object) -> None:
+        for key, value in table.items():
+            check = schema.get(key)
+            if check is None:
+                known = ", ".join(sorted(schema))
+                raise ConfigError(f"{path}: unknown key '{prefix}{key}' (known: {known})")
+            try:
+                setattr(target, key, check(value))
+            except (TypeError, ConfigError) as exc:
+                why = exc.message if isinstance(exc, ConfigError) else f"must be {exc}"
+                raise ConfigError(f"{path}: '{prefix}{key}' {why}") from None
+
+    top = {k: v for k, v in raw.items() if k not in ("defaults", "devices")}
+    take(top, TOP, "", cfg)
+    defaults = raw.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: 'defaults' must be a table")
+    take(defaults, DEFAULTS, "defaults.", cfg.defaults)
+    devices = raw.get("devices", {})
+    if not isinstance(devices, dict):
+        raise ConfigError(f"{path}: 'devices' must be a table of devices")
+    for name, dev in devices.items():
+        where = f"devices.{name}"
+        if not isinstance(dev, dict):
+            raise ConfigError(f"{path}: '{where}' must be a table")
+        unknown = set(dev) - {"backend", "options"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown key '{where}.{sorted(unknown)[0]}' "
+                              "(known: backend, options)")
+        backend = dev.get("backend")
+        if not isinstance(backend, str):
+            raise ConfigError(f"{path}: '{where}.backend' must be a string")
+        options = dev.get("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"{path}: '{where}.options' must be a table")
+        bad = [k for k, v in options.items()
+               if isinstance(v, bool) or not isinstance(v, str | int)]
+        if bad:
+            raise ConfigError(f"{path}: '{where}.options.{bad[0]}' must be a string or a number")
+        cfg.devices.append(DeviceConfig(name, backend, {k: str(v) for k, v in options.items()}))
+    return cfg

@@ -1,0 +1,91 @@
+"""The daemon as systemd runs it: a config file, the notify protocol, SIGHUP, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import time
+
+from migd.harness import local_pair, start_daemon
+from migd.identity import public_line
+
+
+def recv_until(sock: socket.socket, want: str, timeout: float = 15) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any(want in m for m in got):
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            raise AssertionError(f"no {want!r} from the daemon; got {got}") from None
+    return got
+
+
+def test_notify_reload_and_stop_from_a_config_file(tmp_path: pathlib.Path) -> None:
+    with local_pair(["vf0:sim:size=4M"], []) as p:
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp_path / "notify"))
+        conf = tmp_path / "migd.toml"
+        # the harness gives --authorized-keys: a flag, which must survive reloads too
+        auth = pathlib.Path(p.workdir) / "cfg.authorized"
+        conf.write_text('''
+authorized_keys = "/nonexistent/overridden-by-the-flag"
+log_level = "debug"
+[defaults]
+compress = "none"
+channels = 1
+[devices.vf0]
+backend = "sim"
+options = { size = "4M", content = "zero" }
+''')
+        d = start_daemon(p.workdir, "cfg", [], [p.keys["src"].public],
+                         extra=["--config", str(conf)],
+                         identity=os.path.join(p.workdir, "dst.key"),  # one the source trusts
+                         env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"})
+        try:
+            ready = recv_until(notify, "READY=1")
+            assert any("STATUS=idle; 1 device(s)" in m for m in ready)
+            assert any("WATCHDOG=1" in m for m in recv_until(notify, "WATCHDOG=1"))
+            # the config file's device and [defaults] are what this daemon uses
+            assert [x["name"] for x in d.call("query-devices")] == ["vf0"]
+            with p.src.client() as c:
+                final = c.migrate_follow({"device": "vf0", "peer": d.address})
+            assert final["status"] == "completed"
+            (incoming,) = d.call("query-migrate")
+            assert incoming["status"] == "completed"
+            # and back, with nothing said but device and peer: the file's [defaults] apply
+            with d.client() as c:
+                back = c.migrate_follow({"device": "vf0", "peer": p.src.address})
+            assert back["status"] == "completed" and back["compress"] == "none"
+            assert back["channels"] == 1
+            assert back["wire-bytes"] > back["transferred"] * 0.5  # nothing was compressed
+            # SIGHUP re-reads authorized keys: drop the source, and it is refused
+            auth.write_text(public_line(os.urandom(32), "someone else") + "\n")
+            d.proc.send_signal(signal.SIGHUP)
+            reload = recv_until(notify, "READY=1")
+            assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in reload)
+            with p.src.client() as c:
+                final = c.migrate_follow({"device": "vf0", "peer": d.address})
+            assert final["status"] == "failed" and "unknown-peer" in final["error-desc"]
+            # SIGTERM: STOPPING=1, then a clean exit
+            d.proc.send_signal(signal.SIGTERM)
+            assert any("STOPPING=1" in m for m in recv_until(notify, "STOPPING=1"))
+            assert d.proc.wait(30) == 0
+        finally:
+            d.stop()
+            notify.close()
+
+
+def test_bad_config_file_stops_the_daemon_at_start(tmp_path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    conf = tmp_path / "migd.toml"
+    conf.write_text("[defaults]\nchannels = 99\n")
+    r = subprocess.run([sys.executable, "-m", "migd", "serve", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert str(conf) in r.stderr and "'defaults.channels' must be a whole number" in r.stderr

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from migd.config import load, parse
+from migd.errors import ConfigError
+
+
+def write(tmp_path: pathlib.Path, text: str) -> str:
+    p = tmp_path / "migd.toml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('listn = "x"', "unknown key 'listn'"),
+    ('idle_timeout = "soon"', "'idle_timeout' must be a positive number"),
+    ("idle_timeout = -1", "'idle_timeout' must be a positive number"),
+    ('ciphers = ["rot13"]', "'ciphers' must be ciphers from"),
+    ('log_level = "loud"', "'log_level' must be one of"),
+    ("[defaults]\nchannels = 0", "'defaults.channels' must be a whole number from 1 to 16"),
+    ("[defaults]\nchannels = true", "'defaults.channels'"),
+    ('[defaults]\ncompress = "lz4"', "'defaults.compress' compress: 'lz4' unknown"),
+    ('[defaults]\nchunk_size = "64M"', "'defaults.chunk_size' must be a chunk size"),
+    ('[defaults]\nmax_bandwidth = "fast"', "'defaults.max_bandwidth' size: 'fast' is not a size"),
+    ("[defaults]\ncolour = 1", "unknown key 'defaults.colour'"),
+    ("[devices.vf0]\noptions = {}", "'devices.vf0.backend' must be a string"),
+    ('[devices.vf0]\nbackend = "sim"\nsize = 1', "unknown key 'devices.vf0.size'"),
+    ('[devices.vf0]\nbackend = "sim"\noptions = { size = [1] }',
+     "'devices.vf0.options.size' must be a string or a number"),
+    ("listen = ", "not valid TOML"),
+])
+def test_bad_configuration_names_key_and_file(tmp_path: pathlib.Path, text: str,
+                                              message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        load(path)
+    assert path in ei.value.message and message in ei.value.message
+
+
+def test_missing_file_and_good_file(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load(str(tmp_path / "none.toml"))
+    cfg = parse({"listen": "127.0.0.1:1", "defaults": {"max_bandwidth": "100M", "channels": 4},
+                 "devices": {"a": {"backend": "sim", "options": {"size": 4096}}}})
+    assert cfg.defaults.max_bandwidth == 100 << 20 and cfg.defaults.channels == 4
+    assert cfg.devices[0].options == {"size": "4096"}
