@@ -11,7 +11,9 @@ from migd.notify import Notifier
 
 def test_path_and_abstract_sockets(tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "notify")
-    for addr, env in [(path, path), (b"\0migd-test-%d" % os.getpid(), f"@migd-test-{os.getpid()}")]:
+    places: list[tuple[str | bytes, str]] = [
+        (path, path), (b"\0migd-test-%d" % os.getpid(), f"@migd-test-{os.getpid()}")]
+    for addr, env in places:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(addr)
         sock.settimeout(5)
