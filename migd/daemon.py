@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import logging
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -142,7 +145,10 @@ class Daemon:
             os.unlink(path)
         self._control = await asyncio.start_unix_server(self._client, path=path,
                                                         limit=MAX_REQUEST)
+        self._control_gid = self._group_id(self.cfg.control_group)
         os.chmod(path, 0o660)
+        if self._control_gid is not None:
+            os.chown(path, -1, self._control_gid)
         log.info("migd listening on %s (%s), control %s, devices: %s", self._listener.address,
                  self.cfg.transport, path, ", ".join(self.host.devices) or "none")
 
@@ -231,7 +237,44 @@ class Daemon:
 
     # --- control socket -------------------------------------------------------------
 
+    @staticmethod
+    def _group_id(name: str) -> int | None:
+        if not name:
+            return None
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise ConfigError(f"control_group {name!r}: no such group") from None
+
+    def _peer_allowed(self, sock: socket.socket) -> tuple[bool, str]:
+        """SO_PEERCRED: root, this daemon's own user, or a member of control_group."""
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+        if uid in (0, os.getuid()):
+            return True, ""
+        if self._control_gid is not None:
+            groups = {gid}
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("Groups:"):
+                            groups.update(int(g) for g in line.split()[1:])
+            except OSError:
+                pass
+            if self._control_gid in groups:
+                return True, ""
+        who = f"uid {uid}"
+        allowed = f"root or group {self.cfg.control_group!r}" if self.cfg.control_group else "root"
+        return False, f"{who} may not control migd (only {allowed})"
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        allowed, why = self._peer_allowed(writer.get_extra_info("socket"))
+        if not allowed:
+            log.warning("control connection refused: %s", why)
+            with contextlib.suppress(ConnectionError):
+                await self._reply(writer, None, error=ConfigError(why))
+            writer.close()
+            return
         try:
             while True:
                 try:

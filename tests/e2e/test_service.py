@@ -89,3 +89,52 @@ def test_bad_config_file_stops_the_daemon_at_start(tmp_path: pathlib.Path) -> No
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert str(conf) in r.stderr and "'defaults.channels' must be a whole number" in r.stderr
+
+
+def as_nobody(control: str) -> str:
+    """Ask ``control`` for query-migrate from a child running as nobody: the
+    interpreter is already loaded, so only the privileges change."""
+    import json
+
+    from migd.control import ControlClient
+
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(rd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                with ControlClient(control, timeout=10) as c:
+                    out = "ok " + json.dumps(c.call("query-migrate"))
+            except Exception as exc:
+                out = f"error {exc}"
+            os.write(wr, out.encode())
+        finally:
+            os._exit(0)
+    os.close(wr)
+    with os.fdopen(rd) as f:
+        answer = f.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+def test_control_socket_is_for_root_and_its_group(tmp_path: pathlib.Path) -> None:
+    assert os.getuid() == 0, "these checks need root to act as another user"
+    with local_pair(["vf0:sim:size=4M"], []) as p:
+        os.chmod(p.workdir, 0o755)  # let nobody reach the socket file itself
+        assert "Permission denied" in as_nobody(p.src.control)  # mode 0660, root's
+        os.chmod(p.src.control, 0o666)  # misconfigured: SO_PEERCRED still refuses
+        assert "uid 65534 may not control migd (only root)" in as_nobody(p.src.control)
+        # with control_group, its members are welcome
+        conf = tmp_path / "migd.toml"
+        conf.write_text('control_group = "nogroup"\n')
+        d = start_daemon(p.workdir, "grp", ["vf0:sim:size=4M"], [],
+                         extra=["--config", str(conf)], identity=os.path.join(p.workdir, "src.key"))
+        try:
+            assert os.stat(d.control).st_gid == 65534 and os.stat(d.control).st_mode & 0o777 == 0o660
+            assert as_nobody(d.control) == "ok []"
+        finally:
+            d.stop()
