@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--control", default=DEFAULT_CONTROL)
     st.add_argument("--json", action="store_true")
 
+    ls = sub.add_parser("list", help="devices and migrations of the local daemon")
+    ls.add_argument("--control", default=DEFAULT_CONTROL)
+    ls.add_argument("--json", action="store_true")
+
     c = sub.add_parser("cancel", help="cancel a migration (succeeds with none running)")
     c.add_argument("id", nargs="?")
     c.add_argument("--control", default=DEFAULT_CONTROL)
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.cmd == "cancel":
             return _cancel(args)
+        if args.cmd == "list":
+            return _list(args)
         if args.cmd == "bench":
             from .bench import run_bench
 
@@ -242,6 +248,22 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def migrations_table(jobs: list[dict[str, Any]]) -> str:
+    return table(["id", "role", "device", "peer", "status", "moved", "downtime", "error"], [
+        [j["id"], j["role"], j["device"], j["peer"], j["status"],
+         f"{human_bytes(j.get('transferred', 0))}/{human_bytes(j.get('total', 0))}",
+         f"{j['downtime']} ms" if "downtime" in j else "-", j.get("error-desc", "")[:40]]
+        for j in jobs])
+
+
 def _status(args: argparse.Namespace) -> int:
     from .control import ControlClient
 
@@ -249,9 +271,26 @@ def _status(args: argparse.Namespace) -> int:
         res = c.call("query-migrate", **({"id": args.id} if args.id else {}))
     if args.json:
         print(json.dumps(res))
+    elif args.id:
+        print(summary(res))
     else:
-        for d in res if isinstance(res, list) else [res]:
-            print(summary(d))
+        print(migrations_table(res) if res else "no migrations")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .control import ControlClient
+
+    with ControlClient(args.control) as c:
+        devices, jobs = c.call("query-devices"), c.call("query-migrate")
+    if args.json:
+        print(json.dumps({"devices": devices, "migrations": jobs}))
+        return 0
+    print(table(["device", "kind", "state", "size", "busy"], [
+        [d["name"], d["kind"], d["state"], human_bytes(d["state_size"]),
+         "yes" if d["busy"] else "no"] for d in devices]))
+    print()
+    print(migrations_table(jobs) if jobs else "no migrations")
     return 0
 
 

@@ -127,6 +127,20 @@ def test_hisi_vf_through_daemons_and_an_incompatible_target() -> None:
         assert vf1["state"] == "RUNNING"
 
 
+def test_cli_list_and_status_tables(pair: Pair) -> None:
+    assert migrate(pair)["status"] == "completed"
+    r = migd("list", "--control", pair.src.control)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["DEVICE", "KIND", "STATE", "SIZE", "BUSY"]
+    assert lines[1].split()[:3] == ["vf0", "sim", "STOP"]
+    assert any("source" in line and "completed" in line for line in lines)
+    r = migd("status", "--control", pair.dst.control)
+    assert r.returncode == 0 and "destination" in r.stdout and "completed" in r.stdout
+    listed = json.loads(migd("list", "--control", pair.src.control, "--json").stdout)
+    assert listed["devices"][0]["name"] == "vf0" and len(listed["migrations"]) == 1
+
+
 def test_cli_multichannel(pair: Pair) -> None:
     r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
              "--channels", "3", "--chunk-size", "256K", "--json")
