@@ -52,6 +52,7 @@ class Config:
     idle_timeout: float = 30.0
     stop_timeout: float = 60.0
     log_level: str = "info"
+    metrics: str = ""
     defaults: Defaults = dataclasses.field(default_factory=Defaults)
     devices: list[DeviceConfig] = dataclasses.field(default_factory=list)
 
@@ -110,6 +111,7 @@ TOP: dict[str, Callable[[Any], Any]] = {
     "listen": _str, "control": _str, "control_group": _str, "identity": _str,
     "authorized_keys": _str, "transport": _str, "ciphers": _ciphers,
     "idle_timeout": _positive_float, "stop_timeout": _positive_float, "log_level": _log_level,
+    "metrics": _str,
 }
 DEFAULTS: dict[str, Callable[[Any], Any]] = {
     "channels": _int_range(1, 16), "compress": _compress, "cipher": _cipher,

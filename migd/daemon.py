@@ -34,6 +34,7 @@ from .config import Config, DeviceConfig
 from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
 from .identity import AuthorizedKeys, Identity
+from .metrics import Metrics
 from .notify import Notifier
 from .session import Host, Incoming, Job, MigrateOptions, check_options, run_source, serve_connection
 from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
@@ -118,6 +119,8 @@ class Daemon:
         bank.prewarm(tx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
         bank.prewarm(rx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
         self.memory = MemorySampler()
+        self.metrics = Metrics(lambda: sum(not j.state.finished for j in self.jobs.values()))
+        self.host.on_finish = self.metrics.finished
         self.notify = Notifier()
         self._stopping = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
@@ -149,6 +152,8 @@ class Daemon:
         os.chmod(path, 0o660)
         if self._control_gid is not None:
             os.chown(path, -1, self._control_gid)
+        if self.cfg.metrics:
+            log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics))
         log.info("migd listening on %s (%s), control %s, devices: %s", self._listener.address,
                  self.cfg.transport, path, ", ".join(self.host.devices) or "none")
 
@@ -224,6 +229,7 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cfg.control)
         self.memory.stop()
+        self.metrics.close()
         self.notify.close()
         self.host.workers.shutdown()
         for d in self.host.devices.values():
@@ -420,6 +426,7 @@ class Daemon:
         t = os.times()
         return {"cpu_seconds": t.user + t.system, "mem_peak_bytes": self.memory.peak,
                 "mem_now_bytes": MemorySampler.current(), "pid": os.getpid(),
+                "metrics_address": self.metrics.address,
                 "uptime": time.monotonic()}
 
     async def _cmd_cancel(self, args: dict[str, Any]) -> Any:

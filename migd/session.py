@@ -162,6 +162,16 @@ class Host:
     idle_timeout: float = 30.0
     #: Announced bytes a destination accepts, as a multiple of the device state size.
     stream_limit_factor: int = 8
+    #: Told about every migration that ends (metrics).
+    on_finish: Callable[[Job], None] | None = None
+
+    def finished(self, job: Job) -> None:
+        job.done.set()
+        if self.on_finish is not None:
+            try:
+                self.on_finish(job)
+            except Exception:
+                log.exception("migration observer failed")
 
     def claim(self, name: str) -> Device:
         dev = self.devices.get(name)
@@ -290,7 +300,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
             e.channel.close()
         if dev is not None:
             host.busy.discard(opts.device)
-        job.done.set()
+        host.finished(job)
 
 
 async def _abort_all(eps: list[Endpoint], err: MigdError) -> None:
@@ -494,7 +504,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
         if claimed:
             host.busy.discard(claimed)
         if job is not None:
-            job.done.set()
+            host.finished(job)
 
 
 def check_options(opts: MigrateOptions, host: Host) -> None:

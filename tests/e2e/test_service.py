@@ -138,3 +138,30 @@ def test_control_socket_is_for_root_and_its_group(tmp_path: pathlib.Path) -> Non
             assert as_nobody(d.control) == "ok []"
         finally:
             d.stop()
+
+
+def test_prometheus_endpoint(tmp_path: pathlib.Path) -> None:
+    import urllib.request
+
+    conf = tmp_path / "migd.toml"
+    conf.write_text('metrics = "127.0.0.1:0"\n')
+    with local_pair(["vf0:sim:size=4M", "vf1:sim:size=4M"], [],
+                    dst_also_trusts=[]) as p:
+        d = start_daemon(p.workdir, "mon", ["vf0:sim:size=4M,content=zero"], [p.keys["src"].public],
+                         extra=["--config", str(conf)], identity=os.path.join(p.workdir, "dst.key"))
+        try:
+            with p.src.client() as c:
+                assert c.migrate_follow({"device": "vf0", "peer": d.address})["status"] == \
+                    "completed"
+                assert c.migrate_follow({"device": "vf1", "peer": d.address,
+                                         "dest-device": "nope"})["status"] == "failed"
+            address = d.call("query-stats")["metrics_address"]
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            assert 'migd_migrations_total{result="completed",role="destination"} 1.0' in text
+            assert 'migd_migrations_total{result="failed",role="destination"} 1.0' in text
+            assert 'migd_state_bytes_total{direction="received"}' in text
+            assert "migd_setup_seconds_count 1.0" in text  # downtime is the source's to measure
+            assert "migd_active_migrations 0.0" in text
+        finally:
+            d.stop()
