@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="migrate one device to a peer daemon")
     m.add_argument("device")
     m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination daemon")
-    m.add_argument("--dest-device", help="device name on the destination (default: same)")
+    m.add_argument("--dest-device", help="device name on the destination (default: same, or "
+                                         "the VF the destination prepared for this one)")
+    m.add_argument("--vm", default="", help="the VM this VF belongs to (destination placement)")
     m.add_argument("--stay-stopped", action="store_true",
                    help="load the destination VF but leave it stopped")
     m.add_argument("--control", default=DEFAULT_CONTROL)
@@ -218,6 +220,7 @@ def _migrate(args: argparse.Namespace) -> int:
     req = migrate_args(args, args.device, args.to)
     req["dest-device"] = args.dest_device or args.device
     req["resume"] = not args.stay_stopped
+    req["vm"] = args.vm
     tty = sys.stderr.isatty()
 
     def show(d: dict[str, Any]) -> None:

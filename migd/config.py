@@ -9,6 +9,7 @@ flags override the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from .errors import ConfigError
 from .units import parse_size
 
 DEFAULT_PATH = "/etc/migd/migd.toml"
+PCI_ADDRESS = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 
 
 @dataclasses.dataclass
@@ -38,6 +40,10 @@ class DeviceConfig:
     name: str
     backend: str
     options: dict[str, str]
+    #: The VF's PCI address on this host (DDDD:BB:SS.F), as libvirt names it.
+    address: str = ""
+    #: Whether incoming migrations may be placed on it (libvirt hook, prepare-incoming).
+    pool: bool = False
 
 
 @dataclasses.dataclass
@@ -166,10 +172,16 @@ def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
         where = f"devices.{name}"
         if not isinstance(dev, dict):
             raise ConfigError(f"{path}: '{where}' must be a table")
-        unknown = set(dev) - {"backend", "options"}
+        unknown = set(dev) - {"backend", "options", "address", "pool"}
         if unknown:
             raise ConfigError(f"{path}: unknown key '{where}.{sorted(unknown)[0]}' "
-                              "(known: backend, options)")
+                              "(known: backend, options, address, pool)")
+        address = dev.get("address", "")
+        if not isinstance(address, str) or (address and not PCI_ADDRESS.fullmatch(address)):
+            raise ConfigError(f"{path}: '{where}.address' must be a PCI address DDDD:BB:SS.F")
+        pool = dev.get("pool", False)
+        if not isinstance(pool, bool):
+            raise ConfigError(f"{path}: '{where}.pool' must be true or false")
         backend = dev.get("backend")
         if not isinstance(backend, str):
             raise ConfigError(f"{path}: '{where}.backend' must be a string")
@@ -180,5 +192,6 @@ def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
                if isinstance(v, bool) or not isinstance(v, str | int)]
         if bad:
             raise ConfigError(f"{path}: '{where}.options.{bad[0]}' must be a string or a number")
-        cfg.devices.append(DeviceConfig(name, backend, {k: str(v) for k, v in options.items()}))
+        cfg.devices.append(DeviceConfig(name, backend, {k: str(v) for k, v in options.items()},
+                                        address.lower(), pool))
     return cfg

@@ -28,9 +28,10 @@ from typing import Any
 import backends
 import transports
 from backends.base import Device
+from backends.states import DeviceState
 
 from .codec import parse_compress
-from .config import Config, DeviceConfig
+from .config import PCI_ADDRESS, Config, DeviceConfig
 from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
 from .identity import AuthorizedKeys, Identity
@@ -110,7 +111,8 @@ class Daemon:
             raise
         self.host = Host(identity=identity, authorized=authorized, workers=Workers(),
                          devices=devices, transport=transports.REGISTRY.create(cfg.transport),
-                         ciphers=cfg.ciphers, idle_timeout=cfg.idle_timeout)
+                         ciphers=cfg.ciphers, idle_timeout=cfg.idle_timeout,
+                         addresses={d.name: d.address for d in cfg.devices if d.address})
         self.jobs: dict[str, Job] = {}
         self.incoming: dict[bytes, Incoming] = {}
         # One migration each way can start without allocating: fresh pages are
@@ -134,6 +136,8 @@ class Daemon:
             "device-digest": self._cmd_digest,
             "device-dump": self._cmd_dump,
             "query-stats": self._cmd_stats,
+            "prepare-incoming": self._cmd_prepare_incoming,
+            "release-vm": self._cmd_release_vm,
             "cancel": self._cmd_cancel,
             "quit": self._cmd_quit,
         }
@@ -349,7 +353,7 @@ class Daemon:
             raise ConfigError("daemon is shutting down")
         known = {"device", "peer", "dest-device", "compress", "cipher", "chunk-size", "precopy",
                  "downtime-limit", "max-iterations", "resume", "timeout", "follow", "interval",
-                 "channels", "max-bandwidth"}
+                 "channels", "max-bandwidth", "vm"}
         unknown = set(args) - known
         if unknown:
             raise ConfigError(f"migrate: unknown argument(s) {', '.join(sorted(unknown))}")
@@ -374,6 +378,7 @@ class Daemon:
                 channels=int(args.get("channels", d.channels)),
                 max_bandwidth=parse_size(args.get("max-bandwidth", d.max_bandwidth),
                                          "max-bandwidth"),
+                vm=str(args.get("vm", "")),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"migrate: bad argument: {exc}") from None
@@ -428,6 +433,51 @@ class Daemon:
                 "mem_now_bytes": MemorySampler.current(), "pid": os.getpid(),
                 "metrics_address": self.metrics.address,
                 "uptime": time.monotonic()}
+
+    async def _cmd_prepare_incoming(self, args: dict[str, Any]) -> Any:
+        """Reserve a free pool VF of ``kind`` for the source VF at ``source-address``."""
+        src, kind, vm = args.get("source-address"), args.get("kind"), args.get("vm", "")
+        if not isinstance(src, str) or not PCI_ADDRESS.fullmatch(src):
+            raise ConfigError("prepare-incoming: 'source-address' must be a PCI address")
+        src = src.lower()
+        if not isinstance(vm, str):
+            raise ConfigError("prepare-incoming: 'vm' must be a string")
+        held = self.host.reservations.get((vm, src))
+        if held is not None:  # idempotent: libvirt may retry
+            return self._reservation(held)
+        taken = set(self.host.reservations.values())
+        for spec in self.cfg.devices:
+            dev = self.host.devices[spec.name]
+            if (spec.pool and spec.name not in taken and spec.name not in self.host.busy
+                    and (kind is None or dev.kind == kind)):
+                self.host.reservations[(vm, src)] = spec.name
+                log.info("prepared %s for incoming VF %s of %s", spec.name, src, vm or "-")
+                return self._reservation(spec.name)
+        raise ConfigError(f"no free pool VF{' of kind ' + kind if kind else ''} for incoming "
+                          f"VF {src}")
+
+    def _reservation(self, name: str) -> dict[str, str]:
+        spec = next(s for s in self.cfg.devices if s.name == name)
+        return {"device": name, "address": spec.address, "kind": self.host.devices[name].kind}
+
+    async def _cmd_release_vm(self, args: dict[str, Any]) -> Any:
+        """After a VM left (libvirt: release end migrated): drop its reservations and
+        reset its migrated-away source VFs so they can host another VM."""
+        vm = args.get("vm")
+        if not isinstance(vm, str) or not vm:
+            raise ConfigError("release-vm: 'vm' is required")
+        dropped = [key for key in self.host.reservations if key[0] == vm]
+        for key in dropped:
+            del self.host.reservations[key]
+        reset = []
+        for address in args.get("addresses", []):
+            spec = next((s for s in self.cfg.devices if s.address == str(address).lower()), None)
+            dev = self.host.devices.get(spec.name) if spec else None
+            if dev is not None and spec is not None and spec.name not in self.host.busy \
+                    and dev.state == DeviceState.STOP:
+                dev.reset()
+                reset.append(spec.name)
+        return {"released": [address for _, address in dropped], "reset": reset}
 
     async def _cmd_cancel(self, args: dict[str, Any]) -> Any:
         """Like QEMU's migrate_cancel: succeeds even with nothing running."""

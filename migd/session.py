@@ -61,6 +61,7 @@ class MigrateOptions:
     inflight: int = 8
     channels: int = 2
     max_bandwidth: int = 0  # wire bytes/s, 0 = unlimited (QEMU's max-bandwidth)
+    vm: str = ""  # the VM this VF belongs to, for placement on the destination
 
 
 @dataclasses.dataclass
@@ -164,6 +165,22 @@ class Host:
     stream_limit_factor: int = 8
     #: Told about every migration that ends (metrics).
     on_finish: Callable[[Job], None] | None = None
+    #: Incoming placements made by prepare-incoming: (VM, source VF address) -> device.
+    reservations: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+
+    def placed(self, vm: object, address: object) -> str | None:
+        """The device reserved for an incoming VF: by VM and address, or by address
+        alone when only one reservation has it (sources on different hosts may
+        reuse the same PCI addresses)."""
+        if not isinstance(address, str) or not address:
+            return None
+        address = address.lower()
+        if isinstance(vm, str) and vm:
+            return self.reservations.get((vm, address))
+        matches = [d for (_, a), d in self.reservations.items() if a == address]
+        return matches[0] if len(matches) == 1 else None
+    #: Local device -> its PCI address, sent along so the destination can place it.
+    addresses: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def finished(self, job: Job) -> None:
         job.done.set()
@@ -229,6 +246,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
             "t": "migrate", "id": job.id, "device": opts.dest_device or opts.device,
             "kind": dev.kind, "compat": dev.compat(), "state_size": dev.state_size(),
             "precopy": precopy, "resume": opts.resume, "channels": opts.channels,
+            "source_address": host.addresses.get(opts.device, ""), "vm": opts.vm,
         })
         accept = await ep.expect("accept", opts.timeout)
         limit, token = accept.get("limit"), accept.get("token")
@@ -430,6 +448,9 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
         if req.get("t") != "migrate":
             raise ProtocolError(f"expected 'migrate' or 'join', peer sent {req.get('t')!r}")
         name = req.get("device")
+        placed = host.placed(req.get("vm"), req.get("source_address"))
+        if placed is not None:
+            name = placed  # the VF prepare-incoming reserved for it
         if not isinstance(name, str):
             raise ProtocolError("migrate: device name missing")
         nchan = req.get("channels", 1)
