@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address-file", help="write the bound listen address here once ready")
     s.add_argument("--log-level")
 
-    m = sub.add_parser("migrate", help="migrate one device to a peer daemon")
-    m.add_argument("device")
+    m = sub.add_parser("migrate", help="migrate a device, or all VFs of a VM together, to a peer")
+    m.add_argument("device", nargs="+",
+                   help="device(s); several switch over together, as one VM (all need P2P)")
     m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination daemon")
     m.add_argument("--dest-device", help="device name on the destination (default: same, or "
                                          "the VF the destination prepared for this one)")
@@ -217,8 +218,16 @@ def summary(d: dict[str, Any]) -> str:
 def _migrate(args: argparse.Namespace) -> int:
     from .control import ControlClient
 
-    req = migrate_args(args, args.device, args.to)
-    req["dest-device"] = args.dest_device or args.device
+    if len(args.device) == 1:
+        req = migrate_args(args, args.device[0], args.to)
+        req["dest-device"] = args.dest_device or args.device[0]
+    else:
+        if args.dest_device:
+            raise ConfigError("--dest-device names one device; a VM's VFs keep their names "
+                              "or are placed by the destination")
+        req = migrate_args(args, "", args.to)
+        del req["device"]
+        req["devices"] = args.device
     req["resume"] = not args.stay_stopped
     req["vm"] = args.vm
     tty = sys.stderr.isatty()

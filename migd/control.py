@@ -85,6 +85,8 @@ class ControlClient:
             msg = self._read()
             data = msg.get("data", {})
             yield data
-            if data.get("status") in ("completed", "failed", "cancelled"):
+            if data.get("status") in ("completed", "failed", "cancelled") and all(
+                    d.get("status") in ("completed", "failed", "cancelled")
+                    for d in data.get("devices", [])):
                 return
 

@@ -37,7 +37,18 @@ from .errors import ConfigError, MigdError
 from .identity import AuthorizedKeys, Identity
 from .metrics import Metrics
 from .notify import Notifier
-from .session import Host, Incoming, Job, MigrateOptions, check_options, run_source, serve_connection
+from .session import (
+    Host,
+    Incoming,
+    Job,
+    MigrateOptions,
+    Switchover,
+    VmJob,
+    check_options,
+    check_vm,
+    run_source,
+    serve_connection,
+)
 from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
 from .units import parse_size
 
@@ -115,6 +126,8 @@ class Daemon:
                          addresses={d.name: d.address for d in cfg.devices if d.address})
         self.jobs: dict[str, Job] = {}
         self.incoming: dict[bytes, Incoming] = {}
+        self.vm_jobs: dict[str, VmJob] = {}
+        self._vm_watchers: set[asyncio.Task[None]] = set()
         # One migration each way can start without allocating: fresh pages are
         # expensive here, so the daemon pays for them once, at start.
         bank = self.host.workers.bank
@@ -329,7 +342,7 @@ class Daemon:
             if handler is None:
                 raise ConfigError(f"unknown command {cmd!r}; commands: {', '.join(self._commands)}")
             if cmd == "migrate" and args.get("follow"):
-                job = await self._start_migration(args)
+                job = await self._start(args)
                 await self._reply(writer, rid, {"id": job.id})
                 await self._follow(job, writer, float(args.get("interval", 0.25)))
                 return
@@ -337,7 +350,8 @@ class Daemon:
         except MigdError as exc:
             await self._reply(writer, rid, error=exc)
 
-    async def _follow(self, job: Job, writer: asyncio.StreamWriter, interval: float) -> None:
+    async def _follow(self, job: Job | VmJob, writer: asyncio.StreamWriter,
+                      interval: float) -> None:
         while not job.done.is_set():
             writer.write(json.dumps({"event": "MIGRATION", "data": job.query()}).encode() + b"\n")
             await writer.drain()
@@ -348,7 +362,38 @@ class Daemon:
 
     # --- commands ----------------------------------------------------------------------
 
-    async def _start_migration(self, args: dict[str, Any]) -> Job:
+    async def _start(self, args: dict[str, Any]) -> Job | VmJob:
+        """One device, or with ``devices`` all VFs of a VM switching over together."""
+        devices = args.get("devices")
+        if devices is None:
+            return await self._start_migration(args)
+        if (not isinstance(devices, list) or not devices
+                or not all(isinstance(d, str) for d in devices) or len(set(devices)) != len(devices)):
+            raise ConfigError("migrate: 'devices' must be a list of distinct device names")
+        dests = args.get("dest-devices", devices)
+        if not isinstance(dests, list) or len(dests) != len(devices):
+            raise ConfigError("migrate: 'dest-devices' must name one device per device")
+        if "device" in args or "dest-device" in args:
+            raise ConfigError("migrate: give 'device' or 'devices', not both")
+        for name in devices:
+            if name not in self.host.devices:
+                raise ConfigError(f"no device named {name!r} on this host")
+        check_vm(self.host, devices)
+        switchover = Switchover(len(devices)) if len(devices) > 1 else None
+        base = {k: v for k, v in args.items() if k not in ("devices", "dest-devices", "follow",
+                                                           "interval")}
+        jobs = [await self._start_migration(dict(base, device=d, **{"dest-device": dd}),
+                                            switchover)
+                for d, dd in zip(devices, dests, strict=True)]
+        vm = VmJob(str(args.get("vm", "")), str(args.get("peer")), jobs)
+        if switchover is not None:
+            switchover.jobs = jobs
+        self.vm_jobs[vm.id] = vm
+        self._vm_watchers.add(asyncio.create_task(vm.watch()))
+        return vm
+
+    async def _start_migration(self, args: dict[str, Any],
+                               switchover: Switchover | None = None) -> Job:
         if not self._accepting:
             raise ConfigError("daemon is shutting down")
         known = {"device", "peer", "dest-device", "compress", "cipher", "chunk-size", "precopy",
@@ -385,18 +430,18 @@ class Daemon:
         check_options(opts, self.host)
         job = Job("source", device, peer=peer)
         self.jobs[job.id] = job
-        job.task = asyncio.create_task(run_source(self.host, job, opts))
+        job.task = asyncio.create_task(run_source(self.host, job, opts, switchover))
         return job
 
     async def _cmd_migrate(self, args: dict[str, Any]) -> Any:
-        job = await self._start_migration(args)
+        job = await self._start(args)
         return {"id": job.id}
 
     async def _cmd_query(self, args: dict[str, Any]) -> Any:
         jid = args.get("id")
         if jid is None:
             return [j.query() for j in self.jobs.values()]
-        job = self.jobs.get(jid)
+        job: Job | VmJob | None = self.jobs.get(jid) or self.vm_jobs.get(jid)
         if job is None:
             raise ConfigError(f"no migration with id {jid!r}")
         return job.query()

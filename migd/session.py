@@ -209,6 +209,101 @@ def _as_error(exc: BaseException) -> MigdError:
     return MigdError(f"internal error: {exc.__class__.__name__}")
 
 
+# --- whole-VM switchover --------------------------------------------------------------
+
+
+class Switchover:
+    """The devices of one VM switch over together.
+
+    Every device reaches its P2P state (RUNNING_P2P / PRE_COPY_P2P) before any
+    stops, so no device DMAs into a stopped peer; the destination resumes none
+    until all are loaded and verified (a two-phase commit, ``loaded`` then
+    ``go``).  The first failure aborts every barrier and fails the siblings, so
+    all roll back."""
+
+    PHASES = ("converged", "p2p", "loaded")
+
+    def __init__(self, devices: int) -> None:
+        self._barriers = {p: asyncio.Barrier(devices) for p in self.PHASES}
+        self.error: MigdError | None = None
+        self.jobs: list[Job] = []
+
+    async def reach(self, phase: str) -> None:
+        try:
+            await self._barriers[phase].wait()
+        except asyncio.BrokenBarrierError:
+            raise self.error or MigdError("another device of the VM failed") from None
+
+    async def fail(self, job: Job, err: MigdError) -> None:
+        if self.error is None:
+            self.error = MigdError(f"device {job.device} failed: {err.message}")
+            for b in self._barriers.values():
+                await b.abort()
+            for sibling in self.jobs:
+                if sibling is not job and sibling.task is not None and not sibling.task.done():
+                    sibling.task.cancel()
+
+
+@dataclasses.dataclass
+class VmJob:
+    """All VFs of one VM migrating as one job: totals and per-device figures."""
+
+    vm: str
+    peer: str
+    jobs: list[Job]
+    id: str = dataclasses.field(default_factory=lambda: "vm-" + uuid.uuid4().hex[:9])
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def status(self) -> str:
+        states = [j.status.value for j in self.jobs]
+        for final in ("failed", "cancelled"):
+            if final in states and all(j.state.finished for j in self.jobs):
+                return final
+        if all(s == "completed" for s in states):
+            return "completed"
+        order = ["none", "setup", "active", "device", "cancelling"]
+        live = [s for s in states if s in order]
+        return min(live, key=order.index) if live else states[0]
+
+    def query(self) -> dict[str, Any]:
+        devs = [j.query() for j in self.jobs]
+        out: dict[str, Any] = {
+            "id": self.id, "role": "source", "vm": self.vm, "peer": self.peer,
+            "status": self.status(), "device": ",".join(j.device for j in self.jobs),
+            "phase": ",".join(sorted({d["phase"] for d in devs})),
+            "total-time": max(d["total-time"] for d in devs),
+            "setup-time": max(d["setup-time"] for d in devs),
+            "dirty-sync-count": max(d["dirty-sync-count"] for d in devs),
+            "cipher": devs[0]["cipher"], "compress": devs[0]["compress"],
+            "channels": devs[0]["channels"], "devices": devs,
+        }
+        for key in ("transferred", "wire-bytes", "total", "remaining", "precopy-bytes",
+                    "downtime-bytes", "chunks"):
+            out[key] = sum(d[key] for d in devs)
+        downtimes = [d["downtime"] for d in devs if "downtime" in d]
+        if len(downtimes) == len(devs):
+            out["downtime"] = max(downtimes)  # they stop together: the longest is the VM's
+        errors = [f"{d['device']}: {d['error-desc']}" for d in devs if "error-desc" in d]
+        if errors:
+            out["error-desc"] = "; ".join(errors)
+        return out
+
+    async def watch(self) -> None:
+        await asyncio.gather(*(j.done.wait() for j in self.jobs))
+        self.done.set()
+
+
+def check_vm(host: Host, devices: list[str]) -> None:
+    """QEMU's rule: a multi-device VM needs P2P on every device."""
+    if len(devices) > 1:
+        for name in devices:
+            dev = host.devices.get(name)
+            if dev is not None and not dev.caps & MigCap.P2P:
+                raise ConfigError(f"device {name} has no P2P state: a VM with several devices "
+                                  "cannot switch over atomically without it")
+
+
 # --- source -------------------------------------------------------------------------
 
 
@@ -221,8 +316,10 @@ async def _open_channel(host: Host, opts: MigrateOptions, bus: Bus, index: int) 
     return ep
 
 
-async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
-    """Migrate ``opts.device`` to ``opts.peer``; never leaves the device stopped on failure."""
+async def run_source(host: Host, job: Job, opts: MigrateOptions,
+                     vm: Switchover | None = None) -> None:
+    """Migrate ``opts.device`` to ``opts.peer``; never leaves the device stopped on failure.
+    With ``vm``, it switches over together with the VM's other devices."""
     job.cpu_start = time.process_time()
     job.state.fire(SessionEvent.START)
     job.compress = str(opts.compress)
@@ -247,6 +344,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
             "kind": dev.kind, "compat": dev.compat(), "state_size": dev.state_size(),
             "precopy": precopy, "resume": opts.resume, "channels": opts.channels,
             "source_address": host.addresses.get(opts.device, ""), "vm": opts.vm,
+            "two_phase": vm is not None,
         })
         accept = await ep.expect("accept", opts.timeout)
         limit, token = accept.get("limit"), accept.get("token")
@@ -269,6 +367,12 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
             # switchover-ack: stop the source only once the destination loaded the initial bytes
             job.phase = "switchover-ack"
             await bus.wait_until(lambda: bool(loaded), opts.timeout, "'initial-loaded'")
+        if vm is not None:
+            job.phase = "vm-barrier"
+            await vm.reach("converged")
+            p2p = DeviceState.PRE_COPY_P2P if precopy else DeviceState.RUNNING_P2P
+            await asyncio.get_running_loop().run_in_executor(host.workers.io, dev.set_state, p2p)
+            await vm.reach("p2p")  # no device stops before all stopped initiating DMA
         job.state.fire(SessionEvent.SWITCHOVER)
         job.phase = "stop-copy"
         t_stop = time.monotonic()
@@ -278,6 +382,10 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
         await sender.send(None)
         await ep.send_control(sender.end_record())
         job.phase = "commit"
+        if vm is not None:
+            await ep.expect("loaded", opts.timeout)
+            await vm.reach("loaded")  # every device verified and loaded: now resume them
+            await ep.send_control({"t": "go"})
         done = await ep.expect("committed", opts.timeout)
         committed = True
         job.downtime_ms = int((time.monotonic() - t_stop) * 1000)
@@ -290,6 +398,10 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions) -> None:
         job.finish(SessionEvent.COMMITTED)
     except BaseException as exc:
         err = _as_error(exc)
+        if vm is not None and not committed:
+            if isinstance(err, Cancelled) and vm.error is not None:
+                err = vm.error  # a sibling's failure, not an operator's cancel
+            await vm.fail(job, err)
         if committed:
             # The guest runs on the destination now; only the local STOP failed.
             log.error("migration %s: committed, but stopping the source failed: %s", job.id, err)
@@ -491,6 +603,13 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
         job.phase = "verify"
         await receiver.finish(end, host.idle_timeout)
         resume = bool(req.get("resume", True))
+        if req.get("two_phase"):
+            # One device of a VM: load and verify, then resume only when the source
+            # says every device of the VM got this far.
+            await loop.run_in_executor(host.workers.io, dev.set_state, DeviceState.STOP)
+            job.phase = "loaded"
+            await ep.send_control({"t": "loaded"})
+            await ep.expect("go", host.idle_timeout)
         # RESUMING -> STOP is where the device itself validates what it loaded.
         await loop.run_in_executor(host.workers.io, dev.set_state,
                                    DeviceState.RUNNING if resume else DeviceState.STOP)

@@ -141,6 +141,51 @@ def test_cli_list_and_status_tables(pair: Pair) -> None:
     assert listed["devices"][0]["name"] == "vf0" and len(listed["migrations"]) == 1
 
 
+def test_whole_vm_of_three_vfs_through_daemons() -> None:
+    vfs = [f"vf{i}:sim:size={SIZE},seed={i},dirty-rate=8M" for i in range(3)]
+    with local_pair(vfs, [f"vf{i}:sim:size={SIZE},content=zero" for i in range(3)]) as p:
+        r = migd("migrate", "vf0", "vf1", "vf2", "--to", p.dst.address, "--vm", "guest",
+                 "--control", p.src.control, "--json")
+        assert r.returncode == 0, r.stderr
+        final = json.loads(r.stdout)
+        assert final["status"] == "completed" and final["vm"] == "guest"
+        assert [d["device"] for d in final["devices"]] == ["vf0", "vf1", "vf2"]
+        assert final["transferred"] == sum(d["transferred"] for d in final["devices"])
+        for i in range(3):
+            name = f"vf{i}"
+            src = p.src.call("device-digest", device=name)
+            dst = p.dst.call("device-digest", device=name)
+            assert src["sha256"] == dst["sha256"] and dst["state"] == "RUNNING"
+
+
+def test_whole_vm_failure_in_one_device_rolls_back_all_three() -> None:
+    vfs = [f"vf{i}:sim:size={SIZE},seed={i}" for i in range(3)]
+    dst = [f"vf0:sim:size={SIZE},content=zero", f"vf1:sim:size={SIZE},content=zero",
+           f"vf2:sim:size={2 * SIZE},content=zero"]  # vf2's target cannot take it
+    with local_pair(vfs, dst) as p:
+        before = {f"vf{i}": p.src.call("device-digest", device=f"vf{i}")["sha256"]
+                  for i in range(3)}
+        r = migd("migrate", "vf0", "vf1", "vf2", "--to", p.dst.address, "--control",
+                 p.src.control, "--json")
+        assert r.returncode == 1
+        final = json.loads(r.stdout)
+        assert final["status"] == "failed" and "incompatible-device" in final["error-desc"]
+        assert all(d["status"] == "failed" for d in final["devices"])
+        wait_finished(p.dst)
+        for name, digest in before.items():
+            s = p.src.call("device-digest", device=name)
+            assert s["state"] == "RUNNING" and s["sha256"] == digest
+        for d in p.dst.call("query-devices"):
+            assert d["state"] == "RUNNING" and d["loads_committed"] == 0
+
+
+def test_whole_vm_refused_without_p2p() -> None:
+    with local_pair([f"vf0:sim:size={SIZE}", f"vf1:sim:size={SIZE},caps=stop_copy+pre_copy"],
+                    [DST]) as p:
+        r = migd("migrate", "vf0", "vf1", "--to", p.dst.address, "--control", p.src.control)
+        assert r.returncode == 2 and "vf1 has no P2P state" in r.stderr
+
+
 def test_cli_multichannel(pair: Pair) -> None:
     r = migd("migrate", "vf0", "--to", pair.dst.address, "--control", pair.src.control,
              "--channels", "3", "--chunk-size", "256K", "--json")

@@ -1,0 +1,124 @@
+"""Whole-VM migrations: every device in P2P before any stops; all commit or none."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+import backends
+import transports
+from backends.sim import SimDevice
+from backends.states import DeviceState
+from migd.errors import ConfigError, DeviceError
+from migd.identity import AuthorizedKeys, Identity
+from migd.session import (
+    Host,
+    Incoming,
+    Job,
+    MigrateOptions,
+    Switchover,
+    VmJob,
+    check_vm,
+    run_source,
+    serve_connection,
+)
+from migd.stream import Workers
+
+S = DeviceState
+NAMES = ["vf0", "vf1", "vf2"]
+ZERO = hashlib.sha256(bytes(4 << 20)).hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def vm_rig(ids: dict[str, Identity], trust: AuthorizedKeys,
+                 caps: str = "stop_copy+p2p+pre_copy") -> AsyncIterator[tuple[Host, Host, str]]:
+    tcp = transports.REGISTRY.create("tcp")
+    src = Host(ids["src"], trust, Workers(), {
+        n: backends.REGISTRY.create("sim", n, {"size": "4M", "seed": str(i), "caps": caps})
+        for i, n in enumerate(NAMES)}, tcp, idle_timeout=5)
+    dst = Host(ids["dst"], trust, Workers(), {
+        n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero", "caps": caps})
+        for n in NAMES}, tcp, idle_timeout=5)
+    jobs: dict[str, Job] = {}
+    incoming: dict[bytes, Incoming] = {}
+    listener = await tcp.listen("127.0.0.1:0", lambda ch: serve_connection(dst, ch, jobs, incoming))
+    try:
+        yield src, dst, listener.address
+    finally:
+        listener.close()
+        for h in (src, dst):
+            h.workers.shutdown()
+            for d in h.devices.values():
+                d.close()
+
+
+async def migrate_vm(src: Host, address: str) -> VmJob:
+    check_vm(src, NAMES)
+    sw = Switchover(len(NAMES))
+    jobs = [Job("source", n) for n in NAMES]
+    sw.jobs = jobs
+    for j in jobs:
+        j.task = asyncio.create_task(
+            run_source(src, j, MigrateOptions(address, j.device, timeout=10), sw))
+    vm = VmJob("guest", address, jobs)
+    await asyncio.wait_for(vm.watch(), 60)
+    await asyncio.sleep(0.2)  # let the destination finish its side
+    return vm
+
+
+def sim(h: Host, n: str) -> SimDevice:
+    d = h.devices[n]
+    assert isinstance(d, SimDevice)
+    return d
+
+
+async def test_three_vfs_switch_over_together(ids: dict[str, Identity],
+                                              trust: AuthorizedKeys) -> None:
+    async with vm_rig(ids, trust) as (src, dst, address):
+        order: list[tuple[str, S]] = []
+        for n in NAMES:
+            sim(src, n).fail_hook = lambda cur, nxt, n=n: order.append((n, nxt))
+        vm = await migrate_vm(src, address)
+        q = vm.query()
+        assert q["status"] == "completed", q
+        assert len(q["devices"]) == 3 and q["transferred"] >= 3 * (4 << 20)
+        for n in NAMES:
+            assert sim(dst, n).digest() == sim(src, n).digest() != ZERO
+            assert sim(src, n).state == S.STOP and sim(dst, n).state == S.RUNNING
+        p2p = [i for i, (_, s) in enumerate(order) if s == S.PRE_COPY_P2P]
+        stops = [i for i, (_, s) in enumerate(order) if s == S.STOP_COPY]
+        assert len(p2p) == 3 and len(stops) == 3 and max(p2p) < min(stops)
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+async def test_a_failure_in_one_device_rolls_back_all(ids: dict[str, Identity],
+                                                      trust: AuthorizedKeys, side: str) -> None:
+    async with vm_rig(ids, trust) as (src, dst, address):
+        before = {n: sim(src, n).digest() for n in NAMES}
+        host, arc = ((src, (S.PRE_COPY_P2P, S.STOP_COPY)) if side == "source"
+                     else (dst, (S.RESUMING, S.STOP)))
+
+        def hook(cur: S, nxt: S) -> None:
+            if (cur, nxt) == arc:
+                raise DeviceError("injected")
+        sim(host, "vf1").fail_hook = hook
+        vm = await migrate_vm(src, address)
+        q = vm.query()
+        assert q["status"] == "failed" and "injected" in q["error-desc"]
+        assert all(d["status"] == "failed" for d in q["devices"])
+        for n in NAMES:
+            assert sim(src, n).state == S.RUNNING and sim(src, n).digest() == before[n]
+            assert sim(dst, n).state == S.RUNNING and sim(dst, n).digest() == ZERO
+            assert sim(dst, n).describe()["loading"] is False
+
+
+async def test_a_vm_needs_p2p_on_every_device(ids: dict[str, Identity],
+                                              trust: AuthorizedKeys) -> None:
+    async with vm_rig(ids, trust, caps="stop_copy+pre_copy") as (src, _, _):
+        with pytest.raises(ConfigError, match="no P2P state"):
+            check_vm(src, NAMES)
+        check_vm(src, ["vf0"])  # a single device is fine without
