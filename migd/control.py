@@ -66,6 +66,15 @@ class ControlClient:
             raise ControlError(msg["error"].get("class", "?"), msg["error"].get("desc", ""))
         return msg.get("return")
 
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Subscribe to the event stream; yields each event's data."""
+        self._send("subscribe", {})
+        first = self._read()
+        if "error" in first:
+            raise ControlError(first["error"].get("class", "?"), first["error"].get("desc", ""))
+        while True:
+            yield self._read().get("data", {})
+
     def migrate_follow(self, args: dict[str, Any],
                        on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Start a migration and stream its progress; returns the final query-migrate data."""

@@ -145,6 +145,7 @@ class Daemon:
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "migrate": self._cmd_migrate,
             "query-migrate": self._cmd_query,
+            "list": self._cmd_list,
             "query-devices": self._cmd_devices,
             "device-digest": self._cmd_digest,
             "device-dump": self._cmd_dump,
@@ -338,9 +339,14 @@ class Daemon:
             args = req.get("arguments", {})
             if not isinstance(args, dict):
                 raise ConfigError("'arguments' must be an object")
+            if cmd == "subscribe":  # the event stream: this connection is for events now
+                await self._reply(writer, rid, {})
+                await self._events(writer, float(args.get("interval", 0.1)))
+                return
             handler = self._commands.get(cmd) if isinstance(cmd, str) else None
             if handler is None:
-                raise ConfigError(f"unknown command {cmd!r}; commands: {', '.join(self._commands)}")
+                raise ConfigError(f"unknown command {cmd!r}; commands: "
+                                  f"{', '.join([*self._commands, 'subscribe'])}")
             if cmd == "migrate" and args.get("follow"):
                 job = await self._start(args)
                 await self._reply(writer, rid, {"id": job.id})
@@ -359,6 +365,20 @@ class Daemon:
                 await asyncio.wait_for(job.done.wait(), max(0.02, interval))
         writer.write(json.dumps({"event": "MIGRATION", "data": job.query()}).encode() + b"\n")
         await writer.drain()
+
+    async def _events(self, writer: asyncio.StreamWriter, interval: float) -> None:
+        """The event stream: a MIGRATION event whenever a migration appears or its
+        status or phase changes, until the client goes away."""
+        seen: dict[str, tuple[str, str]] = {}
+        while not writer.is_closing():
+            for job in self._all_jobs():
+                q = job.query()
+                key = (q["status"], q["phase"])
+                if seen.get(q["id"]) != key:
+                    seen[q["id"]] = key
+                    writer.write(json.dumps({"event": "MIGRATION", "data": q}).encode() + b"\n")
+            await writer.drain()
+            await asyncio.sleep(max(0.02, interval))
 
     # --- commands ----------------------------------------------------------------------
 
@@ -445,6 +465,13 @@ class Daemon:
         if job is None:
             raise ConfigError(f"no migration with id {jid!r}")
         return job.query()
+
+    async def _cmd_list(self, args: dict[str, Any]) -> Any:
+        return {"devices": await self._cmd_devices(args),
+                "migrations": [j.query() for j in self._all_jobs()]}
+
+    def _all_jobs(self) -> list[Job | VmJob]:
+        return [*self.jobs.values(), *self.vm_jobs.values()]
 
     async def _cmd_devices(self, args: dict[str, Any]) -> Any:
         return [dict(d.describe(), busy=n in self.host.busy) for n, d in self.host.devices.items()]

@@ -165,3 +165,51 @@ def test_prometheus_endpoint(tmp_path: pathlib.Path) -> None:
             assert "migd_active_migrations 0.0" in text
         finally:
             d.stop()
+
+
+def test_event_stream_and_list(tmp_path: pathlib.Path) -> None:
+    import threading
+
+    with local_pair(["vf0:sim:size=16M"], ["vf0:sim:size=16M,content=zero"]) as p:
+        seen: list[tuple[str, str, str]] = []
+
+        def listen() -> None:
+            with p.dst.client(timeout=30) as c:
+                for ev in c.events():
+                    seen.append((ev["role"], ev["status"], ev["phase"]))
+                    if ev["status"] in ("completed", "failed"):
+                        return
+
+        t = threading.Thread(target=listen, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        with p.src.client() as c:  # zstd:19 keeps it going long enough to watch it move
+            assert c.migrate_follow({"device": "vf0", "peer": p.dst.address,
+                                     "compress": "zstd:19"})["status"] == "completed"
+        t.join(20)
+        assert seen and seen[-1][:2] == ("destination", "completed")
+        assert len({s for _, s, _ in seen}) >= 2  # it saw the migration move
+        listed = p.dst.call("list")
+        assert listed["devices"][0]["name"] == "vf0" and len(listed["migrations"]) == 1
+
+
+def test_sigterm_rolls_back_what_cannot_finish(tmp_path: pathlib.Path) -> None:
+    conf = tmp_path / "migd.toml"
+    conf.write_text("stop_timeout = 0.5\n")
+    with local_pair(["vf0:sim:size=128M"], ["vf0:sim:size=128M,content=zero"],
+                    src_extra=["--config", str(conf)]) as p:
+        p.src.call("migrate", device="vf0", peer=p.dst.address, compress="zstd:19", channels=1)
+        deadline = time.monotonic() + 10
+        while p.src.call("query-migrate")[0]["status"] in ("none", "setup"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        p.src.proc.send_signal(signal.SIGTERM)
+        assert p.src.proc.wait(20) == 0  # within the stop timeout, then rolled back
+        log = p.src.log()
+        assert "cancelled" in log and "source device RUNNING" in log
+        deadline = time.monotonic() + 15
+        while p.dst.call("query-migrate")[0]["status"] not in ("failed",):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        d = p.dst.call("query-devices")[0]
+        assert d["state"] == "RUNNING" and d["loads_committed"] == 0
