@@ -185,7 +185,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.notify.ready(self._status())
-        if self.notify.watchdog_interval:
+        if self.notify.enabled:
             self._watchdog = loop.create_task(self._ping(self.notify.watchdog_interval))
         await self._stopping.wait()
         self.notify.stopping()
@@ -198,12 +198,14 @@ class Daemon:
         return "; ".join(f"{j.role} {j.device} {j.status.value} "
                          f"{j.counters.transferred >> 20}/{j.total >> 20} MiB" for j in active)
 
-    async def _ping(self, interval: float) -> None:
-        """WATCHDOG=1 from the event loop itself: a wedged loop stops the pings."""
+    async def _ping(self, watchdog: float | None) -> None:
+        """STATUS= every second, and WATCHDOG=1 from the event loop itself (a wedged
+        loop stops the pings) when systemd asked for it."""
         while True:
-            self.notify.watchdog()
+            if watchdog:
+                self.notify.watchdog()
             self.notify.status(self._status())
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(watchdog or 1.0, 1.0))
 
     def reload(self) -> None:
         """SIGHUP: re-read authorized keys, migration defaults and the log level.

@@ -54,6 +54,7 @@ options = { size = "4M", content = "zero" }
             with p.src.client() as c:
                 final = c.migrate_follow({"device": "vf0", "peer": d.address})
             assert final["status"] == "completed"
+            assert any("STATUS=" in m for m in recv_until(notify, "STATUS="))
             (incoming,) = d.call("query-migrate")
             assert incoming["status"] == "completed"
             # and back, with nothing said but device and peer: the file's [defaults] apply
