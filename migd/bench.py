@@ -64,7 +64,7 @@ def migrate_and_measure(src: DaemonProc, dst: DaemonProc, req: dict[str, Any],
                   flush=True)
 
     with src.client(timeout=3600) as c:
-        final = c.migrate_follow(dict(req, peer=dst.address), progress)
+        final = c.migrate_follow(dict(req, peer=dst.address, interval=0.05), progress)
     if show and tty:
         print(file=sys.stderr)
     stats = {d.name: d.call("query-stats") for d in (src, dst)}
