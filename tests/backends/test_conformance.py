@@ -22,9 +22,10 @@ from backends.states import DeviceState, MigCap, path, supported
 from backends.vfio import VfioDevice
 from migd.errors import DeviceError, NoDataNow
 from migd.identity import AuthorizedKeys, Identity
-from migd.session import Host, Incoming, Job, MigrateOptions, run_source, serve_connection
+from migd.session import Host, Job, MigrateOptions, run_source
 from migd.stream import Workers
 
+from ..loopback import serving
 from .kernel_model import KernelModel
 from .streams import drain
 
@@ -154,15 +155,8 @@ async def rig(src: Device, dst: Device) -> AsyncIterator[tuple[Host, str, dict[s
     tcp = transports.REGISTRY.create("tcp")
     hsrc = Host(a, trust, Workers(), {"vf0": src}, tcp, idle_timeout=5)
     hdst = Host(b, trust, Workers(), {"vf0": dst}, tcp, idle_timeout=5)
-    jobs: dict[str, Job] = {}
-    incoming: dict[bytes, Incoming] = {}
-    listener = await tcp.listen("127.0.0.1:0", lambda ch: serve_connection(hdst, ch, jobs, incoming))
-    try:
-        yield hsrc, listener.address, jobs
-    finally:
-        listener.close()
-        hsrc.workers.shutdown()
-        hdst.workers.shutdown()
+    async with serving(hsrc, hdst, close_devices=False) as (address, jobs):
+        yield hsrc, address, jobs
 
 
 async def migrate(host: Host, address: str, jobs: dict[str, Job]) -> Job:

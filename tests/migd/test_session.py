@@ -16,8 +16,10 @@ from backends.states import DeviceState
 from migd.codec import parse_compress
 from migd.errors import DeviceError
 from migd.identity import AuthorizedKeys, Identity
-from migd.session import Host, Incoming, Job, MigrateOptions, run_source, serve_connection
+from migd.session import Host, Job, MigrateOptions, run_source
 from migd.stream import Workers
+
+from ..loopback import serving
 
 S = DeviceState
 
@@ -62,18 +64,8 @@ async def rig(ids: dict[str, Identity], trust: AuthorizedKeys,
               src_dev: dict[str, str], dst_dev: dict[str, str]) -> AsyncIterator[Rig]:
     src = host(ids["src"], trust, {"vf0": src_dev})
     dst = host(ids["dst"], trust, {"vf0": dst_dev})
-    jobs: dict[str, Job] = {}
-    incoming: dict[bytes, Incoming] = {}
-    listener = await dst.transport.listen("127.0.0.1:0",
-                                          lambda ch: serve_connection(dst, ch, jobs, incoming))
-    try:
-        yield Rig(src, dst, listener.address, jobs)
-    finally:
-        listener.close()
-        for h in (src, dst):
-            h.workers.shutdown()
-            for d in h.devices.values():
-                d.close()
+    async with serving(src, dst) as (address, jobs):
+        yield Rig(src, dst, address, jobs)
 
 
 def zero_digest(size: int) -> str:

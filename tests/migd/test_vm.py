@@ -17,16 +17,16 @@ from migd.errors import ConfigError, DeviceError
 from migd.identity import AuthorizedKeys, Identity
 from migd.session import (
     Host,
-    Incoming,
     Job,
     MigrateOptions,
     Switchover,
     VmJob,
     check_vm,
     run_source,
-    serve_connection,
 )
 from migd.stream import Workers
+
+from ..loopback import serving
 
 S = DeviceState
 NAMES = ["vf0", "vf1", "vf2"]
@@ -43,17 +43,8 @@ async def vm_rig(ids: dict[str, Identity], trust: AuthorizedKeys,
     dst = Host(ids["dst"], trust, Workers(), {
         n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero", "caps": caps})
         for n in NAMES}, tcp, idle_timeout=5)
-    jobs: dict[str, Job] = {}
-    incoming: dict[bytes, Incoming] = {}
-    listener = await tcp.listen("127.0.0.1:0", lambda ch: serve_connection(dst, ch, jobs, incoming))
-    try:
-        yield src, dst, listener.address
-    finally:
-        listener.close()
-        for h in (src, dst):
-            h.workers.shutdown()
-            for d in h.devices.values():
-                d.close()
+    async with serving(src, dst) as (address, _):
+        yield src, dst, address
 
 
 async def migrate_vm(src: Host, address: str) -> VmJob:
