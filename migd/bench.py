@@ -152,9 +152,9 @@ def run_matrix(args: argparse.Namespace) -> int:
     """A grid of migrations between one pair of daemons, ping-ponging the VF."""
     import itertools
 
-    from .transports_info import check_transports
+    import transports as transport_registry
 
-    transports = check_transports(_axis(args.matrix_transports, "transports"))
+    transports = transport_registry.REGISTRY.check(_axis(args.matrix_transports, "transports"))
     grid = list(itertools.product(
         transports, [int(c) for c in _axis(args.matrix_channels, "channels")],
         _axis(args.matrix_compress, "compress"), _axis(args.matrix_ciphers, "ciphers"),

@@ -80,6 +80,13 @@ class TransportRegistry:
     def names(self) -> list[str]:
         return sorted(self._transports)
 
+    def check(self, names: list[str]) -> list[str]:
+        """``names`` as given by an operator, each known, or a clear error."""
+        for n in names:
+            if n not in self._transports:
+                raise ConfigError(f"transport {n!r} unknown; supported: {', '.join(self.names())}")
+        return names
+
     def create(self, name: str) -> Transport:
         try:
             return self._transports[name]()
