@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -36,7 +37,8 @@ class ControlClient:
         self._next_id = 0
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # a refused write may still sit in the buffer
+            self._file.close()
         self._sock.close()
 
     def __enter__(self) -> ControlClient:
@@ -48,8 +50,11 @@ class ControlClient:
     def _send(self, cmd: str, args: dict[str, Any]) -> int:
         self._next_id += 1
         line = json.dumps({"execute": cmd, "arguments": args, "id": self._next_id})
-        self._file.write(line.encode() + b"\n")
-        self._file.flush()
+        try:
+            self._file.write(line.encode() + b"\n")
+            self._file.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon hung up; it may have said why: the next read tells
         return self._next_id
 
     def _read(self) -> dict[str, Any]:

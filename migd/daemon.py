@@ -297,7 +297,11 @@ class Daemon:
         allowed, why = self._peer_allowed(writer.get_extra_info("socket"))
         if not allowed:
             log.warning("control connection refused: %s", why)
-            with contextlib.suppress(ConnectionError):
+            # Refuse in answer to its first request, so the client reads why rather
+            # than meeting a closed socket when it writes.
+            with contextlib.suppress(ConnectionError, TimeoutError, ValueError,
+                                     asyncio.LimitOverrunError):
+                await asyncio.wait_for(reader.readline(), 5)
                 await self._reply(writer, None, error=ConfigError(why))
             writer.close()
             return
