@@ -10,21 +10,22 @@ import sys
 from typing import Any
 
 from . import __version__
-from .codec import parse_compress
-from .crypto import CIPHERS
+from .codec import COMPRESSIONS, DEFAULT_COMPRESSION, parse_compress
+from .config import DEFAULT_PATH
+from .crypto import CIPHERS, DEFAULT_CIPHER
 from .errors import ConfigError, MigdError
 from .units import human_bytes, human_rate, parse_size
 
 DEFAULT_CONTROL = os.path.join(os.environ.get("RUNTIME_DIRECTORY", "/run/migd"), "migd.sock")
-CONFIG_PATH = "/etc/migd/migd.toml"
 
 
 def _add_migrate_knobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compress", default="zstd:1",
-                   help="none | zstd[:LEVEL] | auto[:LEVEL] (default zstd:1)")
+    p.add_argument("--compress", default=DEFAULT_COMPRESSION,
+                   help=f"{' | '.join(COMPRESSIONS)}, zstd and auto take :LEVEL "
+                        f"(default {DEFAULT_COMPRESSION})")
     p.add_argument("--max-bandwidth", default="0", metavar="BYTES_PER_SEC",
                    help="cap on wire bytes per second, like QEMU's max-bandwidth (0: none)")
-    p.add_argument("--cipher", default="aes-256-gcm", choices=sorted(CIPHERS))
+    p.add_argument("--cipher", default=DEFAULT_CIPHER, choices=sorted(CIPHERS))
     p.add_argument("--chunk-size", default="1M", help="chunk size (default 1M)")
     p.add_argument("--no-precopy", action="store_true", help="stop the device at once")
     p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
-    s.add_argument("--config", help=f"TOML configuration (default {CONFIG_PATH} if it exists); "
+    s.add_argument("--config", help=f"TOML configuration (default {DEFAULT_PATH} if it exists); "
                                     "the flags below override it")
     s.add_argument("--listen", help="HOST:PORT for migrations (default 127.0.0.1:7707)")
     s.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
@@ -146,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import load as load_config
     from .daemon import parse_device, serve
 
-    path = args.config or (CONFIG_PATH if os.path.exists(CONFIG_PATH) else None)
+    path = args.config or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
 
     def configuration() -> Config:
         """The file, then the flags over it: at start and again on every reload."""

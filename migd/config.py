@@ -14,9 +14,10 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from .codec import parse_compress
-from .crypto import CIPHERS
+from .codec import DEFAULT_COMPRESSION, parse_compress
+from .crypto import CIPHERS, DEFAULT_CIPHER
 from .errors import ConfigError
+from .protocol.frames import DEFAULT_CHUNK
 from .units import parse_size
 
 DEFAULT_PATH = "/etc/migd/migd.toml"
@@ -28,11 +29,11 @@ class Defaults:
     """What a migration uses when its request does not say."""
 
     channels: int = 2
-    compress: str = "zstd:1"
-    cipher: str = "aes-256-gcm"
+    compress: str = DEFAULT_COMPRESSION
+    cipher: str = DEFAULT_CIPHER
     max_bandwidth: int = 0
     downtime_limit: int = 300
-    chunk_size: int = 1 << 20
+    chunk_size: int = DEFAULT_CHUNK
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class Config:
     identity: str = "/etc/migd/identity.key"
     authorized_keys: str = "/etc/migd/authorized_keys"
     transport: str = "tcp"
-    ciphers: tuple[str, ...] = ("aes-256-gcm", "chacha20-poly1305")
+    ciphers: tuple[str, ...] = tuple(CIPHERS)
     idle_timeout: float = 30.0
     stop_timeout: float = 60.0
     log_level: str = "info"

@@ -22,7 +22,8 @@ from backends.base import Device
 from backends.states import DeviceState, MigCap
 from transports.base import Channel, Transport
 
-from .codec import CompressMode, Encoder
+from .codec import DEFAULT_COMPRESSION, CompressMode, Encoder, parse_compress
+from .crypto import CIPHERS, DEFAULT_CIPHER
 from .endpoint import Bus, Endpoint
 from .errors import (
     Cancelled,
@@ -35,6 +36,7 @@ from .errors import (
 )
 from .identity import AuthorizedKeys, Identity
 from .protocol.connection import Connection, Offer, Role
+from .protocol.frames import DEFAULT_CHUNK
 from .protocol.session import SessionEvent, SessionState, Status
 from .stream import Counters, StreamReceiver, StreamSender, Workers
 
@@ -50,9 +52,10 @@ class MigrateOptions:
     peer: str
     device: str
     dest_device: str = ""
-    compress: CompressMode = dataclasses.field(default_factory=lambda: CompressMode("zstd", 1))
-    ciphers: tuple[str, ...] = ("aes-256-gcm",)
-    chunk_size: int = 1 << 20
+    compress: CompressMode = dataclasses.field(
+        default_factory=lambda: parse_compress(DEFAULT_COMPRESSION))
+    ciphers: tuple[str, ...] = (DEFAULT_CIPHER,)
+    chunk_size: int = DEFAULT_CHUNK
     precopy: bool = True
     downtime_limit_ms: int = 300
     max_iterations: int = 30
@@ -158,8 +161,8 @@ class Host:
     devices: dict[str, Device]
     transport: Transport
     busy: set[str] = dataclasses.field(default_factory=set)
-    ciphers: tuple[str, ...] = ("aes-256-gcm", "chacha20-poly1305")
-    max_chunk: int = 1 << 20
+    ciphers: tuple[str, ...] = tuple(CIPHERS)
+    max_chunk: int = DEFAULT_CHUNK
     idle_timeout: float = 30.0
     #: Announced bytes a destination accepts, as a multiple of the device state size.
     stream_limit_factor: int = 8

@@ -37,9 +37,6 @@ class FrameType(enum.IntEnum):
     DATA = 9
 
 
-SEALED = frozenset({FrameType.CONTROL, FrameType.DATA})
-
-
 @dataclasses.dataclass(slots=True)
 class Header:
     type: int
@@ -58,7 +55,3 @@ class Header:
         return HEADER.pack(MAGIC, self.type, self.encoding, self.payload_len, self.seq,
                            self.index, self.offset, self.plain_len)
 
-
-def pack_header(buf: memoryview | bytearray, ftype: int, encoding: int, payload_len: int,
-                seq: int, index: int, offset: int, plain_len: int) -> None:
-    HEADER.pack_into(buf, 0, MAGIC, ftype, encoding, payload_len, seq, index, offset, plain_len)
