@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from migd.errors import ConfigError, DeviceError, IllegalTransition
 
-from .states import DATA_FD_ARCS, SAVING_STATES, DeviceState, MigCap, path
+from .states import DATA_FD_ARCS, DeviceState, MigCap, path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +168,6 @@ class Device(abc.ABC):
             "caps": [c.name for c in MigCap if c & self.caps],
             "state_size": self.state_size(),
         }
-
-    @property
-    def saving(self) -> bool:
-        return self._state in SAVING_STATES
 
 
 Factory = Callable[[str, Mapping[str, str]], Device]

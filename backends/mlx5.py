@@ -36,7 +36,7 @@ from migd.errors import ConfigError, DeviceError, IncompatibleDevice, NoDataNow
 
 from .base import REGISTRY, Device, PrecopyInfo
 from .memory import PAGE, DeviceMemory, check_options
-from .states import DeviceState, MigCap
+from .states import PRECOPY_STATES, SAVING_STATES, DeviceState, MigCap
 
 # mlx5_ifc.h opcodes and op_mods
 SUSPEND_VHCA = 0x115
@@ -427,8 +427,7 @@ class Mlx5Device(Device):
 
     def read_into(self, buf: memoryview) -> int:
         with self._lock:
-            self._require(DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, DeviceState.STOP_COPY,
-                          op="read")
+            self._require(*SAVING_STATES, op="read")
             n = 0
             while n < len(buf):
                 if not self._stream:
@@ -455,7 +454,7 @@ class Mlx5Device(Device):
 
     def precopy_info(self) -> PrecopyInfo:
         with self._lock:
-            self._require(DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, op="precopy-info")
+            self._require(*PRECOPY_STATES, op="precopy-info")
             if self._queued() == 0:
                 # The reader drained everything: only now fetch what changed.
                 self._in_initial = False
@@ -466,7 +465,7 @@ class Mlx5Device(Device):
 
     def stop_copy_size(self) -> int:
         q = self._cmd(QUERY_VHCA_MIGRATION_STATE)
-        if self._state in (DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P):
+        if self._state in PRECOPY_STATES:
             return int(self._stream_bytes + q["incremental_size"] + REC.size + SEG.size)
         return int(q["remaining_total_size"]) + REC.size * (-(-self.mem.size // CHUNK) + 2)
 

@@ -19,7 +19,7 @@ from migd.errors import ConfigError, DeviceError, IncompatibleDevice, NoDataNow
 
 from .base import REGISTRY, Device, PrecopyInfo
 from .memory import PAGE, DeviceMemory, check_options
-from .states import RUNNING_STATES, DeviceState, MigCap
+from .states import PRECOPY_STATES, RUNNING_STATES, SAVING_STATES, DeviceState, MigCap
 
 __all__ = ["MAX_RECORD", "PAGE", "RECORD", "SimDevice", "parse_caps"]
 
@@ -93,9 +93,7 @@ class SimDevice(Device):
             self._snapshot_dirty()
             self.mem.stop_tracking()
             self._queue_record(REC_END, 0, 0)
-        elif cur in (S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY) and nxt not in (
-            S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY
-        ):
+        elif cur in SAVING_STATES and nxt not in SAVING_STATES:
             self._close_saving()
         elif (cur, nxt) == (S.STOP, S.RESUMING):
             self._loading = True
@@ -154,8 +152,7 @@ class SimDevice(Device):
 
     def read_into(self, buf: memoryview) -> int:
         with self._lock:
-            self._require(DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, DeviceState.STOP_COPY,
-                          op="read")
+            self._require(*SAVING_STATES, op="read")
             n = 0
             want = len(buf)
             mv = self.mem.mv
@@ -190,12 +187,12 @@ class SimDevice(Device):
 
     def precopy_info(self) -> PrecopyInfo:
         with self._lock:
-            self._require(DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, op="precopy-info")
+            self._require(*PRECOPY_STATES, op="precopy-info")
             pending = self._queued_bytes + self.mem.dirty_count * (PAGE + RECORD.size)
             return PrecopyInfo(self._initial_left, max(0, pending - self._initial_left))
 
     def stop_copy_size(self) -> int:
-        if self._state in (DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P):
+        if self._state in PRECOPY_STATES:
             return self._queued_bytes + self.mem.dirty_count * (PAGE + RECORD.size) + RECORD.size
         return self._size + (-(-self._size // MAX_RECORD) + 2) * RECORD.size
 

@@ -47,6 +47,9 @@ VALID_CAPS: tuple[MigCap, ...] = (
 #: States that produce a saving data_fd.
 SAVING_STATES = frozenset({DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, DeviceState.STOP_COPY})
 
+#: States in which pre-copy info may be asked for.
+PRECOPY_STATES = frozenset({DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P})
+
 #: Arcs on which the kernel hands out a new data_fd.
 DATA_FD_ARCS = frozenset(
     {

@@ -28,7 +28,14 @@ from typing import Any, Protocol
 from migd.errors import ConfigError, DeviceError, IncompatibleDevice, NoDataNow
 
 from .base import REGISTRY, Device, PrecopyInfo
-from .states import DATA_FD_ARCS, VALID_CAPS, DeviceState, MigCap
+from .states import (
+    DATA_FD_ARCS,
+    PRECOPY_STATES,
+    SAVING_STATES,
+    VALID_CAPS,
+    DeviceState,
+    MigCap,
+)
 
 
 def _io(nr: int) -> int:
@@ -220,8 +227,7 @@ class VfioDevice(Device):
     # --- data ---------------------------------------------------------------------------------
 
     def read_into(self, buf: memoryview) -> int:
-        self._require(DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, DeviceState.STOP_COPY,
-                      op="read")
+        self._require(*SAVING_STATES, op="read")
         try:
             return self._ops.readinto(self._data_fd, buf)
         except OSError as exc:
@@ -240,7 +246,7 @@ class VfioDevice(Device):
             raise DeviceError(f"{self.name}: write: {_err(exc)}") from None
 
     def precopy_info(self) -> PrecopyInfo:
-        self._require(DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, op="precopy-info")
+        self._require(*PRECOPY_STATES, op="precopy-info")
         buf = bytearray(PRECOPY_INFO.pack(PRECOPY_INFO.size, 0, 0, 0))
         try:
             self._ops.ioctl(self._data_fd, VFIO_MIG_GET_PRECOPY_INFO, buf)

@@ -39,7 +39,7 @@ from .errors import (
 )
 from .pacing import AutoPolicy, TokenBucket, Window
 from .protocol.connection import Data
-from .protocol.frames import HEADER_SIZE, Header
+from .protocol.frames import HEADER, HEADER_SIZE, Header
 
 log = logging.getLogger("migd.stream")
 
@@ -122,6 +122,12 @@ def rx_sizes(chunk: int, inflight: int) -> tuple[int, ...]:
     return (chunk + TAG_SIZE, chunk) * inflight
 
 
+def _encoding_and_len(frame: memoryview) -> tuple[int, int]:
+    """A sealed frame's encoding and plain length, read back from its header."""
+    fields = HEADER.unpack_from(frame)
+    return fields[2], fields[7]
+
+
 @dataclass(eq=False)
 class _TxSlot:
     plain: bytearray
@@ -175,7 +181,6 @@ class StreamSender:
         self._win_start = self._loop.time()
         self._win_chunks = self._win_state = self._win_wire = 0
         self._win_waited = self._waited()
-        self._win_compressed = False
 
     def _on_announced(self, msg: dict[str, object]) -> None:
         n = msg.get("bytes")
@@ -281,8 +286,7 @@ class StreamSender:
         self.digest.update(frame[:HEADER_SIZE])
         self.digest.update(frame[-TAG_SIZE:])
         c = self.counters
-        plain_len = int.from_bytes(frame[32:36], "little")
-        encoding = frame[3]
+        encoding, plain_len = _encoding_and_len(frame)
         c.transferred += plain_len
         c.wire_bytes += len(frame)
         c.chunks += 1
@@ -294,9 +298,9 @@ class StreamSender:
         else:
             c.precopy_bytes += plain_len
         if self.auto is not None:
-            self._window(plain_len, len(frame), encoding == Encoding.ZSTD)
+            self._window(plain_len, len(frame))
 
-    def _window(self, state: int, wire: int, compressed: bool) -> None:
+    def _window(self, state: int, wire: int) -> None:
         self._win_chunks += 1
         self._win_state += state
         self._win_wire += wire

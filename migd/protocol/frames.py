@@ -47,10 +47,6 @@ class Header:
     offset: int
     plain_len: int
 
-    def pack_into(self, buf: memoryview | bytearray, pos: int = 0) -> None:
-        HEADER.pack_into(buf, pos, MAGIC, self.type, self.encoding, self.payload_len, self.seq,
-                         self.index, self.offset, self.plain_len)
-
     def pack(self) -> bytes:
         return HEADER.pack(MAGIC, self.type, self.encoding, self.payload_len, self.seq,
                            self.index, self.offset, self.plain_len)

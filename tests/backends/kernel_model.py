@@ -21,7 +21,7 @@ import errno
 
 from backends import vfio
 from backends.base import Device
-from backends.states import DATA_FD_ARCS, DeviceState, path
+from backends.states import DATA_FD_ARCS, PRECOPY_STATES, DeviceState, path
 from migd.errors import DeviceError, IllegalTransition, IncompatibleDevice, NoDataNow
 
 DEVICE_FD = 10
@@ -127,7 +127,7 @@ class KernelModel:
         argsz, flags, _, _ = vfio.PRECOPY_INFO.unpack(buf)
         if fd != self.data_fd or argsz < vfio.PRECOPY_INFO.size:
             raise self._oserror(errno.EINVAL)
-        if self.dev.state not in (DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P):
+        if self.dev.state not in PRECOPY_STATES:
             raise self._oserror(errno.EINVAL)
         info = self.dev.precopy_info()
         out = flags if self.flags_out is None else self.flags_out
