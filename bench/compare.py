@@ -5,6 +5,9 @@ CPU seconds and peak daemon memory per side) and writes the raw runs as JSON.
 
     .venv/bin/python bench/compare.py --repeat 5
     .venv/bin/python bench/compare.py --state-size 4G --repeat 1 --configs none/aes-256-gcm
+    .venv/bin/python bench/compare.py --configs none/none/2/rdma+shm none/aes-256-gcm/2/tcp
+
+A configuration is ``COMPRESS/CIPHER[/CHANNELS[/TRANSPORT]]`` (defaults 1, tcp).
 
 The default image is ``mkstate.py 1024 42`` from ../shared/tools (generated
 into /dev/shm once), so figures compare across runs and tools.
@@ -38,8 +41,9 @@ def image(size_mib: int, seed: int) -> str:
 
 def run(source: list[str], config: str) -> dict[str, object]:
     compress, cipher, *rest = config.split("/")
+    channels, transport = (rest + ["1", "tcp"][len(rest):])[:2]
     cmd = [str(ROOT / ".venv" / "bin" / "migd"), "bench", *source, "--compress", compress,
-           "--cipher", cipher, "--channels", rest[0] if rest else "1", "--json"]
+           "--cipher", cipher, "--channels", channels, "--transport", transport, "--json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
     result: dict[str, object] = json.loads(out.stdout)
     result.pop("migration", None)
@@ -50,7 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                    metavar="COMPRESS/CIPHER[/CHANNELS]")
+                    metavar="COMPRESS/CIPHER[/CHANNELS[/TRANSPORT]]")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--state-file")
     group.add_argument("--state-size")

@@ -50,7 +50,7 @@ def _device_specs(args: argparse.Namespace) -> tuple[str, str, int]:
 
 
 def migrate_and_measure(src: DaemonProc, dst: DaemonProc, req: dict[str, Any],
-                        show: bool) -> dict[str, Any]:
+                        show: bool, transport: str = "tcp") -> dict[str, Any]:
     """One migration src -> dst, with each daemon's CPU and peak memory around it."""
     for d in (src, dst):
         d.call("query-stats", **{"reset-peak": True})
@@ -64,7 +64,8 @@ def migrate_and_measure(src: DaemonProc, dst: DaemonProc, req: dict[str, Any],
                   flush=True)
 
     with src.client(timeout=3600) as c:
-        final = c.migrate_follow(dict(req, peer=dst.address, interval=0.05), progress)
+        final = c.migrate_follow(dict(req, peer=dst.address_of(transport), interval=0.05),
+                                 progress)
     if show and tty:
         print(file=sys.stderr)
     stats = {d.name: d.call("query-stats") for d in (src, dst)}
@@ -98,10 +99,14 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_matrix(args)
     src, dst, size = _device_specs(args)
     req = migrate_args(args, "vf0", "")
+    import transports
+    transports.REGISTRY.check([args.transport])
     with tempfile.TemporaryDirectory(prefix="migd-bench-") as wd, \
             local_pair([src], [dst], workdir=wd) as pair:
-        result = migrate_and_measure(pair.src, pair.dst, req, show=not args.json)
-    result.update(backend=args.backend, state_size=size, channels=args.channels,
+        result = migrate_and_measure(pair.src, pair.dst, req, show=not args.json,
+                                     transport=args.transport)
+    result.update(backend=args.backend, transport=args.transport, state_size=size,
+                  channels=args.channels,
                   chunk_size=req["chunk-size"])
     if args.json:
         print(json.dumps(result))
@@ -160,6 +165,11 @@ def run_matrix(args: argparse.Namespace) -> int:
         _axis(args.matrix_compress, "compress"), _axis(args.matrix_ciphers, "ciphers"),
         [parse_size(c, "--matrix-chunk-sizes") for c in _axis(args.matrix_chunk_sizes,
                                                                  "chunk-sizes")]))
+    # Clear text only where the transport accepts it (rdma+shm): other points are skipped.
+    grid = [g for g in grid
+            if g[3] in transport_registry.REGISTRY.create(g[0]).accepted_ciphers]
+    if not grid:
+        raise ConfigError("--matrix: no transport accepts any of the given ciphers")
     for compress in {g[2] for g in grid}:
         parse_compress(compress)
     if args.backend != "sim":
@@ -182,7 +192,7 @@ def run_matrix(args: argparse.Namespace) -> int:
             req = {"device": "vf0", "compress": compress, "cipher": cipher, "channels": channels,
                    "chunk-size": chunk, "max-bandwidth": parse_size(args.max_bandwidth,
                                                                     "--max-bandwidth")}
-            r = migrate_and_measure(ends[0], ends[1], req, show=False)
+            r = migrate_and_measure(ends[0], ends[1], req, show=False, transport=transport)
             if r["status"] != "completed" or not r["verified"]:
                 raise ConfigError(f"matrix point {point} failed: {r['error']}")
             ends.reverse()  # the VF now lives on the other daemon: send it back next time

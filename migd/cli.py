@@ -9,10 +9,12 @@ import os
 import sys
 from typing import Any
 
+import transports
+
 from . import __version__
 from .codec import COMPRESSIONS, DEFAULT_COMPRESSION, parse_compress
 from .config import DEFAULT_PATH
-from .crypto import CIPHERS, DEFAULT_CIPHER
+from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
 from .units import human_bytes, human_rate, parse_size
 
@@ -25,7 +27,9 @@ def _add_migrate_knobs(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_COMPRESSION})")
     p.add_argument("--max-bandwidth", default="0", metavar="BYTES_PER_SEC",
                    help="cap on wire bytes per second, like QEMU's max-bandwidth (0: none)")
-    p.add_argument("--cipher", default=DEFAULT_CIPHER, choices=sorted(CIPHERS))
+    p.add_argument("--cipher", choices=sorted(CIPHERS),
+                   help="default: the transport's (aes-256-gcm; none, still authenticated, "
+                        "over rdma+shm)")
     p.add_argument("--chunk-size", default="1M", help="chunk size (default 1M)")
     p.add_argument("--no-precopy", action="store_true", help="stop the device at once")
     p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
@@ -43,14 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--config", help=f"TOML configuration (default {DEFAULT_PATH} if it exists); "
                                     "the flags below override it")
-    s.add_argument("--listen", help="HOST:PORT for migrations (default 127.0.0.1:7707)")
+    s.add_argument("--listen", action="append", metavar="ADDRESS",
+                   help="where migrations come in, repeatable: HOST:PORT (default "
+                        "127.0.0.1:7707), rdma://HOST:PORT, rdma+shm:///PATH")
     s.add_argument("--control", help=f"control socket path (default {DEFAULT_CONTROL})")
     s.add_argument("--identity", help="identity key (default /etc/migd/identity.key)")
     s.add_argument("--authorized-keys", help="default /etc/migd/authorized_keys")
     s.add_argument("--device", action="append", default=[], metavar="NAME:KIND[:k=v,...]",
                    help="a device this host offers, e.g. vf0:sim:size=64M,dirty-rate=4M "
                         "(replaces the file's devices)")
-    s.add_argument("--transport")
+    s.add_argument("--transport", help="transport of addresses that name none (default tcp)")
     s.add_argument("--idle-timeout", type=float)
     s.add_argument("--address-file", help="write the bound listen address here once ready")
     s.add_argument("--log-level")
@@ -94,10 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--matrix", action="store_true",
                    help="run a grid (the --matrix-* lists) and print a table, JSON and a chart")
     b.add_argument("--repeat", type=int, default=1, help="runs per matrix point")
-    b.add_argument("--matrix-transports", default="tcp")
+    b.add_argument("--transport", default="tcp",
+                   help="tcp | rdma+tcp (rdma) | rdma+shm (default tcp)")
+    b.add_argument("--matrix-transports", default="tcp,rdma+tcp,rdma+shm")
     b.add_argument("--matrix-channels", default="1,2")
     b.add_argument("--matrix-compress", default="none,zstd:1,auto")
-    b.add_argument("--matrix-ciphers", default="aes-256-gcm,chacha20-poly1305")
+    b.add_argument("--matrix-ciphers", default="aes-256-gcm,none",
+                   help="a cipher a transport does not accept by default (none off the "
+                        "host) is skipped for it")
     b.add_argument("--matrix-chunk-sizes", default="1M")
     b.add_argument("--matrix-out", default="bench/results/matrix.json")
     b.add_argument("--json", action="store_true")
@@ -152,10 +162,13 @@ def _serve(args: argparse.Namespace) -> int:
     def configuration() -> Config:
         """The file, then the flags over it: at start and again on every reload."""
         cfg = load_config(path) if path else Config(control=DEFAULT_CONTROL)
-        for key in ("listen", "control", "identity", "authorized_keys", "transport",
+        for key in ("control", "identity", "authorized_keys", "transport",
                     "idle_timeout", "log_level"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
+        if args.listen:
+            cfg.listen = tuple(args.listen)
+        cfg.transport = transports.REGISTRY.check([cfg.transport])[0]
         if args.device:
             cfg.devices = [parse_device(d) for d in args.device]
         return cfg
@@ -168,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.address_file:
             tmp = args.address_file + ".tmp"
             with open(tmp, "w") as f:
-                f.write(daemon.address)
+                f.write("".join(a + "\n" for a in daemon.addresses))
             os.replace(tmp, args.address_file)
 
     # Codec threads hand the GIL back and forth with the event loop per chunk; with
@@ -181,13 +194,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, Any]:
     parse_compress(args.compress)  # fail here, with the flag's name, not in the daemon
-    return {
-        "device": device, "peer": peer, "compress": args.compress, "cipher": args.cipher,
+    out = {
+        "device": device, "peer": peer, "compress": args.compress,
         "chunk-size": parse_size(args.chunk_size, "--chunk-size"),
         "precopy": not args.no_precopy, "downtime-limit": args.downtime_limit,
         "max-iterations": args.max_iterations, "channels": args.channels,
         "max-bandwidth": parse_size(args.max_bandwidth, "--max-bandwidth"),
     }
+    if args.cipher:
+        out["cipher"] = args.cipher
+    return out
 
 
 def progress_line(d: dict[str, Any]) -> str:

@@ -86,6 +86,9 @@ class Encoder:
 
     def __init__(self, mode: CompressMode) -> None:
         self.mode = mode
+        #: Skip zero blocks inside chunks.  Off where the "link" is a memory copy
+        #: (rdma+shm): scanning and compacting then cost more than the bytes saved.
+        self.sparse = True
         self._local = threading.local()
         self._stats_lock = threading.Lock()
         #: Compressor measurements since the last take_stats(): CPU s, bytes in, out.
@@ -157,7 +160,7 @@ class Encoder:
                 self._stats[2] += len(packed)
             if len(packed) < len(plain) * _MIN_GAIN:
                 return Encoding.ZSTD, packed
-        sparse = self._sparse(plain)
+        sparse = self._sparse(plain) if self.sparse else None
         if sparse is not None:
             return Encoding.SPARSE, sparse
         return Encoding.RAW, plain

@@ -14,8 +14,10 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
+import transports
+
 from .codec import DEFAULT_COMPRESSION, parse_compress
-from .crypto import CIPHERS, DEFAULT_CIPHER
+from .crypto import CIPHERS
 from .errors import ConfigError
 from .protocol.frames import DEFAULT_CHUNK
 from .units import parse_size
@@ -30,7 +32,8 @@ class Defaults:
 
     channels: int = 2
     compress: str = DEFAULT_COMPRESSION
-    cipher: str = DEFAULT_CIPHER
+    #: Empty: the transport's own default (AES-256-GCM; ``none`` over rdma+shm).
+    cipher: str = ""
     max_bandwidth: int = 0
     downtime_limit: int = 300
     chunk_size: int = DEFAULT_CHUNK
@@ -49,13 +52,17 @@ class DeviceConfig:
 
 @dataclasses.dataclass
 class Config:
-    listen: str = "127.0.0.1:7707"
+    #: Where migrations come in: ``host:port`` (the default transport), or an
+    #: address naming its transport (``rdma+shm:///run/migd/rdma.sock``).
+    listen: tuple[str, ...] = ("127.0.0.1:7707",)
     control: str = "/run/migd/migd.sock"
     control_group: str = ""
     identity: str = "/etc/migd/identity.key"
     authorized_keys: str = "/etc/migd/authorized_keys"
     transport: str = "tcp"
-    ciphers: tuple[str, ...] = tuple(CIPHERS)
+    #: What incoming migrations may use; empty: each transport's default (never
+    #: ``none`` on a link that leaves the host).
+    ciphers: tuple[str, ...] = ()
     idle_timeout: float = 30.0
     stop_timeout: float = 60.0
     log_level: str = "info"
@@ -99,6 +106,20 @@ def _ciphers(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _listen(v: Any) -> tuple[str, ...]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items or not all(isinstance(a, str) and a
+                                                           for a in items):
+        raise TypeError("an address or a non-empty list of addresses")
+    for a in items:
+        transports.REGISTRY.split(a)
+    return tuple(items)
+
+
+def _transport(v: Any) -> str:
+    return transports.REGISTRY.check([_str(v)])[0]
+
+
 def _cipher(v: Any) -> str:
     return _ciphers([v])[0]
 
@@ -115,8 +136,8 @@ def _log_level(v: Any) -> str:
 
 
 TOP: dict[str, Callable[[Any], Any]] = {
-    "listen": _str, "control": _str, "control_group": _str, "identity": _str,
-    "authorized_keys": _str, "transport": _str, "ciphers": _ciphers,
+    "listen": _listen, "control": _str, "control_group": _str, "identity": _str,
+    "authorized_keys": _str, "transport": _transport, "ciphers": _ciphers,
     "idle_timeout": _positive_float, "stop_timeout": _positive_float, "log_level": _log_level,
     "metrics": _str,
 }

@@ -32,7 +32,7 @@ from backends.states import DeviceState
 
 from .codec import parse_compress
 from .config import PCI_ADDRESS, Config, DeviceConfig
-from .crypto import CIPHERS
+from .crypto import CIPHERS, ENCRYPTING
 from .errors import ConfigError, MigdError
 from .identity import AuthorizedKeys, Identity
 from .metrics import Metrics
@@ -121,8 +121,8 @@ class Daemon:
                 d.close()
             raise
         self.host = Host(identity=identity, authorized=authorized, workers=Workers(),
-                         devices=devices, transport=transports.REGISTRY.create(cfg.transport),
-                         ciphers=cfg.ciphers, idle_timeout=cfg.idle_timeout,
+                         devices=devices, transport=cfg.transport,
+                         ciphers=cfg.ciphers or ENCRYPTING, idle_timeout=cfg.idle_timeout,
                          addresses={d.name: d.address for d in cfg.devices if d.address})
         self.jobs: dict[str, Job] = {}
         self.incoming: dict[bytes, Incoming] = {}
@@ -140,7 +140,8 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._accepting = True
-        self._listener: transports.Listener | None = None
+        #: (transport, listener) per listen address.
+        self._listeners: list[tuple[str, transports.Listener]] = []
         self._control: asyncio.AbstractServer | None = None
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "migrate": self._cmd_migrate,
@@ -159,7 +160,8 @@ class Daemon:
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self._listener = await self.host.transport.listen(self.cfg.listen, self._incoming)
+        for address in self.cfg.listen:
+            await self._listen(address)
         path = self.cfg.control
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -172,12 +174,43 @@ class Daemon:
             os.chown(path, -1, self._control_gid)
         if self.cfg.metrics:
             log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics))
-        log.info("migd listening on %s (%s), control %s, devices: %s", self._listener.address,
-                 self.cfg.transport, path, ", ".join(self.host.devices) or "none")
+        log.info("migd listening on %s, control %s, devices: %s", ", ".join(self.addresses),
+                 path, ", ".join(self.host.devices) or "none")
+
+    async def _listen(self, address: str) -> None:
+        name, where = transports.REGISTRY.split(address, self.cfg.transport)
+        transport = transports.REGISTRY.create(name)
+        # What this listener accepts: the configured list, else the transport's own
+        # default (clear text only where the link never leaves the host).
+        ciphers = self.cfg.ciphers or transport.accepted_ciphers
+
+        async def incoming(channel: transports.Channel) -> None:
+            if not self._accepting:
+                channel.close()
+                return
+            await serve_connection(self.host, channel, self.jobs, self.incoming, ciphers)
+
+        try:
+            listener = await transport.listen(where, incoming)
+        except BaseException:
+            self._close_listeners()
+            raise
+        self._listeners.append((name, listener))
+
+    def _close_listeners(self) -> None:
+        for _, listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every listen address, each naming its transport unless it is the default."""
+        return [transports.REGISTRY.url(name, listener.address) if name != self.cfg.transport
+                else listener.address for name, listener in self._listeners]
 
     @property
     def address(self) -> str:
-        return self._listener.address if self._listener else ""
+        return self.addresses[0] if self._listeners else ""
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -232,8 +265,7 @@ class Daemon:
         self._accepting = False
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._listener is not None:
-            self._listener.close()
+        self._close_listeners()
         running = [j for j in self.jobs.values() if not j.state.finished]
         if running:
             log.info("waiting for %d running migration(s)", len(running))
@@ -254,12 +286,6 @@ class Daemon:
         self.host.workers.shutdown()
         for d in self.host.devices.values():
             d.close()
-
-    async def _incoming(self, channel: transports.Channel) -> None:
-        if not self._accepting:
-            channel.close()
-            return
-        await serve_connection(self.host, channel, self.jobs, self.incoming)
 
     # --- control socket -------------------------------------------------------------
 
@@ -432,7 +458,9 @@ class Daemon:
         if not isinstance(device, str) or not isinstance(peer, str):
             raise ConfigError("migrate: 'device' and 'peer' are required strings")
         d = self.cfg.defaults
-        cipher = args.get("cipher", d.cipher)
+        transport, _ = transports.REGISTRY.split(peer, self.cfg.transport)
+        cipher = args.get("cipher") or d.cipher or transports.REGISTRY.create(
+            transport).default_cipher
         if cipher not in CIPHERS:
             raise ConfigError(f"cipher {cipher!r} unknown; supported: {', '.join(CIPHERS)}")
         try:

@@ -133,6 +133,14 @@ class IncompleteStream(ProtocolError):
     name = "incomplete-stream"
 
 
+class RemoteAccessError(ProtocolError):
+    """A one-sided write outside a registered region, with a wrong key, or past
+    the credits the receiver posted (RDMA-like transport)."""
+
+    code = 28
+    name = "remote-access"
+
+
 class NegotiationError(ProtocolError):
     """No common cipher or compression, or an unsupported option."""
 

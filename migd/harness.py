@@ -31,6 +31,17 @@ class DaemonProc:
     control: str
     address: str
     log_path: str
+    #: Every listen address (tcp, rdma+tcp, rdma+shm), as the address file lists them.
+    addresses: list[str] = dataclasses.field(default_factory=list)
+
+    def address_of(self, transport: str) -> str:
+        """Where this daemon listens on ``transport`` (a registry name or alias)."""
+        import transports
+        name = transports.REGISTRY.canonical(transport)
+        for a in self.addresses:
+            if transports.REGISTRY.split(a)[0] == name:
+                return a
+        raise ConfigError(f"daemon {self.name} does not listen on {transport}")
 
     def client(self, timeout: float = 60.0) -> ControlClient:
         return ControlClient(self.control, timeout)
@@ -72,7 +83,11 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
     control = os.path.join(workdir, f"{name}.sock")
     port_file = os.path.join(workdir, f"{name}.addr")
     log_path = os.path.join(workdir, f"{name}.log")
+    shm = os.path.join(workdir, f"{name}.rdma")
+    if len(shm) > 100:  # a Unix socket path must fit sun_path (108 bytes)
+        shm = os.path.join(tempfile.gettempdir(), f"migd-{os.getpid()}-{time.monotonic_ns()}-{name}")
     cmd = [sys.executable, "-m", "migd", "serve", "--listen", "127.0.0.1:0",
+           "--listen", "rdma://127.0.0.1:0", "--listen", f"rdma+shm://{shm}",
            "--control", control, "--identity", identity or os.path.join(workdir, f"{name}.key"),
            "--authorized-keys", auth, "--address-file", port_file, *extra]
     for d in devices:
@@ -91,8 +106,8 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
                 raise ConfigError(f"daemon {name} did not start:\n{f.read()[-2000:]}")
         time.sleep(0.02)
     with open(port_file) as f:
-        address = f.read().strip()
-    return DaemonProc(name, proc, control, address, log_path)
+        addresses = f.read().split()
+    return DaemonProc(name, proc, control, addresses[0], log_path, addresses)
 
 
 @dataclasses.dataclass

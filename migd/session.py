@@ -18,12 +18,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import transports
 from backends.base import Device
 from backends.states import DeviceState, MigCap
-from transports.base import Channel, Transport
+from transports.base import Channel
 
 from .codec import DEFAULT_COMPRESSION, CompressMode, Encoder, parse_compress
-from .crypto import CIPHERS, DEFAULT_CIPHER
+from .crypto import DEFAULT_CIPHER, ENCRYPTING
 from .endpoint import Bus, Endpoint
 from .errors import (
     Cancelled,
@@ -159,9 +160,10 @@ class Host:
     authorized: AuthorizedKeys
     workers: Workers
     devices: dict[str, Device]
-    transport: Transport
+    #: The transport of peer addresses that name none (``host:port``).
+    transport: str = "tcp"
     busy: set[str] = dataclasses.field(default_factory=set)
-    ciphers: tuple[str, ...] = tuple(CIPHERS)
+    ciphers: tuple[str, ...] = ENCRYPTING
     max_chunk: int = DEFAULT_CHUNK
     idle_timeout: float = 30.0
     #: Announced bytes a destination accepts, as a multiple of the device state size.
@@ -311,9 +313,11 @@ def check_vm(host: Host, devices: list[str]) -> None:
 
 
 async def _open_channel(host: Host, opts: MigrateOptions, bus: Bus, index: int) -> Endpoint:
-    channel = await host.transport.connect(opts.peer, opts.timeout)
+    name, address = transports.REGISTRY.split(opts.peer, host.transport)
+    channel = await transports.REGISTRY.create(name).connect(address, opts.timeout)
     conn = Connection(Role.SOURCE, host.identity, host.authorized,
-                      Offer(ciphers=opts.ciphers, max_chunk=opts.chunk_size), channel=index)
+                      Offer(ciphers=opts.ciphers, max_chunk=opts.chunk_size), channel=index,
+                      payloads_inline=channel.placement is None)
     ep = Endpoint(channel, conn, bus)
     await ep.handshake(opts.timeout)
     return ep
@@ -490,18 +494,23 @@ class _Buffers:
     """Where a connection's DATA payloads go; set once the connection has a role."""
 
     def __init__(self) -> None:
-        self.take: Callable[[], bytearray | None] | None = None
+        self.take: Callable[[int], bytearray | memoryview | None] | None = None
 
-    def __call__(self, size: int) -> bytearray | None:
-        return self.take() if self.take is not None else None
+    def __call__(self, size: int) -> bytearray | memoryview | None:
+        if self.take is None:
+            raise ProtocolError("data before the session accepted it")
+        return self.take(size)
 
 
 async def serve_connection(host: Host, channel: Channel, jobs: dict[str, Job],
-                           incoming: dict[bytes, Incoming]) -> None:
-    """Authenticate a new connection; it starts a migration or joins one as a channel."""
+                           incoming: dict[bytes, Incoming],
+                           ciphers: tuple[str, ...] | None = None) -> None:
+    """Authenticate a new connection; it starts a migration or joins one as a channel.
+    ``ciphers``: what this listener accepts (default: the host's list)."""
     buffers = _Buffers()
     conn = Connection(Role.DESTINATION, host.identity, host.authorized,
-                      Offer(ciphers=host.ciphers, max_chunk=host.max_chunk), data_buffers=buffers)
+                      Offer(ciphers=ciphers or host.ciphers, max_chunk=host.max_chunk),
+                      data_buffers=buffers, payloads_inline=channel.placement is None)
     ep = Endpoint(channel, conn)
     try:
         await ep.handshake(host.idle_timeout)
@@ -541,7 +550,7 @@ async def _join(host: Host, ep: Endpoint, buffers: _Buffers, msg: dict[str, Any]
         return
     session.joined.add(k)
     ep.bus = session.bus  # from now on its failures are the migration's
-    buffers.take = lambda: session.receiver.take_buffer(k)
+    buffers.take = lambda n: session.receiver.take_buffer(k, n)
     session.receiver.attach(k, ep)
     await ep.send_control({"t": "joined", "channel": k})
     await session.job.done.wait()
@@ -593,7 +602,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
         receiver = StreamReceiver(ep.bus, dev, host.workers, job.counters, ep.conn.max_chunk,
                                   limit, channels=nchan)
         receiver.attach(0, ep)
-        buffers.take = lambda: receiver.take_buffer(0) if receiver is not None else None
+        buffers.take = lambda n: receiver.take_buffer(0, n) if receiver is not None else None
         ep.handlers["announce"] = receiver.announce
         ep.handlers["initial-sent"] = receiver.initial_sent
         incoming[token] = Incoming(job, est.peer_key, receiver, ep.bus)

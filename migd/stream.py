@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field
 
 from backends.base import Device
+from transports.base import Credit, Placement
 
 from .codec import Decoder, Encoder, Encoding, zero_view
 from .crypto import TAG_SIZE
@@ -122,16 +123,21 @@ def rx_sizes(chunk: int, inflight: int) -> tuple[int, ...]:
     return (chunk + TAG_SIZE, chunk) * inflight
 
 
-def _encoding_and_len(frame: memoryview) -> tuple[int, int]:
-    """A sealed frame's encoding and plain length, read back from its header."""
-    fields = HEADER.unpack_from(frame)
-    return fields[2], fields[7]
-
-
 @dataclass(eq=False)
 class _TxSlot:
     plain: bytearray
     wire: bytearray
+
+
+@dataclass(eq=False, slots=True)
+class _Sealed:
+    """One sealed DATA frame, ready to go."""
+
+    header: memoryview
+    payload: memoryview  # ciphertext and tag
+    credit: Credit | None  # one-sided: the destination buffer it goes to
+    in_place: bool  # the payload already lies in that buffer
+    frame: memoryview | None = None  # header and payload contiguous (stream transports)
 
 
 class StreamSender:
@@ -154,6 +160,9 @@ class StreamSender:
         self.control = channels[0]
         self.device = device
         self.encoder = encoder
+        if all(e.channel.placement is not None and e.channel.placement.maps_remote
+               for e in channels):
+            encoder.sparse = False
         self.workers = workers
         self.counters = counters
         self.chunk = self.control.conn.max_chunk
@@ -167,7 +176,7 @@ class StreamSender:
         self._slots: asyncio.Queue[_TxSlot] = asyncio.Queue()
         for i in range(0, len(self._bufs), 2):
             self._slots.put_nowait(_TxSlot(self._bufs[i], self._bufs[i + 1]))
-        self._queue: asyncio.Queue[tuple[Endpoint, int, asyncio.Future[memoryview], _TxSlot]] = (
+        self._queue: asyncio.Queue[tuple[Endpoint, int, asyncio.Future[_Sealed], _TxSlot]] = (
             asyncio.Queue())
         self._queued = 0  # frames handed to the writer and not yet sent
         self._loop = asyncio.get_running_loop()
@@ -230,14 +239,29 @@ class StreamSender:
             want = self.chunk if budget is None else min(self.chunk, budget - sent)
             if budget is None and self.offset + want > self.announced:
                 await self.announce(max(want, self.device.stop_copy_size()))
-            n = await self._read(memoryview(slot.plain)[:want])
+            ep = self.channels[self.index % len(self.channels)]
+            placement = ep.channel.placement
+            credit = target = None
+            if placement is not None:
+                # One-sided: the payload goes into a buffer the destination posted,
+                # filled right there when its memory is mapped here.
+                try:
+                    credit = await placement.credit()
+                except BaseException:
+                    self._slots.put_nowait(slot)
+                    raise
+                target = placement.view(credit)
+            compress = self._compress_next()
+            into = target if target is not None and not compress else memoryview(slot.plain)
+            n = await self._read(into[:want])
             if n == 0:
+                if placement is not None and credit is not None:
+                    placement.unused(credit)
                 self._slots.put_nowait(slot)
                 break
-            ep = self.channels[self.index % len(self.channels)]
             seq = ep.conn.reserve_seq()
-            args = (ep, slot, n, seq, self.index, self.offset)
-            if self._compress_next():
+            args = (ep, slot, into[:n], seq, self.index, self.offset, credit, target)
+            if compress:
                 self._hand_to_writer(ep, seq, self._loop.run_in_executor(
                     self.workers.codec, self._seal, *args, True), slot)
             elif self._queued == 0:  # nothing ahead of it: seal and send it right here
@@ -246,7 +270,7 @@ class StreamSender:
                 finally:
                     self._slots.put_nowait(slot)
             else:
-                done: asyncio.Future[memoryview] = self._loop.create_future()
+                done: asyncio.Future[_Sealed] = self._loop.create_future()
                 done.set_result(self._seal(*args, False))
                 self._hand_to_writer(ep, seq, done, slot)
             self.index += 1
@@ -256,39 +280,59 @@ class StreamSender:
         self.control.check()
         return sent
 
-    def _hand_to_writer(self, ep: Endpoint, seq: int, fut: asyncio.Future[memoryview],
+    def _hand_to_writer(self, ep: Endpoint, seq: int, fut: asyncio.Future[_Sealed],
                         slot: _TxSlot) -> None:
         self._queued += 1
         self._queue.put_nowait((ep, seq, fut, slot))
 
-    def _seal(self, ep: Endpoint, slot: _TxSlot, n: int, seq: int, index: int, offset: int,
-              compress: bool) -> memoryview:
-        plain = memoryview(slot.plain)[:n]
+    def _seal(self, ep: Endpoint, slot: _TxSlot, plain: memoryview, seq: int, index: int,
+              offset: int, credit: Credit | None, target: memoryview | None,
+              compress: bool) -> _Sealed:
         encoding, payload = self.encoder.encode(plain, compress)
-        return ep.conn.seal_data_into(seq, index, offset, encoding, payload, n,
-                                      memoryview(slot.wire))
+        wire = memoryview(slot.wire)
+        header = wire[:HEADER_SIZE]
+        sealed = ep.conn.seal_data_into(seq, index, offset, encoding, payload, len(plain), header,
+                                        target if target is not None else wire[HEADER_SIZE:])
+        if credit is None:  # header and payload side by side: one buffer on the stream
+            return _Sealed(header, sealed, None, False, wire[:HEADER_SIZE + len(sealed)])
+        return _Sealed(header, sealed, credit, target is not None)
 
     def _waited(self) -> float:
         return sum(e.channel.waited for e in self.channels) + self._paced
 
-    async def _emit(self, ep: Endpoint, seq: int, frame: memoryview) -> None:
+    async def _emit(self, ep: Endpoint, seq: int, sealed: _Sealed) -> None:
         """Pace, send (in sequence order) and account for one sealed frame."""
         if self.bucket is not None:
-            delay = self.bucket.delay(len(frame), self._loop.time())
+            delay = self.bucket.delay(HEADER_SIZE + len(sealed.payload), self._loop.time())
             if delay:
                 self._paced += delay
                 await asyncio.sleep(delay)
-        ep.conn.submit(seq, frame)
-        await ep.flush()
-        self._count(frame)
+        placement = ep.channel.placement
+        if sealed.frame is not None:
+            ep.conn.submit(seq, sealed.frame)
+            await ep.flush()
+        else:
+            assert placement is not None and sealed.credit is not None
+            # The payload lands before the header that points the receiver at it.
+            written = placement.write(sealed.credit, None if sealed.in_place else sealed.payload,
+                                      len(sealed.payload))
+            ep.conn.submit(seq, sealed.header)
+            try:
+                await ep.flush()
+            finally:
+                await asyncio.gather(written, return_exceptions=True)
+            written.result()
+        self._count(sealed)
 
-    def _count(self, frame: memoryview) -> None:
-        self.digest.update(frame[:HEADER_SIZE])
-        self.digest.update(frame[-TAG_SIZE:])
+    def _count(self, sealed: _Sealed) -> None:
+        header, payload = sealed.header, sealed.payload
+        self.digest.update(header)
+        self.digest.update(payload[-TAG_SIZE:])
         c = self.counters
-        encoding, plain_len = _encoding_and_len(frame)
+        fields = HEADER.unpack_from(header)
+        encoding, plain_len = fields[2], fields[7]
         c.transferred += plain_len
-        c.wire_bytes += len(frame)
+        c.wire_bytes += HEADER_SIZE + len(payload)
         c.chunks += 1
         c.zero_chunks += encoding == Encoding.ZERO
         c.compressed_chunks += encoding == Encoding.ZSTD
@@ -298,7 +342,7 @@ class StreamSender:
         else:
             c.precopy_bytes += plain_len
         if self.auto is not None:
-            self._window(plain_len, len(frame))
+            self._window(plain_len, HEADER_SIZE + len(payload))
 
     def _window(self, state: int, wire: int) -> None:
         self._win_chunks += 1
@@ -350,7 +394,7 @@ class StreamSender:
 
 @dataclass(eq=False)
 class _RxSlot:
-    payload: bytearray
+    payload: bytearray | memoryview
     plain: bytearray
     channel: int = 0
 
@@ -404,6 +448,8 @@ class StreamReceiver:
             self._free[ch].append(_RxSlot(self._bufs[i], self._bufs[i + 1], ch))
         self._by_payload: dict[int, _RxSlot] = {
             id(s.payload): s for q in self._free for s in q}
+        #: Channels whose payloads the source writes one-sided into posted buffers.
+        self._placements: list[Placement | None] = [None] * channels
         self._chan_next = list(range(channels))
         self._ready: dict[int, _Placed] = {}
         self._have = asyncio.Event()
@@ -425,13 +471,35 @@ class StreamReceiver:
     def attach(self, channel: int, ep: Endpoint) -> None:
         self.endpoints[channel] = ep
         ep.on_data = lambda ev: self.on_data(channel, ev)
+        placement = ep.channel.placement
+        if placement is not None:
+            # The channel's payload buffers become registered memory the source
+            # writes into; each free one is a credit at the source.
+            slots = list(self._free[channel])
+            self._free[channel].clear()
+            regions = placement.register(self._max_chunk + TAG_SIZE, len(slots))
+            self._placements[channel] = placement
+            for slot, region in zip(slots, regions, strict=True):
+                del self._by_payload[id(slot.payload)]
+                slot.payload = region
+                self._by_payload[id(region)] = slot
+                placement.post(region)
 
-    def take_buffer(self, channel: int) -> bytearray | None:
-        """A channel's Connection asks for a payload buffer; None applies back-pressure."""
+    def take_buffer(self, channel: int, size: int) -> bytearray | memoryview | None:
+        """A channel's Connection asks for a payload buffer; None applies back-pressure.
+        One-sided channels hand over the buffer the payload already landed in."""
+        placement = self._placements[channel]
+        if placement is not None:
+            return placement.landed(size)
         free = self._free[channel]
         return free.popleft().payload if free else None
 
     def _release(self, slot: _RxSlot) -> None:
+        placement = self._placements[slot.channel]
+        if placement is not None:
+            assert isinstance(slot.payload, memoryview)
+            placement.post(slot.payload)  # a credit again
+            return
         self._free[slot.channel].append(slot)
         ep = self.endpoints[slot.channel]
         if ep is not None:
@@ -495,8 +563,11 @@ class StreamReceiver:
         h = ev.header
         ep = self.endpoints[slot.channel]
         assert ep is not None
-        out = memoryview(slot.plain)[: h.plain_len]
         body = h.payload_len - TAG_SIZE
+        # A landed payload is ours until its credit is posted again: open it where it
+        # lies and load from there (no second buffer; nothing to copy with ``none``).
+        in_place = self._placements[slot.channel] is not None and h.encoding != Encoding.ZSTD
+        out = (memoryview(slot.payload) if in_place else memoryview(slot.plain))[: h.plain_len]
         if h.encoding == Encoding.RAW:
             if body != h.plain_len:
                 raise IntegrityError(f"raw chunk {h.index} is {body} bytes, "
@@ -506,12 +577,12 @@ class StreamReceiver:
         if h.encoding == Encoding.SPARSE:
             if body >= h.plain_len:
                 raise IntegrityError(f"sparse chunk {h.index} is not smaller than its data")
-            ep.conn.open_data_into(ev, memoryview(slot.plain)[:body])
-            return self.decoder.sparse_segments(memoryview(slot.plain)[:body], h.plain_len)
+            ep.conn.open_data_into(ev, out[:body])
+            return self.decoder.sparse_segments(out[:body], h.plain_len)
         if h.encoding == Encoding.ZERO:
             if body:
                 raise IntegrityError(f"zero chunk {h.index} carries a payload")
-            ep.conn.open_data_into(ev, memoryview(slot.plain)[:0])
+            ep.conn.open_data_into(ev, out[:0])
             return [zero_view(h.plain_len)]
         if h.encoding == Encoding.ZSTD:
             scratch = self._scratch.buf

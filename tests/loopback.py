@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator
 
+import transports
 from migd.session import Host, Incoming, Job, serve_connection
 
 
 @contextlib.asynccontextmanager
-async def serving(src: Host, dst: Host,
-                  close_devices: bool = True) -> AsyncIterator[tuple[str, dict[str, Job]]]:
-    """Yields the destination's address and its incoming jobs; shuts both hosts down."""
+async def serving(src: Host, dst: Host, close_devices: bool = True, transport: str = "tcp"
+                  ) -> AsyncIterator[tuple[str, dict[str, Job]]]:
+    """Yields the destination's address (naming ``transport``) and its incoming jobs;
+    shuts both hosts down."""
     jobs: dict[str, Job] = {}
     incoming: dict[bytes, Incoming] = {}
-    listener = await dst.transport.listen(
-        "127.0.0.1:0", lambda ch: serve_connection(dst, ch, jobs, incoming))
+    t = transports.REGISTRY.create(transport)
+    wd = tempfile.TemporaryDirectory(prefix="migd-loop-")
+    where = f"{wd.name}/rdma.sock" if transport.endswith("shm") else "127.0.0.1:0"
+    listener = await t.listen(where, lambda ch: serve_connection(dst, ch, jobs, incoming,
+                                                                 t.accepted_ciphers))
     try:
-        yield listener.address, jobs
+        yield transports.REGISTRY.url(t.name, listener.address), jobs
     finally:
         listener.close()
+        wd.cleanup()
         for h in (src, dst):
             h.workers.shutdown()
             if close_devices:

@@ -11,9 +11,12 @@ the pipeline.  ``send`` returns only when the given buffers may be reused.
 from __future__ import annotations
 
 import abc
+import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
+from migd.crypto import DEFAULT_CIPHER, ENCRYPTING
 from migd.errors import ConfigError
 
 
@@ -24,10 +27,72 @@ class Receiver(Protocol):
     def connection_lost(self, exc: BaseException | None) -> None: ...
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Credit:
+    """The receiver's leave to write one payload of up to ``length`` bytes at
+    ``offset`` of its region ``rkey``.  Credits are granted, used and checked in
+    order (``seq``), one payload each."""
+
+    seq: int
+    rkey: int
+    offset: int
+    length: int
+
+
+class Placement(abc.ABC):
+    """One-sided placement of DATA payloads into memory the receiver registered.
+
+    The receiver registers its payload buffers and posts each free one as a
+    credit; the sender waits for a credit, fills it (in place when the
+    receiver's memory is mapped here, else from a local buffer) and writes it;
+    the frame header follows on the byte stream and the receiver takes the
+    landed buffer for it.  Channels without it carry payloads in the stream."""
+
+    #: The receiver's buffers are mapped here: the sender fills them in place, and
+    #: moving a byte costs a memory copy, not link time.
+    maps_remote: bool = False
+
+    # --- receiver side
+    @abc.abstractmethod
+    def register(self, size: int, count: int) -> list[memoryview]:
+        """``count`` buffers of ``size`` bytes that the peer may be given credits for."""
+
+    @abc.abstractmethod
+    def post(self, buf: memoryview) -> None:
+        """Grant the peer a credit for ``buf`` (one of :meth:`register`'s)."""
+
+    @abc.abstractmethod
+    def landed(self, length: int) -> memoryview:
+        """The buffer the next write landed in (the object :meth:`post` was given);
+        an error if nothing of ``length`` bytes landed."""
+
+    # --- sender side
+    @abc.abstractmethod
+    async def credit(self) -> Credit:
+        """The next credit, waiting until the receiver posts one."""
+
+    @abc.abstractmethod
+    def unused(self, credit: Credit) -> None:
+        """Give back a credit that was taken but not written: it is the next one again."""
+
+    @abc.abstractmethod
+    def view(self, credit: Credit) -> memoryview | None:
+        """The credited bytes themselves when they are mapped here (fill in place), or None."""
+
+    @abc.abstractmethod
+    def write(self, credit: Credit, data: memoryview | None, length: int
+              ) -> asyncio.Future[None]:
+        """Post a write of ``data`` (None: ``length`` bytes already filled in place)
+        into ``credit``; done when ``data`` may be reused.  Writes and the stream's
+        sends leave in the order they are posted."""
+
+
 class Channel(abc.ABC):
     peer: str = "?"
     #: Seconds senders spent waiting for the link to take more (a full socket).
     waited: float = 0.0
+    #: One-sided payload placement (RDMA-like transports); None: payloads are stream bytes.
+    placement: Placement | None = None
 
     @abc.abstractmethod
     async def send(self, frames: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -60,6 +125,10 @@ ChannelHandler = Callable[[Channel], Coroutine[Any, Any, None]]
 
 class Transport(abc.ABC):
     name: str = "?"
+    #: What a source proposes when the operator names no cipher.
+    default_cipher: str = DEFAULT_CIPHER
+    #: What a destination accepts when its configuration names no ciphers.
+    accepted_ciphers: tuple[str, ...] = ENCRYPTING
 
     @abc.abstractmethod
     async def connect(self, address: str, timeout: float) -> Channel: ...
@@ -69,19 +138,44 @@ class Transport(abc.ABC):
 
 
 class TransportRegistry:
+    """Transports by the scheme that names them in an address: ``tcp://H:P``,
+    ``rdma+tcp://H:P``, ``rdma+shm:///run/migd/rdma.sock``; a bare ``H:P`` uses
+    the daemon's default transport."""
+
     default = "tcp"
 
     def __init__(self) -> None:
         self._transports: dict[str, Callable[[], Transport]] = {}
+        self._aliases: dict[str, str] = {}
 
-    def register(self, name: str, factory: Callable[[], Transport]) -> None:
+    def register(self, name: str, factory: Callable[[], Transport], *aliases: str) -> None:
         self._transports[name] = factory
+        for a in aliases:
+            self._aliases[a] = name
+
+    def canonical(self, name: str) -> str:
+        return self._aliases.get(name, name)
+
+    def split(self, address: str, default: str | None = None) -> tuple[str, str]:
+        """(transport name, transport-specific address) of ``address``."""
+        scheme, sep, rest = address.partition("://")
+        if not sep:
+            return self.check([default or self.default])[0], address
+        name = self.canonical(scheme)
+        self.check([name])
+        if not rest:
+            raise ConfigError(f"address {address!r}: nothing after {scheme}://")
+        return name, rest
+
+    def url(self, name: str, address: str) -> str:
+        return address if name == "tcp" else f"{name}://{address}"
 
     def names(self) -> list[str]:
         return sorted(self._transports)
 
     def check(self, names: list[str]) -> list[str]:
         """``names`` as given by an operator, each known, or a clear error."""
+        names = [self.canonical(n) for n in names]
         for n in names:
             if n not in self._transports:
                 raise ConfigError(f"transport {n!r} unknown; supported: {', '.join(self.names())}")
@@ -89,7 +183,7 @@ class TransportRegistry:
 
     def create(self, name: str) -> Transport:
         try:
-            return self._transports[name]()
+            return self._transports[self.canonical(name)]()
         except KeyError:
             raise ConfigError(
                 f"unknown transport {name!r}; supported: {', '.join(self.names())}"

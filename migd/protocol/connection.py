@@ -11,6 +11,11 @@ Handshake (mutual, SIGMA-style), all msgpack::
                             sig: Ed25519(dest, "destination" || transcript)}
     source -> AUTH         {sig: Ed25519(source, "source" || transcript)}
 
+On a channel whose transport places payloads by one-sided writes (the RDMA-like
+transport), a DATA frame's payload is not in the byte stream: it already lies
+in a buffer this side posted, and ``data_buffers`` hands that buffer over when
+the header arrives (``payloads_inline=False``).  The checks are the same.
+
 Keys come from HKDF over the X25519 secret salted with the transcript hash, one
 per direction.  A peer whose identity is not in the authorized file, or whose
 signature fails, gets a PLAIN_ERROR and no state moves.  After the handshake
@@ -93,7 +98,7 @@ class Data:
     """A sealed data chunk whose payload sits in ``buf[:header.payload_len]``."""
 
     header: Header
-    buf: bytearray
+    buf: bytearray | memoryview
 
 
 @dataclasses.dataclass
@@ -144,7 +149,7 @@ def _raw_x25519(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-BufferSource = Callable[[int], bytearray | None]
+BufferSource = Callable[[int], bytearray | memoryview | None]
 
 
 class Connection:
@@ -152,7 +157,7 @@ class Connection:
 
     def __init__(self, role: Role, identity: Identity, authorized: AuthorizedKeys,
                  offer: Offer | None = None, channel: int = 0,
-                 data_buffers: BufferSource | None = None) -> None:
+                 data_buffers: BufferSource | None = None, payloads_inline: bool = True) -> None:
         self.role = role
         self.channel = channel
         self.phase = Phase.HANDSHAKE
@@ -176,11 +181,12 @@ class Connection:
         self.max_chunk = self._offer.max_chunk
         self.peer_name = ""
         self._data_buffers = data_buffers or (lambda n: bytearray(n))
+        self.payloads_inline = payloads_inline
         # receive state
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_got = 0
         self._cur: Header | None = None
-        self._payload: bytearray | None = None
+        self._payload: bytearray | memoryview | None = None
         self._payload_got = 0
         #: True while a DATA payload waits for a buffer: the edge must pause reading.
         self.blocked = False
@@ -214,14 +220,17 @@ class Connection:
         return seq
 
     def seal_data_into(self, seq: int, index: int, offset: int, encoding: int,
-                       payload: bytes | memoryview, plain_len: int, out: memoryview) -> memoryview:
-        """Seal one data chunk into ``out`` (header + ciphertext + tag). Thread-safe."""
+                       payload: bytes | memoryview, plain_len: int, header_out: memoryview,
+                       payload_out: memoryview) -> memoryview:
+        """Seal one data chunk: its header into ``header_out[:HEADER_SIZE]``, ciphertext
+        and tag into ``payload_out`` (which ``payload`` may already be the start of:
+        sealing in place).  Returns the sealed payload.  Thread-safe."""
         assert self._tx is not None
         plen = len(payload) + TAG_SIZE
-        HEADER.pack_into(out, 0, MAGIC, FrameType.DATA, encoding, plen, seq, index, offset,
-                         plain_len)
-        self._tx.seal_into(seq, out[:HEADER_SIZE], payload, out[HEADER_SIZE:HEADER_SIZE + plen])
-        return out[: HEADER_SIZE + plen]
+        HEADER.pack_into(header_out, 0, MAGIC, FrameType.DATA, encoding, plen, seq, index,
+                         offset, plain_len)
+        self._tx.seal_into(seq, header_out[:HEADER_SIZE], payload, payload_out[:plen])
+        return payload_out[:plen]
 
     def submit(self, seq: int, frame: memoryview | bytes | bytearray) -> None:
         """Hand back a sealed frame for ``seq``; :meth:`pop_ready` releases it in order."""
@@ -344,6 +353,11 @@ class Connection:
         if ft is FrameType.DATA:
             buf = self._data_buffers(plen)
             self._payload = buf
+            if not self.payloads_inline:
+                if buf is None or len(buf) < plen:
+                    raise ProtocolError(f"DATA frame {seq}: no payload of {plen} bytes was "
+                                        "written for it")
+                self._payload_got = plen  # it is already in place
             self.blocked = buf is None
         else:
             self._payload = bytearray(plen)

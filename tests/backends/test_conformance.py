@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import pytest
 
 import backends
-import transports
 from backends.base import Device
 from backends.states import DeviceState, MigCap, path, supported
 from backends.vfio import VfioDevice
@@ -152,9 +151,8 @@ def test_precopy_semantics(kind: str) -> None:
 async def rig(src: Device, dst: Device) -> AsyncIterator[tuple[Host, str, dict[str, Job]]]:
     a, b = Identity.generate(), Identity.generate()
     trust = AuthorizedKeys({a.public: "src", b.public: "dst"})
-    tcp = transports.REGISTRY.create("tcp")
-    hsrc = Host(a, trust, Workers(), {"vf0": src}, tcp, idle_timeout=5)
-    hdst = Host(b, trust, Workers(), {"vf0": dst}, tcp, idle_timeout=5)
+    hsrc = Host(a, trust, Workers(), {"vf0": src}, idle_timeout=5)
+    hdst = Host(b, trust, Workers(), {"vf0": dst}, idle_timeout=5)
     async with serving(hsrc, hdst, close_devices=False) as (address, jobs):
         yield hsrc, address, jobs
 

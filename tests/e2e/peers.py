@@ -173,8 +173,10 @@ class ScriptedSource:
                   plain_len: int) -> None:
         seq = self.conn.reserve_seq()
         buf = bytearray(HEADER_SIZE + len(payload) + 16)
-        self.conn.submit(seq, self.conn.seal_data_into(seq, index, offset, encoding, payload,
-                                                       plain_len, memoryview(buf)))
+        view = memoryview(buf)
+        self.conn.seal_data_into(seq, index, offset, encoding, payload, plain_len,
+                                 view[:HEADER_SIZE], view[HEADER_SIZE:])
+        self.conn.submit(seq, buf)
         self.flush()
 
     def close(self) -> None:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 import backends
-import transports
 from backends.sim import SimDevice
 from backends.states import DeviceState
 from migd.errors import ConfigError, DeviceError
@@ -36,13 +35,12 @@ ZERO = hashlib.sha256(bytes(4 << 20)).hexdigest()
 @contextlib.asynccontextmanager
 async def vm_rig(ids: dict[str, Identity], trust: AuthorizedKeys,
                  caps: str = "stop_copy+p2p+pre_copy") -> AsyncIterator[tuple[Host, Host, str]]:
-    tcp = transports.REGISTRY.create("tcp")
     src = Host(ids["src"], trust, Workers(), {
         n: backends.REGISTRY.create("sim", n, {"size": "4M", "seed": str(i), "caps": caps})
-        for i, n in enumerate(NAMES)}, tcp, idle_timeout=5)
+        for i, n in enumerate(NAMES)}, idle_timeout=5)
     dst = Host(ids["dst"], trust, Workers(), {
         n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero", "caps": caps})
-        for n in NAMES}, tcp, idle_timeout=5)
+        for n in NAMES}, idle_timeout=5)
     async with serving(src, dst) as (address, _):
         yield src, dst, address
 

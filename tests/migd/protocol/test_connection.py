@@ -97,8 +97,10 @@ def seal(src: Connection, index: int, offset: int, data: bytes,
          encoding: int = Encoding.RAW) -> bytes:
     buf = bytearray(HEADER_SIZE + len(data) + 16)
     seq = src.reserve_seq()
-    frame = src.seal_data_into(seq, index, offset, encoding, data, len(data), memoryview(buf))
-    return bytes(frame)
+    view = memoryview(buf)
+    src.seal_data_into(seq, index, offset, encoding, data, len(data), view[:HEADER_SIZE],
+                       view[HEADER_SIZE:])
+    return bytes(buf)
 
 
 @pytest.mark.parametrize("feed", FEEDERS)

@@ -1,12 +1,12 @@
-"""Transport conformance: what the pipeline relies on from any Channel.
-
-Parametrized by transport name so the RDMA-like transport (issue 4) runs the
-same suite."""
+"""Transport conformance: what the pipeline relies on from any Channel, run on
+every registered transport (``tcp``, ``rdma+tcp``, ``rdma+shm``).  What only
+one-sided transports promise (credits, keys, bounds) is in ``test_placement``."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterator
 
 import pytest
@@ -45,6 +45,11 @@ class Collector:
 NAMES = transports.REGISTRY.names()
 
 
+def local_address(name: str, directory: str) -> str:
+    """Where a test listens for ``name``: loopback, or a socket path for ``shm``."""
+    return os.path.join(directory, "rdma.sock") if name.endswith("shm") else "127.0.0.1:0"
+
+
 async def connected(name: str) -> AsyncIterator[tuple[Channel, Channel]]:
     t = transports.REGISTRY.create(name)
     accepted: asyncio.Queue[Channel] = asyncio.Queue()
@@ -52,15 +57,16 @@ async def connected(name: str) -> AsyncIterator[tuple[Channel, Channel]]:
     async def handler(ch: Channel) -> None:
         await accepted.put(ch)
 
-    listener = await t.listen("127.0.0.1:0", handler)
-    client = await t.connect(listener.address, 5)
-    server = await asyncio.wait_for(accepted.get(), 5)
-    try:
-        yield client, server
-    finally:
-        client.close()
-        server.close()
-        listener.close()
+    with tempfile.TemporaryDirectory(prefix="migd-transport-") as wd:
+        listener = await t.listen(local_address(name, wd), handler)
+        client = await t.connect(listener.address, 5)
+        server = await asyncio.wait_for(accepted.get(), 5)
+        try:
+            yield client, server
+        finally:
+            client.close()
+            server.close()
+            listener.close()
 
 
 @pytest.fixture(params=NAMES)
@@ -126,14 +132,30 @@ async def test_receiver_refusal_keeps_the_way_back_open(chans: tuple[Channel, Ch
 
 
 @pytest.mark.parametrize("name", NAMES)
-async def test_connect_and_listen_errors(name: str) -> None:
+async def test_connect_and_listen_errors(name: str, tmp_path: pytest.TempPathFactory) -> None:
     t = transports.REGISTRY.create(name)
-    listener = await t.listen("127.0.0.1:0", lambda ch: asyncio.sleep(0))
+    listener = await t.listen(local_address(name, str(tmp_path)), lambda ch: asyncio.sleep(0))
     address = listener.address
     listener.close()
     with pytest.raises(TransportError, match="cannot connect"):
         await t.connect(address, 2)
-    with pytest.raises(ConfigError, match="port 'x' is not a number"):
-        await t.connect("127.0.0.1:x", 2)
+    bad, why = (("run/x.sock", "absolute socket path") if name.endswith("shm")
+                else ("127.0.0.1:x", "port 'x' is not a number"))
+    with pytest.raises(ConfigError, match=why):
+        await t.connect(bad, 2)
     with pytest.raises(ConfigError, match="unknown transport"):
         transports.REGISTRY.create("carrier-pigeon")
+
+
+def test_addresses_name_their_transport() -> None:
+    reg = transports.REGISTRY
+    assert reg.split("10.0.0.1:7707") == ("tcp", "10.0.0.1:7707")
+    assert reg.split("10.0.0.1:7707", "rdma") == ("rdma+tcp", "10.0.0.1:7707")
+    assert reg.split("rdma://h:1") == ("rdma+tcp", "h:1")
+    assert reg.split("rdma+shm:///run/migd/r.sock") == ("rdma+shm", "/run/migd/r.sock")
+    assert reg.url("rdma+shm", "/r.sock") == "rdma+shm:///r.sock"
+    assert reg.url("tcp", "h:1") == "h:1"
+    with pytest.raises(ConfigError, match="transport 'udp' unknown"):
+        reg.split("udp://h:1")
+    with pytest.raises(ConfigError, match="nothing after rdma://"):
+        reg.split("rdma://")
