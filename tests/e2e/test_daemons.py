@@ -243,16 +243,20 @@ def test_serve_rejects_bad_configuration(tmp_path: Any) -> None:
 def test_bench_matrix(tmp_path: Any) -> None:
     out = tmp_path / "m.json"
     r = migd("bench", "--matrix", "--state-size", "8M", "--matrix-channels", "1,2",
-             "--matrix-compress", "none,auto", "--matrix-ciphers", "aes-256-gcm",
-             "--repeat", "2", "--matrix-out", str(out), timeout=300)
+             "--matrix-compress", "none,auto", "--matrix-ciphers", "aes-256-gcm,none",
+             "--matrix-transports", "tcp,rdma+shm", "--repeat", "2",
+             "--matrix-out", str(out), timeout=300)
     assert r.returncode == 0, r.stderr
-    table = [line for line in r.stdout.splitlines() if line.startswith("| tcp |")]
-    assert len(table) == 4  # 2 channel counts x 2 compress modes
+    tcp = [line for line in r.stdout.splitlines() if line.startswith("| tcp |")]
+    assert len(tcp) == 4  # 2 channel counts x 2 compress modes; never clear text on tcp
+    assert {line.split("|")[4].strip() for line in tcp} == {"aes-256-gcm"}
+    shm = [line for line in r.stdout.splitlines() if line.startswith("| rdma+shm |")]
+    assert len(shm) == 8  # ... x 2 ciphers: the host-local link may go without encryption
     runs = json.loads(out.read_text())["runs"]
-    assert len(runs) == 8 and {run["channels"] for run in runs} == {1, 2}
+    assert len(runs) == 24 and {run["channels"] for run in runs} == {1, 2}
     assert all(run["gbps"] > 0 and set(run["cpu_s_per_gb"]) == {"source", "destination"}
                for run in runs)
-    assert "8/8" in r.stderr  # the progress bar reached the end
+    assert "24/24" in r.stderr  # the progress bar reached the end
     bad = migd("bench", "--matrix", "--matrix-transports", "carrier-pigeon", timeout=60)
     assert bad.returncode == 2 and "transport 'carrier-pigeon' unknown" in bad.stderr
 

@@ -305,6 +305,8 @@ class QueuePair:
 
     def _eof(self) -> None:
         self.stop_reading()
+        # No credit can come any more: a writer waiting for one must not wait forever.
+        self.credits.fail(TransportError("peer closed the connection"))
         if not self._reader.idle:
             self._fail(ProtocolError("rdma: connection closed in the middle of a message"))
         elif self.on_eof is not None:
