@@ -222,8 +222,8 @@ def summary(d: dict[str, Any]) -> str:
     lines = [
         f"migration {d.get('id')} {d.get('status')}: device {d.get('device')} -> {d.get('peer')}",
         f"  moved {human_bytes(d.get('transferred', 0))} of state "
-        f"({human_bytes(d.get('wire-bytes', 0))} on the wire, {d.get('cipher') or '-'}, "
-        f"compress {d.get('compress') or '-'})",
+        f"({human_bytes(d.get('wire-bytes', 0))} on the wire, {d.get('transport') or '-'}, "
+        f"{d.get('cipher') or '-'}, compress {d.get('compress') or '-'})",
         f"  total {d.get('total-time', 0)} ms, setup {d.get('setup-time', 0)} ms, "
         f"downtime {d.get('downtime', '-')} ms, pre-copy iterations {d.get('dirty-sync-count', 0)}",
     ]

@@ -60,8 +60,8 @@ class Config:
     identity: str = "/etc/migd/identity.key"
     authorized_keys: str = "/etc/migd/authorized_keys"
     transport: str = "tcp"
-    #: What incoming migrations may use; empty: each transport's default (never
-    #: ``none`` on a link that leaves the host).
+    #: What incoming migrations may use; empty: all.  A listener also drops what
+    #: its transport never allows (``none`` on a link that leaves the host).
     ciphers: tuple[str, ...] = ()
     idle_timeout: float = 30.0
     stop_timeout: float = 60.0
@@ -121,7 +121,7 @@ def _transport(v: Any) -> str:
 
 
 def _cipher(v: Any) -> str:
-    return _ciphers([v])[0]
+    return "" if v == "" else _ciphers([v])[0]
 
 
 def _compress(v: Any) -> str:

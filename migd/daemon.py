@@ -180,9 +180,13 @@ class Daemon:
     async def _listen(self, address: str) -> None:
         name, where = transports.REGISTRY.split(address, self.cfg.transport)
         transport = transports.REGISTRY.create(name)
-        # What this listener accepts: the configured list, else the transport's own
-        # default (clear text only where the link never leaves the host).
-        ciphers = self.cfg.ciphers or transport.accepted_ciphers
+        # What this listener accepts: the configured list, less what the transport
+        # never allows (clear text where the link leaves the host).
+        ciphers = tuple(c for c in self.cfg.ciphers or transport.accepted_ciphers
+                        if c in transport.accepted_ciphers)
+        if not ciphers:
+            raise ConfigError(f"listen {address}: none of the configured ciphers "
+                              f"({', '.join(self.cfg.ciphers)}) is allowed on {name}")
 
         async def incoming(channel: transports.Channel) -> None:
             if not self._accepting:
@@ -458,11 +462,14 @@ class Daemon:
         if not isinstance(device, str) or not isinstance(peer, str):
             raise ConfigError("migrate: 'device' and 'peer' are required strings")
         d = self.cfg.defaults
-        transport, _ = transports.REGISTRY.split(peer, self.cfg.transport)
-        cipher = args.get("cipher") or d.cipher or transports.REGISTRY.create(
-            transport).default_cipher
+        name, _ = transports.REGISTRY.split(peer, self.cfg.transport)
+        transport = transports.REGISTRY.create(name)
+        cipher = args.get("cipher") or d.cipher or transport.default_cipher
         if cipher not in CIPHERS:
             raise ConfigError(f"cipher {cipher!r} unknown; supported: {', '.join(CIPHERS)}")
+        if cipher not in transport.accepted_ciphers:
+            raise ConfigError(f"cipher {cipher!r} is not allowed on {name} (clear text only "
+                              "on a host-local transport, rdma+shm)")
         try:
             opts = MigrateOptions(
                 peer=peer, device=device, dest_device=str(args.get("dest-device") or device),

@@ -122,7 +122,8 @@ class Pair:
 def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
                src_extra: Sequence[str] = (), dst_extra: Sequence[str] = (),
                workdir: str | None = None,
-               dst_also_trusts: Sequence[bytes] = ()) -> Iterator[Pair]:
+               dst_also_trusts: Sequence[bytes] = (), src_also_trusts: Sequence[bytes] = (),
+               src_identity: str | None = None) -> Iterator[Pair]:
     own = workdir is None
     wd = workdir or tempfile.mkdtemp(prefix="migd-pair-")
     procs: list[DaemonProc] = []
@@ -131,7 +132,8 @@ def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
         b = write_identity(wd, "dst")
         dst = start_daemon(wd, "dst", dst_devices, [a.public, *dst_also_trusts], dst_extra)
         procs.append(dst)
-        src = start_daemon(wd, "src", src_devices, [b.public], src_extra)
+        src = start_daemon(wd, "src", src_devices, [b.public, *src_also_trusts], src_extra,
+                           identity=src_identity)
         procs.append(src)
         yield Pair(src, dst, wd, {"src": a, "dst": b})
     finally:

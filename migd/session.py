@@ -89,6 +89,7 @@ class Job:
     cipher: str = ""
     compress: str = ""
     channels: int = 1
+    transport: str = ""
     phase: str = "setup"
     rate: float = 0.0
     cpu_start: float = 0.0
@@ -125,6 +126,7 @@ class Job:
             "dirty-sync-count": self.dirty_sync_count,
             "mbps": round(self.rate * 8 / 1e6, 1),
             "cipher": self.cipher,
+            "transport": self.transport,
             "compress": self.compress,
             "channels": self.channels,
             "chunks": c.chunks,
@@ -280,7 +282,8 @@ class VmJob:
             "total-time": max(d["total-time"] for d in devs),
             "setup-time": max(d["setup-time"] for d in devs),
             "dirty-sync-count": max(d["dirty-sync-count"] for d in devs),
-            "cipher": devs[0]["cipher"], "compress": devs[0]["compress"],
+            "cipher": devs[0]["cipher"], "transport": devs[0]["transport"],
+            "compress": devs[0]["compress"],
             "channels": devs[0]["channels"], "devices": devs,
         }
         for key in ("transferred", "wire-bytes", "total", "remaining", "precopy-bytes",
@@ -343,6 +346,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
         eps.append(ep)
         assert ep.established is not None
         job.cipher = ep.established.cipher
+        job.transport = ep.channel.transport
         log.info("migration %s: %s authenticated as %s, cipher %s, %d channel(s)", job.id,
                  opts.peer, ep.established.peer_name, job.cipher, opts.channels)
         precopy = opts.precopy and bool(dev.caps & MigCap.PRE_COPY)
@@ -585,6 +589,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
             job.id = str(req["id"])[:64]
         job.cpu_start = time.process_time()
         job.cipher = est.cipher
+        job.transport = ep.channel.transport
         job.channels = nchan
         job.state.fire(SessionEvent.START)
         jobs[job.id] = job

@@ -89,6 +89,8 @@ class Placement(abc.ABC):
 
 class Channel(abc.ABC):
     peer: str = "?"
+    #: The registry name of the transport it runs on.
+    transport: str = "?"
     #: Seconds senders spent waiting for the link to take more (a full socket).
     waited: float = 0.0
     #: One-sided payload placement (RDMA-like transports); None: payloads are stream bytes.

@@ -35,6 +35,8 @@ def parse_address(address: str, default_port: int = 7707) -> tuple[str, int]:
 
 
 class TcpChannel(Channel):
+    transport = "tcp"
+
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         sock.setblocking(False)
         with contextlib.suppress(OSError):

@@ -42,21 +42,49 @@ def test_cli_migration_over_rdma_is_byte_exact(transport: str, cipher: str) -> N
         final = json.loads(r.stdout)
         assert final["status"] == "completed" and final["dirty-sync-count"] >= 2
         assert final["cipher"] == cipher and final["channels"] == 2
+        assert final["transport"] == transport
         s, d = device(p.src), device(p.dst)
         assert s["state"] == "STOP" and d["state"] == "RUNNING"
         assert s["sha256"] == d["sha256"]
         (incoming,) = wait_finished(p.dst)
         assert incoming["status"] == "completed" and incoming["cipher"] == cipher
+        assert incoming["transport"] == transport
 
 
-def test_clear_text_needs_a_host_local_link() -> None:
+def test_vf_to_vf_on_one_host_through_its_own_shared_memory_listener(tmp_path: Any) -> None:
+    """The same-host case: one daemon moves a VF's state into another of its VFs."""
+    me = Identity.generate()
+    me.save(str(tmp_path / "me.key"), comment="me")
+    with local_pair([SRC, "vf1:sim:size=8388608,content=zero"], [DST],
+                    src_identity=str(tmp_path / "me.key"), src_also_trusts=[me.public]) as p:
+        own = p.src.address_of("rdma+shm")
+        r = migd("migrate", "vf0", "--to", own, "--dest-device", "vf1", "--control",
+                 p.src.control, "--json")
+        assert r.returncode == 0, r.stderr
+        final = json.loads(r.stdout)
+        assert final["status"] == "completed" and final["cipher"] == "none"
+        digests = {n: p.src.call("device-digest", device=n)["sha256"] for n in ("vf0", "vf1")}
+        assert digests["vf0"] == digests["vf1"] != ZERO
+        states = {d["name"]: d["state"] for d in p.src.call("query-devices")}
+        assert states == {"vf0": "STOP", "vf1": "RUNNING"}
+
+
+def test_clear_text_needs_a_host_local_link(tmp_path: Any) -> None:
     with local_pair([SRC], [DST]) as p:
         for transport in ("tcp", "rdma+tcp"):
             r = migd("migrate", "vf0", "--to", p.dst.address_of(transport), "--control",
                      p.src.control, "--cipher", "none", "--json")
-            assert r.returncode == 1
-            assert "no common cipher" in json.loads(r.stdout)["error-desc"]
+            assert r.returncode == 2
+            assert f"cipher 'none' is not allowed on {transport}" in r.stderr
         assert device(p.src)["state"] == "RUNNING" and device(p.dst)["sha256"] == ZERO
+        # a daemon whose listener would refuse every configured cipher does not start
+        cfg = tmp_path / "m.toml"
+        cfg.write_text('ciphers = ["none"]\n')
+        r = migd("serve", "--config", str(cfg), "--listen", "127.0.0.1:0", "--control",
+                 str(tmp_path / "c.sock"), "--identity", os.path.join(p.workdir, "src.key"),
+                 "--authorized-keys", os.path.join(p.workdir, "src.authorized"), timeout=30)
+        assert r.returncode == 2, r.stderr
+        assert "none of the configured ciphers (none) is allowed on tcp" in r.stderr
 
 
 # --- an authenticated source that writes where it was not invited ---------------------

@@ -31,6 +31,11 @@ def write(tmp_path: pathlib.Path, text: str) -> str:
     ('[devices.vf0]\nbackend = "sim"\noptions = { size = [1] }',
      "'devices.vf0.options.size' must be a string or a number"),
     ("listen = ", "not valid TOML"),
+    ("listen = []", "'listen' must be an address or a non-empty list of addresses"),
+    ('listen = ["udp://h:1"]', "'listen' transport 'udp' unknown; supported: rdma+shm, "
+                               "rdma+tcp, tcp"),
+    ('transport = "ipx"', "'transport' transport 'ipx' unknown"),
+    ('[defaults]\ncipher = "rot13"', "'defaults.cipher' must be ciphers from"),
 ])
 def test_bad_configuration_names_key_and_file(tmp_path: pathlib.Path, text: str,
                                               message: str) -> None:
@@ -47,3 +52,8 @@ def test_missing_file_and_good_file(tmp_path: pathlib.Path) -> None:
                  "devices": {"a": {"backend": "sim", "options": {"size": 4096}}}})
     assert cfg.defaults.max_bandwidth == 100 << 20 and cfg.defaults.channels == 4
     assert cfg.devices[0].options == {"size": "4096"}
+    assert cfg.listen == ("127.0.0.1:1",) and cfg.ciphers == () and cfg.defaults.cipher == ""
+    cfg = parse({"listen": ["h:1", "rdma+shm:///run/migd/rdma.sock"], "transport": "rdma",
+                 "ciphers": ["none"]})
+    assert cfg.listen == ("h:1", "rdma+shm:///run/migd/rdma.sock")
+    assert cfg.transport == "rdma+tcp" and cfg.ciphers == ("none",)

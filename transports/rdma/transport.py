@@ -45,6 +45,7 @@ class RdmaChannel(Channel, Placement):
         self.peer = peer
         self.placement = self
         self.maps_remote = qp.shared
+        self.transport = f"rdma+{qp.provider}"
         self._receiver: Receiver | None = None
         self._paused = False
         self._pending = memoryview(b"")  # SEND bytes not yet taken by a paused receiver
