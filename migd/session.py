@@ -338,6 +338,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
     eps: list[Endpoint] = []
     sender: StreamSender | None = None
     committed = False
+    outcome: tuple[SessionEvent, MigdError | None] = (SessionEvent.FAIL, MigdError("interrupted"))
     try:
         dev = host.claim(opts.device)
         job.total = dev.state_size()
@@ -406,7 +407,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
         log.info("migration %s completed: %d bytes, downtime %d ms, destination %s", job.id,
                  job.counters.transferred, job.downtime_ms,
                  "running" if done.get("running") else "stopped")
-        job.finish(SessionEvent.COMMITTED)
+        outcome = (SessionEvent.COMMITTED, None)
     except BaseException as exc:
         err = _as_error(exc)
         if vm is not None and not committed:
@@ -416,7 +417,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
         if committed:
             # The guest runs on the destination now; only the local STOP failed.
             log.error("migration %s: committed, but stopping the source failed: %s", job.id, err)
-            job.finish(SessionEvent.COMMITTED, err)
+            outcome = (SessionEvent.COMMITTED, err)
         else:
             if dev is not None and opts.device in host.busy:
                 with contextlib.suppress(Exception):
@@ -431,7 +432,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
                         dev.state.name if dev else "-")
             if cancelled and job.status not in (Status.CANCELLING,):
                 job.state.fire(SessionEvent.CANCEL)
-            job.finish(SessionEvent.ROLLED_BACK if cancelled else SessionEvent.FAIL, err)
+            outcome = (SessionEvent.ROLLED_BACK if cancelled else SessionEvent.FAIL, err)
         if not isinstance(exc, Exception | asyncio.CancelledError):
             raise
     finally:
@@ -441,6 +442,9 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
             e.channel.close()
         if dev is not None:
             host.busy.discard(opts.device)
+        # Reported finished only once the device is free again: "failed" means it
+        # can be migrated again at once.
+        job.finish(*outcome)
         host.finished(job)
 
 
@@ -569,6 +573,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
     dev: Device | None = None
     claimed = ""
     loaded = False
+    outcome: tuple[SessionEvent, MigdError | None] = (SessionEvent.FAIL, MigdError("interrupted"))
     token = os.urandom(32)
     assert ep.established is not None
     est = ep.established
@@ -636,7 +641,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
         job.rate = job.counters.transferred / max(1e-9, time.monotonic() - job.started)
         log.info("incoming migration %s into %s committed (%d bytes, %d channel(s), device %s)",
                  job.id, name, job.counters.transferred, nchan, dev.state.name)
-        job.finish(SessionEvent.COMMITTED)
+        outcome = (SessionEvent.COMMITTED, None)
     except BaseException as exc:
         err = _as_error(exc)
         if loaded:
@@ -649,8 +654,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
                 dev.reset()
         await ep.abort(err)
         log.warning("incoming migration %s failed: %s", job.id if job else "-", err.message)
-        if job is not None and not job.state.finished:
-            job.finish(SessionEvent.COMMITTED if loaded else SessionEvent.FAIL, err)
+        outcome = (SessionEvent.COMMITTED if loaded else SessionEvent.FAIL, err)
         if not isinstance(exc, Exception):
             raise
     finally:
@@ -661,6 +665,8 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
         if claimed:
             host.busy.discard(claimed)
         if job is not None:
+            if not job.state.finished:  # once the device is free again
+                job.finish(*outcome)
             host.finished(job)
 
 

@@ -160,8 +160,10 @@ class StreamSender:
         self.control = channels[0]
         self.device = device
         self.encoder = encoder
-        if all(e.channel.placement is not None and e.channel.placement.maps_remote
-               for e in channels):
+        #: Every payload is a store into the destination's memory: a copy, not link time.
+        self.local = all(e.channel.placement is not None and e.channel.placement.maps_remote
+                         for e in channels)
+        if self.local:
             encoder.sparse = False
         self.workers = workers
         self.counters = counters
@@ -183,8 +185,11 @@ class StreamSender:
         self._writer = self._loop.create_task(self._write_frames())
         self.control.handlers["announced"] = self._on_announced
         self.downtime_phase = False
+        # ``auto`` over shared memory without a cap: compressing to save a memory copy is
+        # never faster, so it does not even probe.
         self.auto = (AutoPolicy(threads=2, cap=max_bandwidth or None)
-                     if encoder.mode.name == "auto" else None)
+                     if encoder.mode.name == "auto" and (max_bandwidth or not self.local)
+                     else None)
         self.bucket = TokenBucket(max_bandwidth, self._loop.time()) if max_bandwidth else None
         self._paced = 0.0
         self._win_start = self._loop.time()
@@ -218,7 +223,8 @@ class StreamSender:
         mode = self.encoder.mode.name
         if mode != "auto":
             return mode == "zstd"
-        assert self.auto is not None
+        if self.auto is None:
+            return False
         if self.auto.compress:
             return True
         # One probe chunk now and then keeps the compressor's speed and ratio measured.
@@ -320,7 +326,8 @@ class StreamSender:
             try:
                 await ep.flush()
             finally:
-                await asyncio.gather(written, return_exceptions=True)
+                if not written.done():  # (a done one costs no trip through the loop)
+                    await asyncio.wait([written])
             written.result()
         self._count(sealed)
 

@@ -94,6 +94,8 @@ class QueuePair:
         self._remote: dict[int, mmap.mmap] = {}
         self._fds: collections.deque[int] = collections.deque()
         self._out: collections.deque[_Post] = collections.deque()
+        #: The batch being sent: its posts, the bytes still to go, a descriptor to pass.
+        self._sending: tuple[list[_Post], list[memoryview], int] | None = None
         self._flushing = False
         self._reading = False
         self._closed = False
@@ -107,15 +109,27 @@ class QueuePair:
         return self._wr_id
 
     def _post(self, header: bytes, body: Sequence[Buffer] = (), opcode: Opcode | None = None,
-              length: int = 0, fd: int = -1, imm: int = 0) -> asyncio.Future[None]:
+              length: int = 0, fd: int = -1, imm: int = 0, eager: bool = True
+              ) -> asyncio.Future[None]:
+        """Queue one message.  ``eager``: send what the socket takes right now, so a
+        post usually completes without an event-loop round trip; otherwise it waits
+        to go out with the next eager post (a doorbell with the header after it)."""
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._closed:
             fut.set_exception(self._error or TransportError("queue pair closed"))
+            fut.add_done_callback(_consume)
             return fut
         wc = WorkCompletion(self._next_wr(), opcode, length, imm) if opcode else None
         parts = [memoryview(header)] + [memoryview(b).cast("B") for b in body if len(b)]
         self._out.append(_Post(parts, fut, wc, fd))
         if not self._flushing:
+            if eager:
+                try:
+                    if self._drain():
+                        return fut
+                except MigdError as exc:
+                    self._fail(exc)
+                    return fut
             self._flushing = True
             self._loop.create_task(self._flush())
         return fut
@@ -147,7 +161,7 @@ class QueuePair:
                 raise RemoteAccessError("tcp provider: nothing to write (no shared memory)")
             body = [data]
         header = wire.pack(wire.Op.WRITE, credit.rkey, credit.seq, credit.offset, length)
-        return self._post(header, body, Opcode.RDMA_WRITE, length, imm=credit.seq)
+        return self._post(header, body, Opcode.RDMA_WRITE, length, imm=credit.seq, eager=False)
 
     def post_credit(self, mr: MemoryRegion, offset: int, buf: memoryview) -> Credit:
         """Grant the peer one write of up to ``len(buf)`` bytes into ``buf``."""
@@ -175,10 +189,21 @@ class QueuePair:
         return memoryview(mem)[credit.offset:credit.offset + credit.length]
 
     async def _flush(self) -> None:
-        """Send queued posts in order, as many per ``sendmsg`` as fit: a doorbell and
-        the header after it cost one system call, not two."""
         try:
-            while self._out and not self._closed:
+            while not self._closed and not self._drain():
+                await self._writable()
+        except BaseException as exc:
+            self._fail(exc if isinstance(exc, MigdError) else TransportError(str(exc)))
+        finally:
+            self._flushing = False
+
+    def _drain(self) -> bool:
+        """Send queued posts in order, as many per ``sendmsg`` as fit, until the socket
+        is full (False) or nothing is left (True); completes the posts sent."""
+        while True:
+            if self._sending is None:
+                if not self._out:
+                    return True
                 batch: list[_Post] = []
                 parts: list[memoryview] = []
                 for post in self._out:
@@ -186,39 +211,35 @@ class QueuePair:
                         break  # a descriptor rides on the first byte of its own call
                     batch.append(post)
                     parts.extend(post.parts)
-                await self._send_views(parts, batch[0].fd)
-                for post in batch:
-                    self._out.popleft()
-                    if post.wc is not None:
-                        self.send_cq.push(post.wc)
-                    if not post.fut.done():
-                        post.fut.set_result(None)
-        except BaseException as exc:
-            self._fail(exc if isinstance(exc, MigdError) else TransportError(str(exc)))
-        finally:
-            self._flushing = False
-
-    async def _send_views(self, views: list[memoryview], fd: int) -> None:
-        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-               if fd >= 0 else [])
-        while views:
-            if self._closed:
-                raise self._error or TransportError("queue pair closed")
-            try:
-                n = self._sock.sendmsg(views[:_IOV_MAX], anc)
-            except (BlockingIOError, InterruptedError):
-                await self._writable()
-                continue
-            except OSError as exc:
-                raise TransportError(f"rdma send failed: {exc.strerror}") from None
-            anc = []  # the descriptor went with the first byte
-            while n:
-                if n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
+                self._sending = (batch, parts, batch[0].fd)
+            batch, views, fd = self._sending
+            while views:
+                if self._closed:
+                    raise self._error or TransportError("queue pair closed")
+                anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                       if fd >= 0 else [])
+                try:
+                    n = self._sock.sendmsg(views[:_IOV_MAX], anc)
+                except (BlockingIOError, InterruptedError):
+                    self._sending = (batch, views, fd)
+                    return False
+                except OSError as exc:
+                    raise TransportError(f"rdma send failed: {exc.strerror}") from None
+                fd = -1  # the descriptor went with the first byte
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+            self._sending = None
+            for post in batch:
+                self._out.popleft()
+                if post.wc is not None:
+                    self.send_cq.push(post.wc)
+                if not post.fut.done():
+                    post.fut.set_result(None)
 
     async def _writable(self) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
