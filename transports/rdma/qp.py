@@ -26,6 +26,7 @@ from migd.errors import MigdError, ProtocolError, RemoteAccessError, TransportEr
 from ..base import Credit
 from . import wire
 from .verbs import (
+    POPULATE,
     SHM_SEALS,
     Access,
     CompletionQueue,
@@ -376,7 +377,9 @@ class QueuePair:
             if seals & SHM_SEALS != SHM_SEALS or os.fstat(fd).st_size != ev.length:
                 raise ProtocolError("rdma: shared region is not a sealed memfd of the "
                                     "announced size")
-            self._remote[ev.rkey] = mmap.mmap(fd, ev.length, flags=mmap.MAP_SHARED)
+            # Page tables filled in one call, not one fault per page mid-stream.
+            self._remote[ev.rkey] = mmap.mmap(fd, ev.length,
+                                              flags=mmap.MAP_SHARED | POPULATE)
         except OSError as exc:
             raise ProtocolError(f"rdma: cannot map the shared region: {exc.strerror}") from None
         finally:

@@ -36,6 +36,8 @@ class Access(enum.IntFlag):
     REMOTE_WRITE = 2
 
 
+#: Fault mappings in when they are made, not page by page mid-stream.
+POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: Seals a shared region carries, so the peer can neither shrink it under our
 #: mapping (a SIGBUS) nor grow it.
 SHM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -59,7 +61,7 @@ Allocator = Callable[[int], tuple[mmap.mmap, int]]
 
 def anonymous_memory(length: int) -> tuple[mmap.mmap, int]:
     """Private memory, faulted in now (fresh pages cost more on first touch mid-stream)."""
-    return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE), -1
+    return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | POPULATE), -1
 
 
 def shared_memory(length: int) -> tuple[mmap.mmap, int]:
@@ -68,13 +70,13 @@ def shared_memory(length: int) -> tuple[mmap.mmap, int]:
     try:
         os.ftruncate(fd, length)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SHM_SEALS)
-        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE), fd
+        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | POPULATE), fd
     except BaseException:
         os.close(fd)
         raise
 
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+POPULATE = getattr(mmap, "MAPPOPULATE", 0)
 
 
 class ProtectionDomain:
