@@ -12,26 +12,13 @@ import contextlib
 import socket
 from collections.abc import Sequence
 
-from migd.errors import ConfigError, TransportError
+from migd.errors import TransportError
 
+from . import sockets
 from .base import REGISTRY, Channel, ChannelHandler, Listener, Receiver, Transport
 
 _IOV_MAX = 512
 _READS_PER_WAKEUP = 64
-
-
-def parse_address(address: str, default_port: int = 7707) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        host, port = address, str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        p = int(port)
-    except ValueError:
-        raise ConfigError(f"address {address!r}: port {port!r} is not a number") from None
-    if not 0 <= p <= 65535:
-        raise ConfigError(f"address {address!r}: port {p} out of range")
-    return host, p
 
 
 class TcpChannel(Channel):
@@ -161,62 +148,17 @@ class TcpChannel(Channel):
         self._sock.close()
 
 
-class TcpListener(Listener):
-    def __init__(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
-        self._sock = sock
-        self._task = task
-        host, port = sock.getsockname()[:2]
-        self.address = f"{host}:{port}"
-
-    def close(self) -> None:
-        self._task.cancel()
-        self._sock.close()
-
-
 class TcpTransport(Transport):
     name = "tcp"
 
     async def connect(self, address: str, timeout: float) -> Channel:
-        host, port = parse_address(address)
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise TransportError(f"cannot resolve {host}: {exc}") from None
-        family, stype, proto, _, addr = infos[0]
-        sock = socket.socket(family, stype, proto)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror
-            raise TransportError(f"cannot connect to {address}: {reason}") from None
-        return TcpChannel(sock, loop)
+        sock = await sockets.connect(address, timeout, address)
+        return TcpChannel(sock, asyncio.get_running_loop())
 
     async def listen(self, address: str, handler: ChannelHandler) -> Listener:
-        host, port = parse_address(address)
+        sock, bound = sockets.bind(address, address)
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
-        sock.listen(64)
-        sock.setblocking(False)
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def accept_loop() -> None:
-            while True:
-                conn, _ = await loop.sock_accept(sock)
-                t = asyncio.create_task(handler(TcpChannel(conn, loop)))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-
-        return TcpListener(sock, asyncio.create_task(accept_loop()))
+        return sockets.SocketListener(sock, bound, "", lambda s, _: TcpChannel(s, loop), handler)
 
 
 REGISTRY.register("tcp", TcpTransport)

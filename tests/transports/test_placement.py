@@ -13,7 +13,7 @@ import pytest
 
 import transports
 from migd.errors import RemoteAccessError, TransportError
-from transports.base import Channel, Placement
+from transports.base import Channel, Credit, Placement
 from transports.rdma import wire
 from transports.rdma.transport import RdmaChannel
 
@@ -117,12 +117,18 @@ async def refused(client: RdmaChannel, server: RdmaChannel, header: bytes,
     return rx.lost
 
 
+async def first_credit(client: RdmaChannel, server: RdmaChannel, buffers: int = 1
+                       ) -> tuple[list[memoryview], Credit]:
+    """``buffers`` registered 4 KiB buffers, only the first posted; its credit."""
+    bufs = placement(server).register(4096, buffers)
+    placement(server).post(bufs[0])
+    return bufs, await asyncio.wait_for(placement(client).credit(), 5)
+
+
 async def test_write_with_an_unknown_key_is_refused(
         chans: tuple[RdmaChannel, RdmaChannel]) -> None:
     client, server = chans
-    (buf,) = placement(server).register(4096, 1)
-    placement(server).post(buf)
-    credit = await asyncio.wait_for(placement(client).credit(), 5)
+    (buf,), credit = await first_credit(client, server)
     bad = credit.rkey ^ 0x1
     lost = await refused(client, server, wire.pack(wire.Op.WRITE, bad, 0, 0, 100), b"x" * 100)
     assert isinstance(lost, RemoteAccessError)
@@ -133,9 +139,7 @@ async def test_write_with_an_unknown_key_is_refused(
 async def test_write_outside_its_region_is_refused(
         chans: tuple[RdmaChannel, RdmaChannel]) -> None:
     client, server = chans
-    (buf,) = placement(server).register(4096, 1)
-    placement(server).post(buf)
-    credit = await asyncio.wait_for(placement(client).credit(), 5)
+    _, credit = await first_credit(client, server)
     lost = await refused(client, server, wire.pack(wire.Op.WRITE, credit.rkey, 0, 4000, 200),
                          b"y" * 200)
     assert isinstance(lost, RemoteAccessError) and "outside region" in lost.message
@@ -144,9 +148,7 @@ async def test_write_outside_its_region_is_refused(
 async def test_write_beyond_the_posted_credits_is_refused(
         chans: tuple[RdmaChannel, RdmaChannel]) -> None:
     client, server = chans
-    a, b = placement(server).register(4096, 2)
-    placement(server).post(a)  # only the first buffer is posted
-    credit = await asyncio.wait_for(placement(client).credit(), 5)
+    (_, b), credit = await first_credit(client, server, buffers=2)
     # inside the region, right key, but into the buffer that was never posted
     lost = await refused(client, server, wire.pack(wire.Op.WRITE, credit.rkey, 1, 4096, 10),
                          b"z" * 10)
@@ -157,11 +159,9 @@ async def test_write_beyond_the_posted_credits_is_refused(
 async def test_a_second_write_into_one_credit_is_refused(
         chans: tuple[RdmaChannel, RdmaChannel]) -> None:
     client, server = chans
-    (buf,) = placement(server).register(4096, 1)
-    placement(server).post(buf)
     rx = RX[server]
     tx = placement(client)
-    credit = await asyncio.wait_for(tx.credit(), 5)
+    _, credit = await first_credit(client, server)
     view = tx.view(credit)
     if view is not None:
         view[:5] = b"first"

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import stat
 from collections.abc import Sequence
 
 from migd.crypto import CIPHERS, ENCRYPTING
-from migd.errors import ConfigError, ProtocolError, TransportError
+from migd.errors import ConfigError, ProtocolError
 
+from .. import sockets
 from ..base import (
     REGISTRY,
     Channel,
@@ -33,7 +32,6 @@ from ..base import (
     Receiver,
     Transport,
 )
-from ..tcp import parse_address
 from . import wire
 from .qp import QueuePair, RecvCompletion
 from .verbs import MemoryRegion, Opcode
@@ -185,22 +183,6 @@ class RdmaChannel(Channel, Placement):
         return self.qp.post_write(credit, data, length)
 
 
-class _RdmaListener(Listener):
-    def __init__(self, sock: socket.socket, task: asyncio.Task[None], address: str,
-                 path: str = "") -> None:
-        self._sock = sock
-        self._task = task
-        self._path = path
-        self.address = address
-
-    def close(self) -> None:
-        self._task.cancel()
-        self._sock.close()
-        if self._path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)
-
-
 class RdmaTransport(Transport):
     def __init__(self, provider: str) -> None:
         self.provider = provider
@@ -220,29 +202,10 @@ class RdmaTransport(Transport):
         return path
 
     async def connect(self, address: str, timeout: float) -> Channel:
-        loop = asyncio.get_running_loop()
-        if self.provider == "shm":
-            path = self._path(address)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = path
-            peer = path
-        else:
-            host, port = parse_address(address)
-            try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                raise TransportError(f"cannot resolve {host}: {exc}") from None
-            family, stype, proto, _, target = infos[0]
-            sock = socket.socket(family, stype, proto)
-            peer = f"{host}:{port}"
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, target), timeout)  # type: ignore[arg-type]
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror
-            raise TransportError(f"cannot connect to {self.name}://{address}: {reason}") from None
-        return self._channel(sock, peer)
+        shm = self.provider == "shm"
+        where = self._path(address) if shm else address
+        sock = await sockets.connect(where, timeout, f"{self.name}://{address}", unix=shm)
+        return self._channel(sock, where)
 
     def _channel(self, sock: socket.socket, peer: str) -> RdmaChannel:
         if self.provider == "tcp":
@@ -251,49 +214,10 @@ class RdmaTransport(Transport):
         return RdmaChannel(QueuePair(sock, asyncio.get_running_loop(), self.provider), peer)
 
     async def listen(self, address: str, handler: ChannelHandler) -> Listener:
-        loop = asyncio.get_running_loop()
-        path = ""
-        if self.provider == "shm":
-            path = self._path(address)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)  # a stale socket from a previous run
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                sock.bind(path)
-                os.chmod(path, 0o600)
-            except OSError as exc:
-                sock.close()
-                raise ConfigError(f"cannot listen on {self.name}://{address}: "
-                                  f"{exc.strerror}") from None
-            bound = path
-        else:
-            host, port = parse_address(address)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                sock.close()
-                raise ConfigError(f"cannot listen on {self.name}://{address}: "
-                                  f"{exc.strerror}") from None
-            h, p = sock.getsockname()[:2]
-            bound = f"{h}:{p}"
-        sock.listen(64)
-        sock.setblocking(False)
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def accept_loop() -> None:
-            while True:
-                conn, addr = await loop.sock_accept(sock)
-                peer = path or f"{addr[0]}:{addr[1]}"
-                t = asyncio.create_task(handler(self._channel(conn, peer)))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-
-        return _RdmaListener(sock, asyncio.create_task(accept_loop()), bound, path)
+        shm = self.provider == "shm"
+        where = self._path(address) if shm else address
+        sock, bound = sockets.bind(where, f"{self.name}://{address}", unix=shm)
+        return sockets.SocketListener(sock, bound, where if shm else "", self._channel, handler)
 
 
 REGISTRY.register("rdma+tcp", lambda: RdmaTransport("tcp"), "rdma")
