@@ -1,8 +1,9 @@
 """Two real daemons on loopback, as separate processes: for demo, bench and tests.
 
 Each daemon gets its own identity, the other's public key as its only
-authorized peer, its own control socket and a kernel-chosen port.  Processes
-are always reaped, also on failure.
+authorized peer, its own control socket, and listeners on every transport (a
+kernel-chosen port for tcp and rdma+tcp, a socket in the work directory for
+rdma+shm).  Processes are always reaped, also on failure.
 """
 
 from __future__ import annotations
