@@ -141,14 +141,17 @@ def test_cli_list_and_status_tables(pair: Pair) -> None:
     assert listed["devices"][0]["name"] == "vf0" and len(listed["migrations"]) == 1
 
 
-def test_whole_vm_of_three_vfs_through_daemons() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "rdma+shm", "rdma+tcp"])
+def test_whole_vm_of_three_vfs_through_daemons(transport: str) -> None:
+    """Three devices at once, two channels each: six connections into one daemon."""
     vfs = [f"vf{i}:sim:size={SIZE},seed={i},dirty-rate=8M" for i in range(3)]
     with local_pair(vfs, [f"vf{i}:sim:size={SIZE},content=zero" for i in range(3)]) as p:
-        r = migd("migrate", "vf0", "vf1", "vf2", "--to", p.dst.address, "--vm", "guest",
-                 "--control", p.src.control, "--json")
+        r = migd("migrate", "vf0", "vf1", "vf2", "--to", p.dst.address_of(transport), "--vm",
+                 "guest", "--control", p.src.control, "--json")
         assert r.returncode == 0, r.stderr
         final = json.loads(r.stdout)
         assert final["status"] == "completed" and final["vm"] == "guest"
+        assert final["transport"] == transport
         assert [d["device"] for d in final["devices"]] == ["vf0", "vf1", "vf2"]
         assert final["transferred"] == sum(d["transferred"] for d in final["devices"])
         for i in range(3):

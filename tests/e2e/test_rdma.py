@@ -5,8 +5,10 @@ then writes where it was not invited."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import time
 from typing import Any
 
 import pytest
@@ -157,3 +159,33 @@ async def test_rogue_writes_fail_the_migration_and_never_resume(
         d = await asyncio.to_thread(device, p.dst)
         assert d["state"] == "RUNNING" and d["sha256"] == before["sha256"] == ZERO
         assert d["loads_committed"] == 0 and not d["busy"]
+
+
+@pytest.mark.parametrize("transport", PROVIDERS)
+@pytest.mark.parametrize("victim", ["src", "dst"])
+def test_a_daemon_killed_mid_stream_leaves_the_other_safe(transport: str, victim: str) -> None:
+    """SIGKILL one daemon mid-migration.  The survivor holds or held the other's shared
+    memory: it must neither crash nor keep partial state; a surviving source runs on."""
+    big = 64 << 20
+    with local_pair([f"vf0:sim:size={big}"], [f"vf0:sim:size={big},content=zero"]) as p:
+        before = device(p.src)["sha256"]
+        with p.src.client() as c:
+            c.call("migrate", device="vf0", peer=p.dst.address_of(transport),
+                   compress="zstd:19", cipher="aes-256-gcm")  # slow: seconds of stream
+        deadline = time.monotonic() + 20
+        while p.src.call("query-migrate")[0]["transferred"] < 4 << 20:
+            assert time.monotonic() < deadline, "the migration never got going"
+            time.sleep(0.01)
+        dead, alive = (p.src, p.dst) if victim == "src" else (p.dst, p.src)
+        dead.proc.kill()
+        dead.proc.wait()
+        (job,) = wait_finished(alive, timeout=40)
+        assert job["status"] == "failed"
+        d = device(alive)
+        if victim == "src":  # the destination never resumes what it half loaded
+            assert d["sha256"] == hashlib.sha256(bytes(big)).hexdigest()
+            assert d["loads_committed"] == 0
+        else:  # the source device runs on, unchanged
+            assert d["sha256"] == before
+        assert d["state"] == "RUNNING" and not d["busy"]
+        assert alive.proc.poll() is None  # no SIGBUS, no crash

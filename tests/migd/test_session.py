@@ -206,12 +206,15 @@ async def test_unknown_and_busy_destination_device(ids: dict[str, Identity],
         assert r.dev(r.src).state == S.RUNNING
 
 
-async def test_cancel_mid_stream_rolls_back(ids: dict[str, Identity],
-                                           trust: AuthorizedKeys) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "rdma+shm", "rdma+tcp"])
+async def test_cancel_mid_stream_rolls_back(ids: dict[str, Identity], trust: AuthorizedKeys,
+                                           transport: str) -> None:
     # zstd:19 keeps the initial round busy for seconds, so the cancel lands mid-stream.
-    async with rig(ids, trust, {"size": "64M"}, {"size": "64M", "content": "zero"}) as r:
+    async with rig(ids, trust, {"size": "64M"}, {"size": "64M", "content": "zero"},
+                   transport) as r:
         before = r.dev(r.src).digest()
-        opts = MigrateOptions(peer=r.address, device="vf0", compress=parse_compress("zstd:19"))
+        opts = MigrateOptions(peer=r.address, device="vf0", compress=parse_compress("zstd:19"),
+                              ciphers=("aes-256-gcm",))
         job = Job("source", "vf0")
         task = asyncio.create_task(run_source(r.src, job, opts))
         while job.counters.transferred < 4 << 20:
