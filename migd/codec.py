@@ -106,8 +106,10 @@ class Encoder:
             buf = self._local.scratch = bytearray(n)
         return buf
 
-    def _sparse(self, plain: memoryview) -> memoryview | None:
-        """Compact the non-zero blocks behind a bitmap, or None if no block is zero."""
+    def _sparse(self, plain: memoryview, pieces: bool) -> list[memoryview] | memoryview | None:
+        """The non-zero blocks behind a bitmap, or None if no block is zero: as
+        pieces (bitmap, then views of ``plain``) for a sealer that takes them, else
+        compacted into one buffer."""
         n = len(plain)
         nbits = -(-n // SPARSE_BLOCK)
         bits = 0
@@ -128,8 +130,11 @@ class Encoder:
         if bits == (1 << nbits) - 1:
             return None
         blen = _bitmap_len(n)
+        bitmap = bits.to_bytes(blen, "little")
+        if pieces:
+            return [memoryview(bitmap)] + [plain[a:b] for a, b in runs]
         out = self._scratch(n + blen)
-        out[:blen] = bits.to_bytes(blen, "little")
+        out[:blen] = bitmap
         pos = blen
         for a, b in runs:
             out[pos : pos + b - a] = plain[a:b]
@@ -143,11 +148,12 @@ class Encoder:
             self._local.c = c
         return c
 
-    def encode(self, plain: memoryview, compress: bool | None = None) -> tuple[
-            Encoding, memoryview | bytes]:
+    def encode(self, plain: memoryview, compress: bool | None = None, pieces: bool = False
+               ) -> tuple[Encoding, memoryview | bytes | list[memoryview]]:
         """The chunk's encoding and payload (``plain`` itself when raw).
 
-        ``compress`` overrides the mode (``auto`` decides per window)."""
+        ``compress`` overrides the mode (``auto`` decides per window).  ``pieces``: a
+        sparse payload may come as a list of views (no compaction copy)."""
         if is_zero(plain):
             return Encoding.ZERO, b""
         if compress if compress is not None else self.mode.name == "zstd":
@@ -160,7 +166,7 @@ class Encoder:
                 self._stats[2] += len(packed)
             if len(packed) < len(plain) * _MIN_GAIN:
                 return Encoding.ZSTD, packed
-        sparse = self._sparse(plain) if self.sparse else None
+        sparse = self._sparse(plain, pieces) if self.sparse else None
         if sparse is not None:
             return Encoding.SPARSE, sparse
         return Encoding.RAW, plain

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -125,6 +126,9 @@ class Sealer:
         self._aead = spec.factory(key)
         self._channel = channel
         self.encrypts = spec.encrypts
+        #: AES-GCM can seal a payload given in pieces, in one pass without joining them.
+        self.takes_pieces = spec.name == "aes-256-gcm"
+        self._aes = algorithms.AES(key) if self.takes_pieces else None
 
     def nonce(self, seq: int) -> bytes:
         return _NONCE.pack(self._channel, seq)
@@ -133,6 +137,22 @@ class Sealer:
                   out: memoryview) -> int:
         """Write ciphertext||tag of ``plain`` into ``out``; returns its length."""
         return self._aead.encrypt_into(self.nonce(seq), plain, aad, out)
+
+    def seal_pieces_into(self, seq: int, aad: bytes | memoryview, pieces: list[memoryview],
+                         out: memoryview) -> int:
+        """:meth:`seal_into` of the pieces joined, without joining them (the same
+        ciphertext and tag as AES-GCM of the whole)."""
+        if self._aes is None:
+            joined = b"".join(pieces)
+            return self.seal_into(seq, aad, joined, out[:len(joined) + TAG_SIZE])
+        enc = Cipher(self._aes, modes.GCM(self.nonce(seq))).encryptor()
+        enc.authenticate_additional_data(bytes(aad))
+        pos = 0
+        for piece in pieces:
+            pos += enc.update_into(piece, out[pos:])
+        enc.finalize()
+        out[pos:pos + TAG_SIZE] = enc.tag
+        return pos + TAG_SIZE
 
     def open_into(self, seq: int, aad: bytes | memoryview, sealed: bytes | memoryview,
                   out: memoryview) -> int:

@@ -294,7 +294,9 @@ class StreamSender:
     def _seal(self, ep: Endpoint, slot: _TxSlot, plain: memoryview, seq: int, index: int,
               offset: int, credit: Credit | None, target: memoryview | None,
               compress: bool) -> _Sealed:
-        encoding, payload = self.encoder.encode(plain, compress)
+        # Pieces only into our own buffer: it has room past the payload for the cipher.
+        encoding, payload = self.encoder.encode(plain, compress,
+                                                pieces=target is None and ep.conn.seals_pieces)
         wire = memoryview(slot.wire)
         header = wire[:HEADER_SIZE]
         sealed = ep.conn.seal_data_into(seq, index, offset, encoding, payload, len(plain), header,

@@ -219,17 +219,26 @@ class Connection:
         self._tx_seq += 1
         return seq
 
+    @property
+    def seals_pieces(self) -> bool:
+        """Whether :meth:`seal_data_into` takes a payload in pieces without joining them."""
+        return self._tx is not None and self._tx.takes_pieces
+
     def seal_data_into(self, seq: int, index: int, offset: int, encoding: int,
-                       payload: bytes | memoryview, plain_len: int, header_out: memoryview,
-                       payload_out: memoryview) -> memoryview:
+                       payload: bytes | memoryview | list[memoryview], plain_len: int,
+                       header_out: memoryview, payload_out: memoryview) -> memoryview:
         """Seal one data chunk: its header into ``header_out[:HEADER_SIZE]``, ciphertext
         and tag into ``payload_out`` (which ``payload`` may already be the start of:
-        sealing in place).  Returns the sealed payload.  Thread-safe."""
+        sealing in place; or a list of pieces).  Returns the sealed payload.  Thread-safe."""
         assert self._tx is not None
-        plen = len(payload) + TAG_SIZE
+        size = sum(len(p) for p in payload) if isinstance(payload, list) else len(payload)
+        plen = size + TAG_SIZE
         HEADER.pack_into(header_out, 0, MAGIC, FrameType.DATA, encoding, plen, seq, index,
                          offset, plain_len)
-        self._tx.seal_into(seq, header_out[:HEADER_SIZE], payload, payload_out[:plen])
+        if isinstance(payload, list):
+            self._tx.seal_pieces_into(seq, header_out[:HEADER_SIZE], payload, payload_out)
+        else:
+            self._tx.seal_into(seq, header_out[:HEADER_SIZE], payload, payload_out[:plen])
         return payload_out[:plen]
 
     def submit(self, seq: int, frame: memoryview | bytes | bytearray) -> None:

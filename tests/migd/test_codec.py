@@ -23,6 +23,7 @@ from migd.errors import ConfigError, DecompressionError, ProtocolError
 
 def roundtrip(enc: Encoder, plain: bytes) -> tuple[Encoding, bytes]:
     encoding, payload = enc.encode(memoryview(plain))
+    assert not isinstance(payload, list)  # pieces only when asked for
     out = bytearray(len(plain))
     Decoder().decode_into(encoding, memoryview(bytes(payload)), memoryview(out))
     return encoding, bytes(out)
@@ -53,6 +54,24 @@ def test_roundtrip_any_mix(parts: list[tuple[str, int]], mode: str) -> None:
     plain = b"".join(bytes(n) if kind == "zero" else os.urandom(n) if kind == "rand"
                      else (b"abc" * n)[:n] for kind, n in parts)
     assert roundtrip(Encoder(parse_compress(mode)), plain)[1] == plain
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=4)),
+                min_size=1, max_size=10))
+def test_sparse_pieces_join_to_the_compacted_payload(blocks: list[tuple[bool, int]]) -> None:
+    """A sealer that takes pieces gets exactly the bytes compaction would have made."""
+    plain = memoryview(b"".join(bytes(n * SPARSE_BLOCK) if zero else os.urandom(n * SPARSE_BLOCK)
+                                for zero, n in blocks) + b"tail")
+    enc = Encoder(parse_compress("none"))
+    e1, whole = enc.encode(plain)
+    e2, pieces = enc.encode(plain, pieces=True)
+    assert e1 == e2
+    assert not isinstance(whole, list)
+    if e1 == Encoding.SPARSE:
+        assert isinstance(pieces, list) and b"".join(pieces) == bytes(whole)
+    else:
+        assert not isinstance(pieces, list)
 
 
 def test_is_zero() -> None:

@@ -61,5 +61,13 @@ def test_sealer_directions_and_tamper(name: str) -> None:
         with pytest.raises(IntegrityError):
             key.open_into(seq, aad, bytes(out), memoryview(plain))
     assert Sealer(spec, k1, 1).nonce(5) != tx.nonce(5)  # channels never share nonces
+    # sealing pieces is sealing their join (AES-GCM in one pass, the others by joining)
+    pieces = [memoryview(b"bitmap"), memoryview(os.urandom(5000)), memoryview(b"x" * 33)]
+    joined = b"".join(pieces)
+    whole, parts = bytearray(len(joined) + 16), bytearray(len(joined) + 64)
+    tx.seal_into(7, b"hdr", joined, memoryview(whole))
+    n = tx.seal_pieces_into(7, b"hdr", pieces, memoryview(parts))
+    assert n == len(whole) and parts[:n] == whole
+    assert tx.takes_pieces == (name == "aes-256-gcm")
     with pytest.raises(ConfigError, match="supported"):
         cipher_spec("rot13")
