@@ -90,6 +90,7 @@ class Job:
     compress: str = ""
     channels: int = 1
     transport: str = ""
+    chunk_size: int = 0  # as negotiated: the destination may cap what was asked
     phase: str = "setup"
     rate: float = 0.0
     cpu_start: float = 0.0
@@ -127,6 +128,7 @@ class Job:
             "mbps": round(self.rate * 8 / 1e6, 1),
             "cipher": self.cipher,
             "transport": self.transport,
+            "chunk-size": self.chunk_size,
             "compress": self.compress,
             "channels": self.channels,
             "chunks": c.chunks,
@@ -348,6 +350,10 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
         assert ep.established is not None
         job.cipher = ep.established.cipher
         job.transport = ep.channel.transport
+        job.chunk_size = ep.conn.max_chunk
+        if job.chunk_size < opts.chunk_size:
+            log.info("migration %s: chunk size %d negotiated down to the destination's %d",
+                     job.id, opts.chunk_size, job.chunk_size)
         log.info("migration %s: %s authenticated as %s, cipher %s, %d channel(s)", job.id,
                  opts.peer, ep.established.peer_name, job.cipher, opts.channels)
         precopy = opts.precopy and bool(dev.caps & MigCap.PRE_COPY)
@@ -595,6 +601,7 @@ async def _run_incoming(host: Host, ep: Endpoint, buffers: _Buffers, req: dict[s
         job.cpu_start = time.process_time()
         job.cipher = est.cipher
         job.transport = ep.channel.transport
+        job.chunk_size = ep.conn.max_chunk
         job.channels = nchan
         job.state.fire(SessionEvent.START)
         jobs[job.id] = job

@@ -39,9 +39,11 @@ def test_cli_migration_over_rdma_is_byte_exact(transport: str, cipher: str) -> N
         peer = p.dst.address_of(transport)
         assert peer.startswith(transport + "://")
         r = migd("migrate", "vf0", "--to", peer, "--control", p.src.control,
-                 "--downtime-limit", "0", "--max-iterations", "3", "--json")
+                 "--downtime-limit", "0", "--max-iterations", "3", "--chunk-size", "4M",
+                 "--json")
         assert r.returncode == 0, r.stderr
         final = json.loads(r.stdout)
+        assert final["chunk-size"] == 1 << 20  # what the destination allows, said plainly
         assert final["status"] == "completed" and final["dirty-sync-count"] >= 2
         assert final["cipher"] == cipher and final["channels"] == 2
         assert final["transport"] == transport
