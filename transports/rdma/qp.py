@@ -46,8 +46,10 @@ _STAGE = 64 << 10
 #: Message bodies at least this big are received in place, not through the stage.
 _DIRECT_READ = 16 << 10
 _MSGS_PER_WAKEUP = 64
-#: Peer regions a writer maps at most (each at most wire.MAX_REGION bytes).
+#: Peer regions a writer maps at most, and their total size: a peer (authenticated
+#: or not yet) must not make this daemon map and populate unbounded memory.
 MAX_REMOTE_REGIONS = 64
+MAX_REMOTE_BYTES = 256 << 20
 
 Buffer = bytes | bytearray | memoryview
 
@@ -368,9 +370,12 @@ class QueuePair:
             raise ProtocolError("rdma: region announced without its descriptor")
         fd = self._fds.popleft()
         try:
-            if len(self._remote) >= MAX_REMOTE_REGIONS or ev.rkey in self._remote:
-                raise ProtocolError(f"rdma: region {ev.rkey:#010x} refused (duplicate, or more "
-                                    f"than {MAX_REMOTE_REGIONS})")
+            mapped = sum(len(m) for m in self._remote.values())
+            if (len(self._remote) >= MAX_REMOTE_REGIONS or ev.rkey in self._remote
+                    or mapped + ev.length > MAX_REMOTE_BYTES):
+                raise ProtocolError(f"rdma: region {ev.rkey:#010x} of {ev.length} bytes refused "
+                                    f"(duplicate, or past {MAX_REMOTE_REGIONS} regions or "
+                                    f"{MAX_REMOTE_BYTES >> 20} MiB)")
             # Without these seals the peer could shrink the file under our mapping
             # and a store into it would kill this daemon with SIGBUS.
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)

@@ -131,6 +131,7 @@ def memfd(size: int, seals: int) -> int:
 @pytest.mark.parametrize("seals, size, announced, why", [
     (0, 8192, 8192, "not a sealed memfd"),  # could be shrunk under us: SIGBUS
     (SHM_SEALS, 8192, 16384, "not a sealed memfd of the announced size"),
+    (SHM_SEALS, 257 << 20, 257 << 20, "past 64 regions or 256 MiB"),  # no memory bomb
 ])
 async def test_a_writer_maps_only_sealed_regions_of_the_announced_size(
         seals: int, size: int, announced: int, why: str) -> None:
