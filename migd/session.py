@@ -320,6 +320,7 @@ def check_vm(host: Host, devices: list[str]) -> None:
 async def _open_channel(host: Host, opts: MigrateOptions, bus: Bus, index: int) -> Endpoint:
     name, address = transports.REGISTRY.split(opts.peer, host.transport)
     channel = await transports.REGISTRY.create(name).connect(address, opts.timeout)
+    channel.stall_timeout = opts.timeout
     conn = Connection(Role.SOURCE, host.identity, host.authorized,
                       Offer(ciphers=opts.ciphers, max_chunk=opts.chunk_size), channel=index,
                       payloads_inline=channel.placement is None)
@@ -379,7 +380,7 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
         loaded: list[dict[str, Any]] = []
         ep.handlers["initial-loaded"] = loaded.append
         sender = StreamSender(eps, dev, Encoder(opts.compress), host.workers, job.counters,
-                              opts.inflight, opts.max_bandwidth)
+                              opts.inflight, opts.max_bandwidth, opts.timeout)
         if precopy:
             await _precopy(dev, sender, job, opts, limit)
             # switchover-ack: stop the source only once the destination loaded the initial bytes
@@ -522,6 +523,7 @@ async def serve_connection(host: Host, channel: Channel, jobs: dict[str, Job],
     """Authenticate a new connection; it starts a migration or joins one as a channel.
     ``ciphers``: what this listener accepts (default: the host's list)."""
     buffers = _Buffers()
+    channel.stall_timeout = host.idle_timeout
     conn = Connection(Role.DESTINATION, host.identity, host.authorized,
                       Offer(ciphers=ciphers or host.ciphers, max_chunk=host.max_chunk),
                       data_buffers=buffers, payloads_inline=channel.placement is None)

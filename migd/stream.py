@@ -155,7 +155,7 @@ class StreamSender:
 
     def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
                  workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT,
-                 max_bandwidth: int = 0) -> None:
+                 max_bandwidth: int = 0, timeout: float = 30.0) -> None:
         self.channels = channels
         self.control = channels[0]
         self.device = device
@@ -168,6 +168,8 @@ class StreamSender:
         self.workers = workers
         self.counters = counters
         self.chunk = self.control.conn.max_chunk
+        #: Seconds of peer silence after which a wait fails (the migration's timeout).
+        self.timeout = timeout
         self.index = 0
         self.offset = 0
         self.announced = 0
@@ -201,13 +203,13 @@ class StreamSender:
         if isinstance(n, int):
             self.acked_announced = max(self.acked_announced, n)
 
-    async def announce(self, nbytes: int, timeout: float = 30.0) -> None:
+    async def announce(self, nbytes: int) -> None:
         """Raise what the destination will accept, and wait until it has: data on
         other channels may overtake the announcement otherwise."""
         self.announced += nbytes
         await self.control.send_control({"t": "announce", "bytes": nbytes})
         target = self.announced
-        await self.control.bus.wait_until(lambda: self.acked_announced >= target, timeout,
+        await self.control.bus.wait_until(lambda: self.acked_announced >= target, self.timeout,
                                           "the destination to accept the announcement")
 
     async def _read(self, buf: memoryview) -> int:
@@ -391,8 +393,10 @@ class StreamSender:
                 "digest": self.digest.digest()}
 
     async def close(self) -> None:
-        self._writer.cancel()
-        await asyncio.gather(self._writer, return_exceptions=True)
+        # Until it is done: a cancel can be absorbed by what the writer awaits.
+        while not self._writer.done():
+            self._writer.cancel()
+            await asyncio.wait([self._writer], timeout=1.0)
         # Frames still being sealed by a worker must not write into buffers
         # that another migration already took.
         while not self._queue.empty():
@@ -694,8 +698,9 @@ class StreamReceiver:
             raise IntegrityError("stream digest mismatch: what arrived is not what was sent")
 
     async def close(self) -> None:
-        self._writer.cancel()
-        await asyncio.gather(self._writer, return_exceptions=True)
+        while not self._writer.done():
+            self._writer.cancel()
+            await asyncio.wait([self._writer], timeout=1.0)
         for placed in self._ready.values():
             await asyncio.gather(placed.pieces, return_exceptions=True)
         self.workers.bank.give(self._sizes, self._bufs)

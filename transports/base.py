@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from migd.crypto import DEFAULT_CIPHER, ENCRYPTING
-from migd.errors import ConfigError
+from migd.errors import ConfigError, TransportError
 
 
 class Receiver(Protocol):
@@ -95,6 +95,10 @@ class Channel(abc.ABC):
     waited: float = 0.0
     #: One-sided payload placement (RDMA-like transports); None: payloads are stream bytes.
     placement: Placement | None = None
+    #: Seconds a send may wait for the peer to take more (a full socket, no credit)
+    #: before the channel fails: a peer that stops reading must not hold a stopped
+    #: source device forever.  None: no limit.
+    stall_timeout: float | None = None
 
     @abc.abstractmethod
     async def send(self, frames: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -137,6 +141,30 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def listen(self, address: str, handler: ChannelHandler) -> Listener: ...
+
+
+def stalled(channel: Channel, what: str) -> TransportError:
+    return TransportError(f"{channel.peer} {what} for {channel.stall_timeout:g}s")
+
+
+async def wait_stalled(fut: asyncio.Future[None], timeout: float | None,
+                       error: Callable[[], BaseException]) -> None:
+    """Await ``fut``; past ``timeout`` seconds it fails with ``error()``.
+
+    Not ``asyncio.wait_for``: on 3.11 a cancel that lands as its timeout fires is
+    turned into TimeoutError and lost, and a writer that outlives its migration
+    then holds the device busy for good."""
+    handle = None
+    if timeout is not None:
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(error())
+        handle = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        await fut
+    finally:
+        if handle is not None:
+            handle.cancel()
 
 
 class TransportRegistry:

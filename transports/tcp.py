@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from migd.errors import TransportError
 
 from . import sockets
-from .base import REGISTRY, Channel, ChannelHandler, Listener, Receiver, Transport
+from .base import (
+    REGISTRY,
+    Channel,
+    ChannelHandler,
+    Listener,
+    Receiver,
+    Transport,
+    stalled,
+    wait_stalled,
+)
 
 _IOV_MAX = 512
 _READS_PER_WAKEUP = 64
@@ -69,7 +78,7 @@ class TcpChannel(Channel):
         self._loop.add_writer(self._fd, self._writable)
         t0 = self._loop.time()
         try:
-            await fut
+            await wait_stalled(fut, self.stall_timeout, lambda: stalled(self, "took no data"))
         finally:
             self.waited += self._loop.time() - t0
             self._write_waiter = None

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -191,3 +192,34 @@ def test_a_daemon_killed_mid_stream_leaves_the_other_safe(transport: str, victim
             assert d["sha256"] == before
         assert d["state"] == "RUNNING" and not d["busy"]
         assert alive.proc.poll() is None  # no SIGBUS, no crash
+
+
+@pytest.mark.parametrize("transport", ["tcp", *PROVIDERS])
+def test_a_wedged_destination_does_not_hold_a_stopped_source(transport: str) -> None:
+    """The destination daemon freezes (SIGSTOP) while the source streams in stop-copy:
+    the source fails after its timeout and its VF runs again, unchanged."""
+    big = 64 << 20
+    with local_pair([f"vf0:sim:size={big}"], [f"vf0:sim:size={big},content=zero"]) as p:
+        before = device(p.src)["sha256"]
+        with p.src.client() as c:
+            c.call("migrate", device="vf0", peer=p.dst.address_of(transport), timeout=2,
+                   compress="zstd:19", cipher="aes-256-gcm", precopy=False)
+        deadline = time.monotonic() + 20
+        while p.src.call("query-migrate")[0]["transferred"] < 2 << 20:
+            assert time.monotonic() < deadline, "the migration never got going"
+            time.sleep(0.01)
+        assert p.src.call("query-devices")[0]["state"] == "STOP_COPY"
+        p.dst.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            (job,) = wait_finished(p.src, timeout=30)
+            assert time.monotonic() - t0 < 20
+            assert job["status"] == "failed"
+            s = device(p.src)
+            assert s["state"] == "RUNNING" and s["sha256"] == before
+        finally:
+            p.dst.proc.send_signal(signal.SIGCONT)
+        (incoming,) = wait_finished(p.dst, timeout=30)
+        assert incoming["status"] == "failed"
+        d = device(p.dst)
+        assert d["loads_committed"] == 0 and d["sha256"] == hashlib.sha256(bytes(big)).hexdigest()

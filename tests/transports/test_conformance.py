@@ -115,6 +115,19 @@ async def test_peer_death_mid_stream(chans: tuple[Channel, Channel]) -> None:
         await asyncio.wait_for(send, 10)
 
 
+async def test_a_peer_that_stops_reading_fails_the_sender_after_the_stall_timeout(
+        chans: tuple[Channel, Channel]) -> None:
+    """Not a hang: a source in stop-copy must not wait forever on a wedged peer."""
+    client, server = chans
+    server.start(Collector())
+    server.pause_reading()  # connected, alive, not reading
+    client.stall_timeout = 0.3
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(TransportError, match=r"took no data for 0.3s"):
+        await asyncio.wait_for(client.send([os.urandom(64 << 20)]), 10)
+    assert asyncio.get_running_loop().time() - t0 < 5
+
+
 async def test_receiver_refusal_keeps_the_way_back_open(chans: tuple[Channel, Channel]) -> None:
     client, server = chans
     rx = Collector()

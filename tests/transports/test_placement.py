@@ -108,6 +108,14 @@ async def test_a_sender_waits_for_credits(chans: tuple[RdmaChannel, RdmaChannel]
     assert await asyncio.wait_for(placement(client).credit(), 1) == credit
 
 
+async def test_a_receiver_that_posts_no_credit_fails_the_sender_in_time(
+        chans: tuple[RdmaChannel, RdmaChannel]) -> None:
+    client, _ = chans
+    client.stall_timeout = 0.2
+    with pytest.raises(TransportError, match="posted no credit for 0.2s"):
+        await asyncio.wait_for(placement(client).credit(), 5)
+
+
 async def refused(client: RdmaChannel, server: RdmaChannel, header: bytes,
                   body: bytes = b"") -> BaseException | None:
     """Post a hand-made WRITE; what the receiver made of it."""

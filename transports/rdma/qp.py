@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from migd.errors import MigdError, ProtocolError, RemoteAccessError, TransportError
 
-from ..base import Credit
+from ..base import Credit, wait_stalled
 from . import wire
 from .verbs import (
     POPULATE,
@@ -87,6 +87,8 @@ class QueuePair:
         self.on_eof: Callable[[], None] | None = None
         self.on_error: Callable[[BaseException], None] | None = None
         self.waited = 0.0
+        #: Seconds a post may wait for the socket to take more before the pair fails.
+        self.stall_timeout: float | None = None
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = loop
@@ -249,7 +251,8 @@ class QueuePair:
         self._loop.add_writer(self._fd, _wake, fut)
         t0 = self._loop.time()
         try:
-            await fut
+            await wait_stalled(fut, self.stall_timeout, lambda: TransportError(
+                f"rdma peer took no data for {self.stall_timeout:g}s"))
         finally:
             self.waited += self._loop.time() - t0
             if not self._closed:

@@ -31,6 +31,7 @@ from ..base import (
     Placement,
     Receiver,
     Transport,
+    stalled,
 )
 from . import wire
 from .qp import QueuePair, RecvCompletion
@@ -57,6 +58,14 @@ class RdmaChannel(Channel, Placement):
     @property
     def waited(self) -> float:  # type: ignore[override]
         return self.qp.waited + self._credit_wait
+
+    @property
+    def stall_timeout(self) -> float | None:
+        return self.qp.stall_timeout
+
+    @stall_timeout.setter
+    def stall_timeout(self, seconds: float | None) -> None:
+        self.qp.stall_timeout = seconds
 
     # --- Channel ----------------------------------------------------------------------
 
@@ -168,7 +177,8 @@ class RdmaChannel(Channel, Placement):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            return await self.qp.credits.take()
+            return await self.qp.credits.take(self.stall_timeout,
+                                              lambda: stalled(self, "posted no credit"))
         finally:
             self._credit_wait += loop.time() - t0
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from migd.errors import RemoteAccessError, TransportError
 
-from ..base import Credit
+from ..base import Credit, wait_stalled
 
 
 class Access(enum.IntFlag):
@@ -202,12 +202,17 @@ class CreditQueue:
     def give_back(self, credit: Credit) -> None:
         self._granted.appendleft(credit)
 
-    async def take(self) -> Credit:
+    async def take(self, timeout: float | None = None,
+                   stalled: Callable[[], BaseException] | None = None) -> Credit:
+        """The next credit; past ``timeout`` seconds without one, ``stalled()``."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         while not self._granted:
             if self._error is not None:
                 raise self._error
             self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+            await wait_stalled(self._waiter, left,
+                               stalled or (lambda: TransportError("no credit posted in time")))
         return self._granted.popleft()
 
 
