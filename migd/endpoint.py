@@ -28,6 +28,17 @@ from .errors import (
 from .protocol.connection import Closed, Connection, Control, Data, Established, PeerFailed
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait up to ``timeout`` s for ``event``.  Not ``asyncio.wait_for``: on 3.11 a
+    cancel landing as its timeout fires comes out as TimeoutError, and a migration
+    the operator cancelled would carry on."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter], timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
 class Bus:
     """What the channels of one migration share."""
 
@@ -59,8 +70,7 @@ class Bus:
             remaining = max(start, self.last_rx) + timeout - self._loop.time()
             if remaining <= 0:
                 raise MigrationTimeout(f"peer silent for {timeout:.0f}s while waiting for {what}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), remaining)
+            await wait_event(self.wake, remaining)
 
 
 class Endpoint:
@@ -214,8 +224,7 @@ class Endpoint:
                 if remaining <= 0:
                     break
                 self.bus.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.bus.wake.wait(), remaining)
+                await wait_event(self.bus.wake, remaining)
         return self.error if isinstance(self.error, RemoteError) else err
 
     async def abort(self, err: BaseException | None) -> None:
