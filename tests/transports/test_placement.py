@@ -112,7 +112,7 @@ async def test_a_receiver_that_posts_no_credit_fails_the_sender_in_time(
         chans: tuple[RdmaChannel, RdmaChannel]) -> None:
     client, _ = chans
     client.stall_timeout = 0.2
-    with pytest.raises(TransportError, match="posted no credit for 0.2s"):
+    with pytest.raises(TransportError, match=r"posted no credit for 0\.2s"):
         await asyncio.wait_for(placement(client).credit(), 5)
 
 
