@@ -127,7 +127,11 @@ class Endpoint:
         self.bus.wake.set()
 
     def _dispatch(self) -> None:
+        # Waiters (controls, the handshake) are woken for anything but data, which
+        # wakes its own (chunks loaded): not one task switch per chunk received.
+        wake = False
         for ev in self.conn.events():
+            wake = wake or not isinstance(ev, Data)
             if isinstance(ev, Data):
                 if self.on_data is None:
                     self.fail(ProtocolError("data before the session accepted it"))
@@ -153,7 +157,8 @@ class Endpoint:
             elif isinstance(ev, Closed):
                 self.peer_closed = True
                 self.fail(IncompleteStream(f"peer {self.channel.peer} closed the connection"))
-        self.poke()
+        if wake:
+            self.poke()
         if self.conn.has_output():
             self._schedule_flush()
 
