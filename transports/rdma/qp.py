@@ -44,7 +44,7 @@ _MAX_FDS = 4
 _IOV_MAX = 512
 _STAGE = 64 << 10
 #: Message bodies at least this big are received in place, not through the stage.
-_DIRECT_READ = 16 << 10
+_DIRECT_READ = 16 << 10  # (over shm only SENDs have bodies)
 _MSGS_PER_WAKEUP = 64
 #: Peer regions a writer maps at most, and their total size: a peer (authenticated
 #: or not yet) must not make this daemon map and populate unbounded memory.
@@ -94,6 +94,8 @@ class QueuePair:
         self._loop = loop
         self._reader = wire.WireReader(None if self.shared else self._place)
         self._stage = memoryview(bytearray(_STAGE))
+        #: Received bytes copied out of the stage (never a WRITE's over tcp).
+        self.staged_bytes = 0
         self._staged = memoryview(b"")  # received, not yet parsed
         self._placing: tuple[memoryview, int] | None = None
         self._remote: dict[int, mmap.mmap] = {}
@@ -285,8 +287,9 @@ class QueuePair:
         return self._sock.recv_into(buf)
 
     def _readable(self) -> None:
-        """Small messages come through a staging buffer, many per system call; a
-        WRITE's bytes (``tcp``) go straight from the socket into the region."""
+        """``shm``: messages (all small) come through a staging buffer, many per
+        system call.  ``tcp``: every read lands where the parser wants it, so a
+        WRITE's bytes go straight from the socket into the region."""
         for _ in range(_MSGS_PER_WAKEUP):
             if self._closed:
                 return
@@ -295,7 +298,9 @@ class QueuePair:
                     if not self._reading:
                         return
                     buf = self._reader.get_buffer()
-                    direct = len(buf) >= _DIRECT_READ
+                    # Over tcp every read goes where the parser wants it, so a WRITE's
+                    # bytes land in the region whole; over shm all messages are small.
+                    direct = not self.shared or len(buf) >= _DIRECT_READ
                     n = self._recv(buf if direct else self._stage)
                     if n == 0:
                         self._eof()
@@ -307,6 +312,7 @@ class QueuePair:
                 while self._staged:
                     buf = self._reader.get_buffer()
                     k = min(len(buf), len(self._staged))
+                    self.staged_bytes += k
                     buf[:k] = self._staged[:k]
                     self._staged = self._staged[k:]
                     self._reader.buffer_updated(k)
