@@ -39,6 +39,7 @@ def test_capped_link_compresses_and_keeps_compressing() -> None:
     """250 MB/s cap: the sender waits most of each window; the data compresses 3.5x."""
     p = AutoPolicy(threads=2)
     secs = 16 * MiB / 250e6
+    assert p.record(window(False, 16 * MiB, 16 * MiB, secs, 0.9 * secs)) is False  # warm-up
     assert p.record(window(False, 16 * MiB, 16 * MiB, secs, 0.9 * secs)) is True
     decisions = []
     for _ in range(1, 24):
@@ -63,7 +64,8 @@ def test_incompressible_data_is_not_compressed_even_on_a_slow_link() -> None:
 def test_a_link_that_gets_faster_stops_compression() -> None:
     p = AutoPolicy(threads=2, explore_every=4)
     slow = 16 * MiB / 100e6
-    p.record(window(False, 16 * MiB, 16 * MiB, slow, 0.9 * slow))
+    for _ in range(2):  # warm-up, then a measured raw window
+        p.record(window(False, 16 * MiB, 16 * MiB, slow, 0.9 * slow))
     assert p.compress
     fast = 16 * MiB / 3e9
     for _ in range(8):  # the link became fast: compressing windows are now CPU-bound
@@ -78,13 +80,35 @@ def test_a_slow_receiver_is_not_mistaken_for_a_slow_link() -> None:
     tried and measured slower: it stays raw, retrying only now and then."""
     p = AutoPolicy(threads=2, explore_every=16)
     raw = 16 * MiB / 1.0e9  # the prediction (2 x 0.9 GB/s) promises more than this
-    p.record(window(False, 16 * MiB, 16 * MiB, raw, 0.6 * raw))  # looks link-bound
-    assert p.compress  # nothing measured yet: try compressing
+    for _ in range(2):  # warm-up, then a measured raw window that looks link-bound
+        p.record(window(False, 16 * MiB, 16 * MiB, raw, 0.6 * raw))
+    assert p.compress  # compression not measured yet: try it
     comp = 16 * MiB / 0.9e9
-    p.record(window(True, 16 * MiB, int(16 * MiB / 3.5), comp, 0.0))  # measured: slower
+    for _ in range(2):  # a switch's window, then a measured one: slower
+        p.record(window(True, 16 * MiB, int(16 * MiB / 3.5), comp, 0.0))
+    assert not p.compress
     decisions = [p.record(window(p.compress, 16 * MiB, 16 * MiB, raw, 0.6 * raw))
                  for _ in range(30)]
-    assert decisions.count(True) <= 2  # only the periodic re-measurement
+    # only the periodic re-measurement (every 16 windows): the switch's window and
+    # the measured one
+    assert decisions.count(True) <= 4
+    assert decisions[:10].count(True) == 0
+
+
+def test_a_slow_start_does_not_lock_compression_in() -> None:
+    """Seen on rdma+tcp: the start-up window measured raw slow, compression then
+    looked faster, and it compressed 60 of 64 windows at a third of the speed."""
+    p = AutoPolicy(threads=2, explore_every=16)
+    start = 16 * MiB / 0.3e9
+    p.record(window(False, 16 * MiB, 16 * MiB, start, 0.5 * start))  # start-up: slow
+    decisions = []
+    for _ in range(63):
+        comp = p.compress
+        secs = 16 * MiB / (0.7e9 if comp else 1.8e9)  # raw is faster; both wait a little
+        decisions.append(p.record(window(comp, 16 * MiB, int(16 * MiB / 3.5) if comp
+                                         else 16 * MiB, secs, 0.4 * secs)))
+    assert p.raw_rate is not None and p.raw_rate > 1.5e9  # the start-up did not count
+    assert decisions.count(True) <= 12  # a few explorations, not a lock-in
 
 
 def test_a_known_cap_decides_without_exploring() -> None:
