@@ -120,7 +120,9 @@ class QueuePair:
               ) -> asyncio.Future[None]:
         """Queue one message.  ``eager``: send what the socket takes right now, so a
         post usually completes without an event-loop round trip; otherwise it waits
-        to go out with the next eager post (a doorbell with the header after it)."""
+        to go out with the next eager post (a doorbell with the header after it).
+        ``opcode``: a signaled post, completed on the send queue as well as on the
+        returned future (which is all the channel awaits; nothing polls for it)."""
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._closed:
             fut.set_exception(self._error or TransportError("queue pair closed"))
@@ -141,16 +143,18 @@ class QueuePair:
             self._loop.create_task(self._flush())
         return fut
 
-    def post_send(self, body: Sequence[Buffer], imm: int = 0) -> asyncio.Future[None]:
-        """SEND ``body`` (at most wire.MAX_SEND bytes) with immediate data ``imm``."""
+    def post_send(self, body: Sequence[Buffer], imm: int = 0, signaled: bool = False
+                  ) -> asyncio.Future[None]:
+        """SEND ``body`` (at most wire.MAX_SEND bytes) with immediate data ``imm``;
+        ``signaled``: also complete it on the send queue (like IBV_SEND_SIGNALED)."""
         n = sum(len(b) for b in body)
         if n > wire.MAX_SEND:
             raise ValueError(f"SEND of {n} bytes exceeds {wire.MAX_SEND}")
-        return self._post(wire.pack(wire.Op.SEND, imm=imm, length=n), body, Opcode.SEND, n,
-                          imm=imm)
+        return self._post(wire.pack(wire.Op.SEND, imm=imm, length=n), body,
+                          Opcode.SEND if signaled else None, n, imm=imm)
 
-    def post_write(self, credit: Credit, data: memoryview | None, length: int
-                   ) -> asyncio.Future[None]:
+    def post_write(self, credit: Credit, data: memoryview | None, length: int,
+                   signaled: bool = False) -> asyncio.Future[None]:
         """WRITE ``length`` bytes into ``credit``, with the credit number as immediate data.
 
         ``data`` None: the bytes were stored in place through :meth:`remote_view`."""
@@ -168,7 +172,8 @@ class QueuePair:
                 raise RemoteAccessError("tcp provider: nothing to write (no shared memory)")
             body = [data]
         header = wire.pack(wire.Op.WRITE, credit.rkey, credit.seq, credit.offset, length)
-        return self._post(header, body, Opcode.RDMA_WRITE, length, imm=credit.seq, eager=False)
+        return self._post(header, body, Opcode.RDMA_WRITE if signaled else None, length,
+                          imm=credit.seq, eager=False)
 
     def post_credit(self, mr: MemoryRegion, offset: int, buf: memoryview) -> Credit:
         """Grant the peer one write of up to ``len(buf)`` bytes into ``buf``."""
@@ -243,10 +248,10 @@ class QueuePair:
             self._sending = None
             for post in batch:
                 self._out.popleft()
-                if post.wc is not None:
-                    self.send_cq.push(post.wc)
                 if not post.fut.done():
                     post.fut.set_result(None)
+                if post.wc is not None:  # after the future: an overrun fails the pair,
+                    self.send_cq.push(post.wc)  # never leaves a post unanswered
 
     async def _writable(self) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()

@@ -110,7 +110,7 @@ async def test_posts_complete_on_the_send_queue() -> None:
     qa, qb = QueuePair(a, loop, "tcp"), QueuePair(b, loop, "tcp")
     try:
         qb.start_reading()
-        await qa.post_send([b"ping"], imm=42)
+        await qa.post_send([b"ping"], imm=42, signaled=True)
         (wc,) = await asyncio.wait_for(qa.send_cq.wait(), 2)
         assert wc.opcode is Opcode.SEND and wc.byte_len == 4 and wc.imm == 42
         (rc,) = await asyncio.wait_for(qb.recv_cq.wait(), 2)
@@ -184,3 +184,25 @@ async def test_credits_must_lie_in_a_shared_region() -> None:
         os.close(fd)
         qp.close()
         b.close()
+
+
+async def test_unsignaled_posts_leave_the_send_queue_alone() -> None:
+    """The channel awaits its posts and never polls the send queue: posts are unsignaled
+    (as with verbs' IBV_SEND_SIGNALED unset), or a long migration would overrun it."""
+    a, b = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    qa, qb = QueuePair(a, loop, "tcp"), QueuePair(b, loop, "tcp")
+    try:
+        qb.start_reading()
+        def drain() -> None:
+            qb.recv_cq.poll(1 << 16)
+        qb.on_recv = drain
+        for _ in range(qa.send_cq.depth + 10):
+            await qa.post_send([b"x"])
+        assert qa.send_cq.poll() == []
+        await qa.post_send([b"y"], signaled=True)
+        (wc,) = qa.send_cq.poll()
+        assert wc.opcode is Opcode.SEND and wc.byte_len == 1
+    finally:
+        qa.close()
+        qb.close()
