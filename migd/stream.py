@@ -40,7 +40,7 @@ from .errors import (
 )
 from .pacing import AutoPolicy, TokenBucket, Window
 from .protocol.connection import Data
-from .protocol.frames import HEADER, HEADER_SIZE, Header
+from .protocol.frames import HEADER_SIZE
 
 log = logging.getLogger("migd.stream")
 
@@ -135,6 +135,8 @@ class _Sealed:
 
     header: memoryview
     payload: memoryview  # ciphertext and tag
+    encoding: int
+    plain_len: int
     credit: Credit | None  # one-sided: the destination buffer it goes to
     in_place: bool  # the payload already lies in that buffer
     frame: memoryview | None = None  # header and payload contiguous (stream transports)
@@ -304,8 +306,9 @@ class StreamSender:
         sealed = ep.conn.seal_data_into(seq, index, offset, encoding, payload, len(plain), header,
                                         target if target is not None else wire[HEADER_SIZE:])
         if credit is None:  # header and payload side by side: one buffer on the stream
-            return _Sealed(header, sealed, None, False, wire[:HEADER_SIZE + len(sealed)])
-        return _Sealed(header, sealed, credit, target is not None)
+            return _Sealed(header, sealed, encoding, len(plain), None, False,
+                           wire[:HEADER_SIZE + len(sealed)])
+        return _Sealed(header, sealed, encoding, len(plain), credit, target is not None)
 
     def _waited(self) -> float:
         return sum(e.channel.waited for e in self.channels) + self._paced
@@ -340,8 +343,7 @@ class StreamSender:
         self.digest.update(header)
         self.digest.update(payload[-TAG_SIZE:])
         c = self.counters
-        fields = HEADER.unpack_from(header)
-        encoding, plain_len = fields[2], fields[7]
+        encoding, plain_len = sealed.encoding, sealed.plain_len
         c.transferred += plain_len
         c.wire_bytes += HEADER_SIZE + len(payload)
         c.chunks += 1
@@ -423,7 +425,7 @@ class _Placed:
 
     pieces: asyncio.Future[list[memoryview]]
     slot: _RxSlot
-    header: Header
+    ev: Data
 
 
 class StreamReceiver:
@@ -560,13 +562,13 @@ class StreamReceiver:
                 raise
             if (h.index == self.next_index and not self._writing and not self.device.blocking_io):
                 try:  # the common case: in order, nothing ahead of it, load it now
-                    self._place(h, slot, decoded)
+                    self._place(ev, slot, decoded)
                 finally:
                     self._release(slot)
                 return
             pieces = self._loop.create_future()
             pieces.set_result(decoded)
-        self._ready[h.index] = _Placed(pieces, slot, h)
+        self._ready[h.index] = _Placed(pieces, slot, ev)
         self._have.set()
 
     # --- decoding (inline or on a worker) --------------------------------------------
@@ -616,16 +618,17 @@ class StreamReceiver:
                     raise DeviceError("device accepted no data")
                 data = data[n:]
 
-    def _place(self, h: Header, slot: _RxSlot, pieces: list[memoryview]) -> None:
+    def _place(self, ev: Data, slot: _RxSlot, pieces: list[memoryview]) -> None:
         """Load the chunk due next (non-blocking devices) and account for it."""
-        self._check_place(h, slot)
+        self._check_place(ev, slot)
         self._load(pieces)
-        self._loaded(h.plain_len)
+        self._loaded(ev.header.plain_len)
 
-    def _check_place(self, h: Header, slot: _RxSlot) -> None:
+    def _check_place(self, ev: Data, slot: _RxSlot) -> None:
+        h = ev.header
         if h.offset != self.written:
             raise IntegrityError(f"chunk {h.index} at offset {h.offset}, stream is at {self.written}")
-        self.digest.update(h.pack())
+        self.digest.update(ev.raw)
         self.digest.update(memoryview(slot.payload)[h.payload_len - TAG_SIZE : h.payload_len])
 
     def _loaded(self, n: int) -> None:
@@ -652,11 +655,11 @@ class StreamReceiver:
             try:
                 pieces = await placed.pieces
                 if self.device.blocking_io:
-                    self._check_place(placed.header, placed.slot)
+                    self._check_place(placed.ev, placed.slot)
                     await self._loop.run_in_executor(self.workers.io, self._load, pieces)
-                    self._loaded(placed.header.plain_len)
+                    self._loaded(placed.ev.header.plain_len)
                 else:
-                    self._place(placed.header, placed.slot, pieces)
+                    self._place(placed.ev, placed.slot, pieces)
             except MigdError as exc:
                 self.bus.fail(exc)
             except Exception:

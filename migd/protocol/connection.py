@@ -99,6 +99,9 @@ class Data:
 
     header: Header
     buf: bytearray | memoryview
+    #: The header as received: the AEAD associated data, and what the stream digest
+    #: hashes (packed once, not again per use).
+    raw: bytes
 
 
 @dataclasses.dataclass
@@ -378,7 +381,7 @@ class Connection:
         self._payload = None
         self._hdr_got = 0
         if hdr.type == FrameType.DATA:
-            self._events.append(Data(hdr, payload))
+            self._events.append(Data(hdr, payload, bytes(self._hdr)))
             return
         body = memoryview(payload)[: hdr.payload_len]
         if hdr.type == FrameType.CONTROL:
@@ -530,4 +533,4 @@ class Connection:
         """Authenticate and decrypt a DATA payload into ``out``. Thread-safe."""
         assert self._rx is not None
         h = ev.header
-        return self._rx.open_into(h.seq, h.pack(), memoryview(ev.buf)[: h.payload_len], out)
+        return self._rx.open_into(h.seq, ev.raw, memoryview(ev.buf)[: h.payload_len], out)

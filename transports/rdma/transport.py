@@ -14,6 +14,7 @@ and posted as credits (:class:`~transports.base.Placement`).  Providers:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ class RdmaChannel(Channel, Placement):
         self._receiver: Receiver | None = None
         self._paused = False
         self._pending = memoryview(b"")  # SEND bytes not yet taken by a paused receiver
-        self._landed: list[tuple[memoryview, int]] = []
+        self._landed: collections.deque[tuple[memoryview, int]] = collections.deque()
         self._where: dict[int, tuple[MemoryRegion, int, memoryview]] = {}
         self._credit_wait = 0.0
         qp.on_recv = self._dispatch
@@ -168,7 +169,7 @@ class RdmaChannel(Channel, Placement):
     def landed(self, length: int) -> memoryview:
         if not self._landed:
             raise ProtocolError(f"a DATA header for {length} bytes, but no write landed for it")
-        buf, n = self._landed.pop(0)
+        buf, n = self._landed.popleft()
         if n != length:
             raise ProtocolError(f"a DATA header for {length} bytes, but its write carried {n}")
         return buf
