@@ -208,9 +208,10 @@ class Daemon:
 
     @property
     def addresses(self) -> list[str]:
-        """Every listen address, each naming its transport unless it is the default."""
-        return [transports.REGISTRY.url(name, listener.address) if name != self.cfg.transport
-                else listener.address for name, listener in self._listeners]
+        """Every listen address, each naming its transport (a bare one would mean
+        different things to daemons with different defaults)."""
+        return [transports.REGISTRY.url(name, listener.address)
+                for name, listener in self._listeners]
 
     @property
     def address(self) -> str:

@@ -198,7 +198,7 @@ class TransportRegistry:
         return name, rest
 
     def url(self, name: str, address: str) -> str:
-        return address if name == "tcp" else f"{name}://{address}"
+        return f"{name}://{address}"
 
     def names(self) -> list[str]:
         return sorted(self._transports)

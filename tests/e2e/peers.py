@@ -10,12 +10,19 @@ from collections.abc import Callable
 
 import msgpack
 
+import transports
 from migd.errors import MigdError
 from migd.identity import AuthorizedKeys, Identity
 from migd.protocol.connection import Connection, Control, Event, Offer, PeerFailed, Role
 from migd.protocol.frames import HEADER, HEADER_SIZE, FrameType
+from transports.sockets import parse_address
 
 Mutation = Callable[[int, bytes], list[bytes] | None]
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """Where a daemon's (tcp) address points, for a raw socket."""
+    return parse_address(transports.REGISTRY.split(address)[1])
 
 
 class Proxy:
@@ -49,8 +56,7 @@ class Proxy:
                 client, _ = self._lsock.accept()
             except OSError:
                 return
-            host, port = self._upstream.rsplit(":", 1)
-            server = socket.create_connection((host, int(port)), timeout=30)
+            server = socket.create_connection(host_port(self._upstream), timeout=30)
             self._socks += [client, server]
             threading.Thread(target=self._pump_raw, args=(server, client), daemon=True).start()
             tamper = number == self._target
@@ -131,8 +137,7 @@ class ScriptedSource:
 
     def __init__(self, address: str, ident: Identity, trust: AuthorizedKeys,
                  offer: Offer | None = None, channel: int = 0) -> None:
-        host, port = address.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock = socket.create_connection(host_port(address), timeout=10)
         self.conn = Connection(Role.SOURCE, ident, trust, offer, channel=channel)
         self.events: list[Event] = []
         self.flush()

@@ -22,7 +22,7 @@ from migd.identity import AuthorizedKeys, Identity
 from migd.protocol.connection import Established, Offer
 from migd.protocol.frames import HEADER, HEADER_SIZE, FrameType
 
-from .peers import Proxy, ScriptedSource
+from .peers import Proxy, ScriptedSource, host_port
 
 SIZE = 8 << 20
 SRC = f"vf0:sim:size={SIZE}"
@@ -599,11 +599,10 @@ def test_control_socket_bad_input(pair: Pair) -> None:
 def test_hello_garbage_from_the_network(pair: Pair) -> None:
     import socket
 
-    host, port = pair.dst.address.rsplit(":", 1)
     for junk in (b"GET / HTTP/1.1\r\n\r\n" * 3,
                  HEADER.pack(b"MG", FrameType.HELLO, 0, 5, 0, 0, 0, 0) + b"\x81\xa1a\x01\x02",
                  msgpack.packb({"x": 1})):
-        with socket.create_connection((host, int(port)), timeout=5) as sock:
+        with socket.create_connection(host_port(pair.dst.address), timeout=5) as sock:
             sock.sendall(junk)
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(5)

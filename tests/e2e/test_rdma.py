@@ -17,7 +17,7 @@ import pytest
 import transports
 from migd.endpoint import Endpoint
 from migd.errors import RemoteAccessError
-from migd.harness import Pair, local_pair
+from migd.harness import Pair, local_pair, start_daemon
 from migd.identity import AuthorizedKeys, Identity
 from migd.protocol.connection import Connection, Offer, Role
 from migd.protocol.frames import HEADER, MAGIC, FrameType
@@ -223,3 +223,20 @@ def test_a_wedged_destination_does_not_hold_a_stopped_source(transport: str) -> 
         assert incoming["status"] == "failed"
         d = device(p.dst)
         assert d["loads_committed"] == 0 and d["sha256"] == hashlib.sha256(bytes(big)).hexdigest()
+
+
+def test_listen_addresses_name_their_transport(tmp_path: Any) -> None:
+    """With rdma as this daemon's default, its tcp listener's address must say tcp: a
+    bare one would be read as rdma by it and as tcp by others."""
+    me = Identity.generate()
+    me.save(str(tmp_path / "me.key"), comment="me")
+    d = start_daemon(str(tmp_path), "d", [SRC], [me.public],
+                     ["--transport", "rdma", "--listen", "tcp://127.0.0.1:0"],
+                     identity=str(tmp_path / "me.key"))
+    try:
+        named = {transports.REGISTRY.split(a, "rdma")[0] for a in d.addresses}
+        assert named == {"rdma+tcp", "rdma+shm", "tcp"}
+        assert d.address_of("tcp").startswith("tcp://")
+        assert all("://" in a for a in d.addresses)
+    finally:
+        d.stop()

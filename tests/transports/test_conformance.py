@@ -167,7 +167,8 @@ def test_addresses_name_their_transport() -> None:
     assert reg.split("rdma://h:1") == ("rdma+tcp", "h:1")
     assert reg.split("rdma+shm:///run/migd/r.sock") == ("rdma+shm", "/run/migd/r.sock")
     assert reg.url("rdma+shm", "/r.sock") == "rdma+shm:///r.sock"
-    assert reg.url("tcp", "h:1") == "h:1"
+    assert reg.url("tcp", "h:1") == "tcp://h:1"  # bare only means "the default" to a reader
+    assert reg.split(reg.url("tcp", "h:1"), "rdma+tcp") == ("tcp", "h:1")
     with pytest.raises(ConfigError, match="transport 'udp' unknown"):
         reg.split("udp://h:1")
     with pytest.raises(ConfigError, match="nothing after rdma://"):
