@@ -1,6 +1,6 @@
 """Verbs-like objects: protection domain, memory regions, credits, completion queues.
 
-Modelled on ibverbs (``ibv_pd``, ``ibv_mr`` with lkey/rkey and access flags,
+Modelled on ibverbs (``ibv_pd``, ``ibv_mr`` with an rkey and access flags,
 ``ibv_cq``) so that the pipeline is written against one-sided semantics and a
 real verbs provider can replace the model without touching it.  Everything
 here is plain code: no sockets, no clock; the queue pair in :mod:`.qp` is the
@@ -45,7 +45,6 @@ SHM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 @dataclasses.dataclass(eq=False)
 class MemoryRegion:
-    lkey: int
     rkey: int
     buf: memoryview
     access: Access
@@ -98,8 +97,7 @@ class ProtectionDomain:
         mem, fd = self._allocate(length)
         self._maps.append(mem)
         rkey = self._fresh_key()
-        mr = MemoryRegion(lkey=rkey ^ 0x5A5A5A5A, rkey=rkey, buf=memoryview(mem), access=access,
-                          fd=fd)
+        mr = MemoryRegion(rkey=rkey, buf=memoryview(mem), access=access, fd=fd)
         self._regions[rkey] = mr
         return mr
 
