@@ -16,6 +16,8 @@ import sys
 import tempfile
 from typing import Any
 
+from transports import REGISTRY as TRANSPORTS
+
 from .cli import migrate_args, progress_line, summary
 from .codec import parse_compress
 from .errors import ConfigError
@@ -99,8 +101,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_matrix(args)
     src, dst, size = _device_specs(args)
     req = migrate_args(args, "vf0", "")
-    import transports
-    transports.REGISTRY.check([args.transport])
+    TRANSPORTS.check([args.transport])
     with tempfile.TemporaryDirectory(prefix="migd-bench-") as wd, \
             local_pair([src], [dst], workdir=wd) as pair:
         result = migrate_and_measure(pair.src, pair.dst, req, show=not args.json,
@@ -157,9 +158,7 @@ def run_matrix(args: argparse.Namespace) -> int:
     """A grid of migrations between one pair of daemons, ping-ponging the VF."""
     import itertools
 
-    import transports as transport_registry
-
-    transports = transport_registry.REGISTRY.check(_axis(args.matrix_transports, "transports"))
+    transports = TRANSPORTS.check(_axis(args.matrix_transports, "transports"))
     grid = list(itertools.product(
         transports, [int(c) for c in _axis(args.matrix_channels, "channels")],
         _axis(args.matrix_compress, "compress"), _axis(args.matrix_ciphers, "ciphers"),
@@ -167,7 +166,7 @@ def run_matrix(args: argparse.Namespace) -> int:
                                                                  "chunk-sizes")]))
     # Clear text only where the transport accepts it (rdma+shm): other points are skipped.
     grid = [g for g in grid
-            if g[3] in transport_registry.REGISTRY.create(g[0]).accepted_ciphers]
+            if g[3] in TRANSPORTS.create(g[0]).accepted_ciphers]
     if not grid:
         raise ConfigError("--matrix: no transport accepts any of the given ciphers")
     for compress in {g[2] for g in grid}:
