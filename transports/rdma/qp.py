@@ -66,7 +66,7 @@ class _Post:
 class RecvCompletion(WorkCompletion):
     """A receive completion with where its bytes are: SEND data, or the landed buffer."""
 
-    data: bytes = b""
+    data: bytes | bytearray = b""
     buf: memoryview | None = None
 
 

@@ -48,7 +48,7 @@ def pack(op: Op, key: int = 0, imm: int = 0, offset: int = 0, length: int = 0) -
 @dataclasses.dataclass(slots=True)
 class Sent:
     imm: int
-    data: bytes
+    data: bytes | bytearray  # the SEND's own fresh buffer, handed over without a copy
 
 
 @dataclasses.dataclass(slots=True)
@@ -153,7 +153,8 @@ class WireReader:
         op, key, imm, offset, length = self._cur
         if op is Op.SEND:
             assert self._body is not None
-            self._events.append(Sent(imm, bytes(self._body)))
+            assert isinstance(self._body.obj, bytearray)
+            self._events.append(Sent(imm, self._body.obj))
         elif op is Op.WRITE:
             self._events.append(Written(key, imm, offset, length))
         elif op is Op.CREDIT:
