@@ -38,6 +38,10 @@ class Device(abc.ABC):
     #: Whether read_into/write may block (a real data_fd) or are plain memory
     #: copies (simulated device memory); the pipeline runs the latter inline.
     blocking_io: ClassVar[bool] = True
+    #: Whether the device lends its own memory for the data path (:meth:`read_views`,
+    #: :meth:`sink`), so the pipeline seals from it and opens into it without a copy.
+    #: A real data_fd can only be read and written.
+    lends_memory: ClassVar[bool] = False
 
     def __init__(self, name: str, caps: MigCap) -> None:
         self.name = name
@@ -129,9 +133,34 @@ class Device(abc.ABC):
         ENOMSG, EAGAIN) or a 0 return (hisi): callers treat both as temporary.
         """
 
+    def read_views(self, limit: int) -> list[memoryview] | None:
+        """The next saving data (up to ``limit`` bytes, the same stream as
+        :meth:`read_into`) as views of memory the device keeps; None unless
+        :attr:`lends_memory`.
+
+        Copying device memory into a buffer costs as much as encrypting it.  The
+        views stay valid while the device exists; while the device runs its guest
+        may still change those bytes, and dirty tracking sends such pages again, as
+        it would after a copy.
+        """
+        return None
+
     @abc.abstractmethod
     def write(self, data: memoryview) -> int:
         """Feed resuming data; returns how much was consumed (may be short)."""
+
+    def sink(self, limit: int) -> memoryview:
+        """Where the next 1..``limit`` resuming bytes go, for the caller to fill in
+        place and then commit with :meth:`sunk` (only if :attr:`lends_memory`).
+
+        The caller may fill it with bytes not yet authenticated: the device is in
+        RESUMING, and a migration that fails resets it before it could run them.
+        """
+        raise DeviceError(f"{self.name}: a {self.kind} device does not lend its memory")
+
+    def sunk(self, n: int) -> None:
+        """The first ``n`` bytes of what :meth:`sink` lent are filled: take them."""
+        raise DeviceError(f"{self.name}: a {self.kind} device does not lend its memory")
 
     @abc.abstractmethod
     def precopy_info(self) -> PrecopyInfo:

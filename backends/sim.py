@@ -44,6 +44,7 @@ def parse_caps(text: str) -> MigCap:
 class SimDevice(Device):
     kind = "sim"
     blocking_io = False
+    lends_memory = True
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
         check_options(name, "sim", options, {"caps", "model"})
@@ -60,7 +61,9 @@ class SimDevice(Device):
         self._initial_left = 0
         self._queued_bytes = 0
         # resuming stream
-        self._rx_hdr = bytearray()
+        self._rx_hdr = bytearray(RECORD.size)  # a record header being assembled
+        self._rx_have = 0  # ... bytes of it so far
+        self._sink_len = 0  # what the last sink() lent
         self._rx_off = 0
         self._rx_left = 0
         self._rx_seen_header = False
@@ -97,11 +100,10 @@ class SimDevice(Device):
             self._close_saving()
         elif (cur, nxt) == (S.STOP, S.RESUMING):
             self._loading = True
-            self._rx_hdr.clear()
-            self._rx_left = 0
+            self._rx_have = self._rx_left = self._sink_len = 0
             self._rx_seen_header = self._rx_seen_end = False
         elif (cur, nxt) == (S.RESUMING, S.STOP):
-            if not (self._rx_seen_header and self._rx_seen_end) or self._rx_hdr or self._rx_left:
+            if not (self._rx_seen_header and self._rx_seen_end) or self._rx_have or self._rx_left:
                 raise DeviceError(f"{self.name}: loaded state is incomplete")
             self.loads_committed += 1
         if nxt == S.RUNNING:
@@ -117,8 +119,7 @@ class SimDevice(Device):
             self.mem.wipe()
             self._loading = False
         self._close_saving()
-        self._rx_hdr.clear()
-        self._rx_left = 0
+        self._rx_have = self._rx_left = self._sink_len = 0
         self._rx_seen_header = self._rx_seen_end = False
         self.mem.set_running(True)
 
@@ -151,19 +152,31 @@ class SimDevice(Device):
     # --- saving --------------------------------------------------------------
 
     def read_into(self, buf: memoryview) -> int:
+        n = 0
+        for piece in self._take(len(buf)):
+            buf[n : n + len(piece)] = piece
+            n += len(piece)
+        return n
+
+    def read_views(self, limit: int) -> list[memoryview]:
+        # Record payloads are views of device memory; only the record headers are new bytes.
+        return self._take(limit)
+
+    def _take(self, want: int) -> list[memoryview]:
+        """Advance the saving stream by up to ``want`` bytes, returned as pieces."""
         with self._lock:
             self._require(*SAVING_STATES, op="read")
+            pieces: list[memoryview] = []
             n = 0
-            want = len(buf)
             mv = self.mem.mv
             while n < want:
                 if self._cur_hdr_pos < len(self._cur_hdr):
                     k = min(want - n, len(self._cur_hdr) - self._cur_hdr_pos)
-                    buf[n : n + k] = self._cur_hdr[self._cur_hdr_pos : self._cur_hdr_pos + k]
+                    pieces.append(memoryview(self._cur_hdr)[self._cur_hdr_pos : self._cur_hdr_pos + k])
                     self._cur_hdr_pos += k
                 elif self._cur_left:
                     k = min(want - n, self._cur_left)
-                    buf[n : n + k] = mv[self._cur_off : self._cur_off + k]
+                    pieces.append(mv[self._cur_off : self._cur_off + k])
                     self._cur_off += k
                     self._cur_left -= k
                 elif self._queue:
@@ -183,7 +196,7 @@ class SimDevice(Device):
             self._initial_left = max(0, self._initial_left - n)
             if n == 0 and self._state != DeviceState.STOP_COPY:
                 raise NoDataNow(f"{self.name}: no pre-copy data for now")
-            return n
+            return pieces
 
     def precopy_info(self) -> PrecopyInfo:
         with self._lock:
@@ -199,26 +212,42 @@ class SimDevice(Device):
     # --- resuming ------------------------------------------------------------
 
     def write(self, data: memoryview) -> int:
+        pos = 0
+        while pos < len(data):
+            view = self.sink(len(data) - pos)
+            view[:] = data[pos : pos + len(view)]
+            self.sunk(len(view))
+            pos += len(view)
+        return pos
+
+    def sink(self, limit: int) -> memoryview:
+        # Inside a data record the bytes go straight to device memory; else to the
+        # record header being assembled.
         with self._lock:
             self._require(DeviceState.RESUMING, op="write")
-            pos = 0
-            total = len(data)
-            mv = self.mem.mv
-            while pos < total:
-                if self._rx_left:
-                    k = min(self._rx_left, total - pos)
-                    mv[self._rx_off : self._rx_off + k] = data[pos : pos + k]
-                    self._rx_off += k
-                    self._rx_left -= k
-                    pos += k
-                    continue
-                k = min(RECORD.size - len(self._rx_hdr), total - pos)
-                self._rx_hdr += data[pos : pos + k]
-                pos += k
-                if len(self._rx_hdr) == RECORD.size:
-                    self._take_record(bytes(self._rx_hdr))
-                    self._rx_hdr.clear()
-            return total
+            if self._rx_left:
+                k = min(limit, self._rx_left)
+                view = self.mem.mv[self._rx_off : self._rx_off + k]
+            else:
+                k = min(limit, RECORD.size - self._rx_have)
+                view = memoryview(self._rx_hdr)[self._rx_have : self._rx_have + k]
+            self._sink_len = k
+            return view
+
+    def sunk(self, n: int) -> None:
+        with self._lock:
+            self._require(DeviceState.RESUMING, op="write")
+            if not 0 < n <= self._sink_len:
+                raise DeviceError(f"{self.name}: {n} bytes committed, {self._sink_len} were lent")
+            self._sink_len = 0
+            if self._rx_left:
+                self._rx_off += n
+                self._rx_left -= n
+                return
+            self._rx_have += n
+            if self._rx_have == RECORD.size:
+                self._rx_have = 0
+                self._take_record(bytes(self._rx_hdr))
 
     def _take_record(self, hdr: bytes) -> None:
         magic, typ, off, length = RECORD.unpack(hdr)

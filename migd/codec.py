@@ -76,8 +76,28 @@ def is_zero(data: memoryview) -> bool:
     return all(_ZEROS.startswith(data[o : o + len(_ZEROS)]) for o in range(0, len(data), len(_ZEROS)))
 
 
-def _bitmap_len(n: int) -> int:
+def bitmap_len(n: int) -> int:
+    """Bytes of a sparse chunk's bitmap for ``n`` plain bytes."""
     return (-(-n // SPARSE_BLOCK) + 7) // 8
+
+
+def sparse_runs(bitmap: bytes | bytearray | memoryview, n: int) -> list[tuple[bool, int]]:
+    """A sparse chunk's ``n`` plain bytes as runs of (carried, length): carried runs
+    follow the bitmap in the payload, the others are zero."""
+    nbits = -(-n // SPARSE_BLOCK)
+    bits = int.from_bytes(bitmap, "little")
+    if bits >> nbits:
+        raise DecompressionError("sparse chunk bitmap names blocks past the chunk")
+    runs: list[tuple[bool, int]] = []
+    i = 0
+    while i < nbits:
+        bit = bits >> i & 1
+        j = i
+        while j < nbits and (bits >> j & 1) == bit:
+            j += 1
+        runs.append((bool(bit), min(j * SPARSE_BLOCK, n) - i * SPARSE_BLOCK))
+        i = j
+    return runs
 
 
 class Encoder:
@@ -129,7 +149,7 @@ class Encoder:
             runs.append((start, n))
         if bits == (1 << nbits) - 1:
             return None
-        blen = _bitmap_len(n)
+        blen = bitmap_len(n)
         bitmap = bits.to_bytes(blen, "little")
         if pieces:
             return [memoryview(bitmap)] + [plain[a:b] for a, b in runs]
@@ -205,31 +225,20 @@ class Decoder:
     def sparse_segments(payload: memoryview, n: int) -> list[memoryview]:
         """The ``n`` plain bytes of a sparse chunk as pieces, without copying them:
         non-zero runs are views of ``payload``, zero runs views of a shared zero page."""
-        blen = _bitmap_len(n)
-        nbits = -(-n // SPARSE_BLOCK)
+        blen = bitmap_len(n)
         if len(payload) < blen:
             raise DecompressionError("sparse chunk shorter than its bitmap")
-        bits = int.from_bytes(payload[:blen], "little")
-        if bits >> nbits:
-            raise DecompressionError("sparse chunk bitmap names blocks past the chunk")
         segs: list[memoryview] = []
         pos = blen
         zeros = memoryview(_ZEROS)
-        i = 0
-        while i < nbits:
-            bit = bits >> i & 1
-            j = i
-            while j < nbits and (bits >> j & 1) == bit:
-                j += 1
-            k = min(j * SPARSE_BLOCK, n) - i * SPARSE_BLOCK
-            if bit:
+        for data, k in sparse_runs(payload[:blen], n):
+            if data:
                 if pos + k > len(payload):
                     raise DecompressionError("sparse chunk is shorter than its bitmap says")
                 segs.append(payload[pos : pos + k])
                 pos += k
             else:
                 segs.append(zeros[:k])
-            i = j
         if pos != len(payload):
             raise DecompressionError("sparse chunk is longer than its bitmap says")
         return segs

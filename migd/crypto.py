@@ -25,7 +25,7 @@ from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import AEADDecryptionContext, Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -154,12 +154,43 @@ class Sealer:
         out[pos:pos + TAG_SIZE] = enc.tag
         return pos + TAG_SIZE
 
+    def opener(self, seq: int, aad: bytes | memoryview) -> Opener | None:
+        """A streaming :class:`Opener` for frame ``seq`` (AES-GCM), else None."""
+        if self._aes is None:
+            return None
+        dec = Cipher(self._aes, modes.GCM(self.nonce(seq))).decryptor()
+        dec.authenticate_additional_data(bytes(aad))
+        return Opener(dec, seq)
+
     def open_into(self, seq: int, aad: bytes | memoryview, sealed: bytes | memoryview,
                   out: memoryview) -> int:
         try:
             return self._aead.decrypt_into(self.nonce(seq), sealed, aad, out)
         except InvalidTag:
             raise IntegrityError(f"authentication failed on frame {seq}") from None
+
+
+class Opener:
+    """Opens one payload piece by piece, each piece decrypted straight to where
+    it belongs (device memory), so no plaintext buffer is needed in between.
+
+    Nothing it wrote is authentic until :meth:`finish` accepts the tag: callers
+    write only where a failed frame is discarded anyway."""
+
+    __slots__ = ("_dec", "_seq")
+
+    def __init__(self, dec: AEADDecryptionContext, seq: int) -> None:
+        self._dec = dec
+        self._seq = seq
+
+    def update_into(self, data: memoryview, out: memoryview) -> None:
+        self._dec.update_into(data, out)
+
+    def finish(self, tag: bytes | memoryview) -> None:
+        try:
+            self._dec.finalize_with_tag(bytes(tag))
+        except InvalidTag:
+            raise IntegrityError(f"authentication failed on frame {self._seq}") from None
 
 
 def derive_keys(shared: bytes, transcript: bytes, key_size: int) -> tuple[bytes, bytes]:

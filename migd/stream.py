@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from backends.base import Device
 from transports.base import Credit, Placement
 
-from .codec import Decoder, Encoder, Encoding, zero_view
-from .crypto import TAG_SIZE
+from .codec import Decoder, Encoder, Encoding, bitmap_len, sparse_runs, zero_view
+from .crypto import TAG_SIZE, Opener
 from .endpoint import Bus, Endpoint
 from .errors import (
+    DecompressionError,
     DeviceError,
     IncompleteStream,
     IntegrityError,
@@ -45,6 +46,7 @@ from .protocol.frames import HEADER_SIZE
 log = logging.getLogger("migd.stream")
 
 DEFAULT_INFLIGHT = 8
+_DIRECT = (Encoding.RAW, Encoding.SPARSE)
 ACK_EVERY = 64 << 20
 
 
@@ -214,14 +216,28 @@ class StreamSender:
         await self.control.bus.wait_until(lambda: self.acked_announced >= target, self.timeout,
                                           "the destination to accept the announcement")
 
-    async def _read(self, buf: memoryview) -> int:
+    async def _read(self, buf: memoryview, lend: bool) -> memoryview:
+        """The next up to ``len(buf)`` bytes of the device's stream: lent by the
+        device when ``lend`` and it can (no copy), else read into ``buf``.
+        Empty: nothing for now, or the end."""
         try:
+            if lend:
+                views = self.device.read_views(len(buf))
+                if views is not None:
+                    if len(views) == 1:
+                        return views[0]
+                    n = 0  # a record boundary: the encoder wants one buffer
+                    for v in views:
+                        buf[n : n + len(v)] = v
+                        n += len(v)
+                    return buf[:n]
             if self.device.blocking_io:
-                return await self._loop.run_in_executor(self.workers.io, self.device.read_into,
-                                                        buf)
-            return self.device.read_into(buf)
+                n = await self._loop.run_in_executor(self.workers.io, self.device.read_into, buf)
+            else:
+                n = self.device.read_into(buf)
+            return buf[:n]
         except NoDataNow:
-            return 0
+            return buf[:0]
 
     def _compress_next(self) -> bool:
         mode = self.encoder.mode.name
@@ -262,15 +278,18 @@ class StreamSender:
                     raise
                 target = placement.view(credit)
             compress = self._compress_next()
+            # Over shared memory the device's bytes go straight into the destination's
+            # buffer; otherwise they are sealed from wherever the device keeps them.
             into = target if target is not None and not compress else memoryview(slot.plain)
-            n = await self._read(into[:want])
+            plain = await self._read(into[:want], lend=into is not target)
+            n = len(plain)
             if n == 0:
                 if placement is not None and credit is not None:
                     placement.unused(credit)
                 self._slots.put_nowait(slot)
                 break
             seq = ep.conn.reserve_seq()
-            args = (ep, slot, into[:n], seq, self.index, self.offset, credit, target)
+            args = (ep, slot, plain, seq, self.index, self.offset, credit, target)
             if compress:
                 self._hand_to_writer(ep, seq, self._loop.run_in_executor(
                     self.workers.codec, self._seal, *args, True), slot)
@@ -423,7 +442,7 @@ class _Scratch(threading.local):
 class _Placed:
     """A chunk that arrived and is waiting for its turn to be loaded."""
 
-    pieces: asyncio.Future[list[memoryview]]
+    pieces: asyncio.Future[list[memoryview] | None]  # None: still sealed, opened into the device
     slot: _RxSlot
     ev: Data
 
@@ -474,6 +493,9 @@ class StreamReceiver:
         self._writing = False
         self._writer = self._loop.create_task(self._write_chunks())
         self._next_ack = ACK_EVERY
+        #: Per channel: open RAW and SPARSE chunks straight into device memory (with
+        #: AES-GCM: the other ciphers have no streaming opener).
+        self._direct = [False] * channels
 
     @property
     def control(self) -> Endpoint:
@@ -486,6 +508,8 @@ class StreamReceiver:
     def attach(self, channel: int, ep: Endpoint) -> None:
         self.endpoints[channel] = ep
         ep.on_data = lambda ev: self.on_data(channel, ev)
+        self._direct[channel] = (self.device.lends_memory and not self.device.blocking_io
+                                 and ep.conn.opens_pieces)
         placement = ep.channel.placement
         if placement is not None:
             # The channel's payload buffers become registered memory the source
@@ -552,8 +576,19 @@ class StreamReceiver:
         c = self.counters
         c.wire_bytes += HEADER_SIZE + h.payload_len
         c.chunks += 1
+        pieces: asyncio.Future[list[memoryview] | None]
         if h.encoding == Encoding.ZSTD:
             pieces = self._loop.run_in_executor(self.workers.codec, self._open, ev, slot)
+        elif self._direct[channel] and h.encoding in _DIRECT:
+            if h.index == self.next_index and not self._writing:
+                try:  # in order, nothing ahead of it: open it into the device now
+                    self._place_direct(ev, slot)
+                finally:
+                    self._release(slot)
+                return
+            # It waits for its turn sealed: it is opened when it can go straight in.
+            pieces = self._loop.create_future()
+            pieces.set_result(None)
         else:
             try:
                 decoded = self._open(ev, slot)
@@ -608,7 +643,79 @@ class StreamReceiver:
             return [out]
         raise IntegrityError(f"chunk {h.index} has unknown encoding {h.encoding}")
 
+    def _open_into_device(self, ev: Data, slot: _RxSlot) -> None:
+        """Authenticate and decode one RAW or SPARSE chunk straight into the device's
+        memory: each carried run is decrypted where the device keeps it, each zero
+        run zero-filled there.  No plaintext buffer, no copy.
+
+        The tag is checked last, so a forged chunk has written bytes nobody vouched
+        for.  They stay in a device that is RESUMING: the migration fails and the
+        device is reset before it could run them."""
+        h = ev.header
+        ep = self.endpoints[slot.channel]
+        assert ep is not None
+        opener = ep.conn.opener(ev)
+        assert opener is not None
+        payload = memoryview(slot.payload)[: h.payload_len]
+        body = payload[:-TAG_SIZE]
+        try:
+            if h.encoding == Encoding.RAW:
+                if len(body) != h.plain_len:
+                    raise IntegrityError(f"raw chunk {h.index} is {len(body)} bytes, "
+                                         f"header says {h.plain_len}")
+                self._sink(body, opener)
+            else:
+                blen = bitmap_len(h.plain_len)
+                if not blen <= len(body) < h.plain_len:
+                    raise IntegrityError(f"sparse chunk {h.index} is {len(body)} bytes for "
+                                         f"{h.plain_len}")
+                bitmap = bytearray(blen)
+                opener.update_into(body[:blen], memoryview(bitmap))
+                pos = blen
+                for carried, k in sparse_runs(bitmap, h.plain_len):
+                    if not carried:
+                        self._sink(zero_view(k), None)
+                        continue
+                    if pos + k > len(body):
+                        raise DecompressionError("sparse chunk is shorter than its bitmap says")
+                    self._sink(body[pos : pos + k], opener)
+                    pos += k
+                if pos != len(body):
+                    raise DecompressionError("sparse chunk is longer than its bitmap says")
+        except MigdError:
+            # A forged chunk reads as garbage to the device or the decoder: say what it is.
+            self._authenticate(ev, slot)
+            raise
+        opener.finish(payload[-TAG_SIZE:])
+
+    def _sink(self, data: memoryview, opener: Opener | None) -> None:
+        """Put ``data`` where the device keeps the next bytes, decrypting on the way."""
+        dev = self.device
+        while data:
+            view = dev.sink(len(data))
+            k = len(view)
+            if opener is None:
+                view[:] = data[:k]
+            else:
+                opener.update_into(data[:k], view)
+            dev.sunk(k)
+            data = data[k:]
+
+    def _authenticate(self, ev: Data, slot: _RxSlot) -> None:
+        """Check a chunk's tag the slow way (error paths only): IntegrityError if forged."""
+        ep = self.endpoints[slot.channel]
+        assert ep is not None
+        scratch = self._scratch.buf
+        if len(scratch) < self._max_chunk:
+            scratch = self._scratch.buf = bytearray(self._max_chunk)
+        ep.conn.open_data_into(ev, memoryview(scratch)[: ev.header.payload_len - TAG_SIZE])
+
     # --- loading, in index order -------------------------------------------------------
+
+    def _place_direct(self, ev: Data, slot: _RxSlot) -> None:
+        self._check_place(ev, slot)
+        self._open_into_device(ev, slot)
+        self._loaded(ev.header.plain_len)
 
     def _load(self, pieces: list[memoryview]) -> None:
         for data in pieces:
@@ -654,7 +761,9 @@ class StreamReceiver:
             self._writing = True
             try:
                 pieces = await placed.pieces
-                if self.device.blocking_io:
+                if pieces is None:
+                    self._place_direct(placed.ev, placed.slot)
+                elif self.device.blocking_io:
                     self._check_place(placed.ev, placed.slot)
                     await self._loop.run_in_executor(self.workers.io, self._load, pieces)
                     self._loaded(placed.ev.header.plain_len)

@@ -37,7 +37,7 @@ import msgpack
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ..crypto import CIPHERS, TAG_SIZE, Sealer, cipher_spec, derive_keys
+from ..crypto import CIPHERS, TAG_SIZE, Opener, Sealer, cipher_spec, derive_keys
 from ..errors import (
     FrameTooLarge,
     IntegrityError,
@@ -226,6 +226,11 @@ class Connection:
     def seals_pieces(self) -> bool:
         """Whether :meth:`seal_data_into` takes a payload in pieces without joining them."""
         return self._tx is not None and self._tx.takes_pieces
+
+    @property
+    def opens_pieces(self) -> bool:
+        """Whether :meth:`opener` gives a streaming opener for this channel's payloads."""
+        return self._rx is not None and self._rx.takes_pieces
 
     def seal_data_into(self, seq: int, index: int, offset: int, encoding: int,
                        payload: bytes | memoryview | list[memoryview], plain_len: int,
@@ -528,6 +533,11 @@ class Connection:
         self._events.append(Established(self.peer_name, peer, self.cipher, self.max_chunk, hello))
 
     # --- data opening (worker threads) -----------------------------------------
+
+    def opener(self, ev: Data) -> Opener | None:
+        """A streaming opener for a DATA payload, when the cipher has one (AES-GCM)."""
+        assert self._rx is not None
+        return self._rx.opener(ev.header.seq, ev.raw)
 
     def open_data_into(self, ev: Data, out: memoryview) -> int:
         """Authenticate and decrypt a DATA payload into ``out``. Thread-safe."""

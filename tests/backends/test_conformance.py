@@ -19,7 +19,7 @@ import backends
 from backends.base import Device
 from backends.states import DeviceState, MigCap, path, supported
 from backends.vfio import VfioDevice
-from migd.errors import DeviceError, NoDataNow
+from migd.errors import DeviceError, IllegalTransition, NoDataNow
 from migd.identity import AuthorizedKeys, Identity
 from migd.session import Host, Job, MigrateOptions, run_source
 from migd.stream import Workers
@@ -145,6 +145,54 @@ def test_precopy_semantics(kind: str) -> None:
         with pytest.raises(DeviceError):
             dev.precopy_info()
         dev.recover()
+
+
+def lent_stream(dev: Device, limit: int) -> bytes:
+    """The saving stream as :meth:`Device.read_views` lends it, ``limit`` bytes at most a call."""
+    out = bytearray()
+    while True:
+        try:
+            views = dev.read_views(limit)
+        except NoDataNow:
+            break
+        assert views is not None
+        if not views:
+            break
+        assert 0 < sum(len(v) for v in views) <= limit
+        for v in views:
+            out += v
+    return bytes(out)
+
+
+def sink_load(dev: Device, data: bytes, limit: int) -> None:
+    """Load ``data`` the way the pipeline opens chunks into a device: into what it lends."""
+    pos = 0
+    while pos < len(data):
+        view = dev.sink(min(limit, len(data) - pos))
+        assert 0 < len(view) <= limit
+        view[:] = data[pos : pos + len(view)]
+        dev.sunk(len(view))
+        pos += len(view)
+
+
+def test_lent_memory_carries_the_same_stream(kind: str) -> None:
+    with devices(kind, "src", "twin", "dst") as (src, twin, dst):
+        expected = full_stream(twin.device)
+        src.device.set_state(S.STOP_COPY)
+        dst.device.set_state(S.RESUMING)
+        if not src.device.lends_memory:  # a data_fd can only be read and written
+            assert src.device.read_views(4096) is None
+            with pytest.raises(DeviceError, match="does not lend its memory"):
+                dst.device.sink(4096)
+            return
+        assert lent_stream(src.device, 300_001) == expected  # not record-aligned
+        sink_load(dst.device, expected, 5_003)
+        with pytest.raises(DeviceError, match="committed"):
+            dst.device.sunk(1)  # nothing is lent now
+        dst.device.set_state(S.RUNNING)
+        assert dst.digest() == twin.digest()
+        with pytest.raises(IllegalTransition):  # only a RESUMING device takes data
+            dst.device.sink(1)
 
 
 @contextlib.asynccontextmanager

@@ -185,3 +185,28 @@ def test_state_file_is_never_written(devices: list[SimDevice], tmp_path: object)
     assert dev.digest() == hashlib.sha256(data).hexdigest()
     dev.guest_write(0, b"guest write")
     assert path.read_bytes() == data
+
+
+def test_lent_views_are_device_memory_and_pages_changed_after_are_sent_again(
+        devices: list[SimDevice]) -> None:
+    dev = make(devices, size="1M")
+    assert dev.lends_memory
+    dev.set_state(S.PRE_COPY)
+    header, data_header, data = dev.read_views(64 << 10)
+    assert RECORD.unpack(header)[1] == 0 and RECORD.unpack(data_header)[1:] == (1, 0, 1 << 20)
+    assert len(data) == (64 << 10) - 2 * RECORD.size
+    dev.guest_write(4096 + 128, b"\xab" * 64)
+    # No copy was made: the guest's write shows through the view already lent ...
+    assert bytes(data[4096 + 128 : 4096 + 192]) == b"\xab" * 64
+    # ... and since the page is dirty it is sent again (a copy would have been stale).
+    rest = bytearray()
+    while True:
+        try:
+            views = dev.read_views(1 << 20)
+        except NoDataNow:
+            break
+        rest += b"".join(views)
+    page = RECORD.pack(b"SIMR", 1, 4096, PAGE)
+    assert page in rest
+    start = rest.index(page) + RECORD.size
+    assert rest[start + 128 : start + 192] == b"\xab" * 64

@@ -175,12 +175,15 @@ class ScriptedSource:
         self.flush()
 
     def send_data(self, index: int, offset: int, encoding: int, payload: bytes,
-                  plain_len: int) -> None:
+                  plain_len: int, forge: Callable[[bytearray], None] | None = None) -> None:
+        """Seal and send one DATA frame; ``forge`` may change the sealed frame first."""
         seq = self.conn.reserve_seq()
         buf = bytearray(HEADER_SIZE + len(payload) + 16)
         view = memoryview(buf)
         self.conn.seal_data_into(seq, index, offset, encoding, payload, plain_len,
                                  view[:HEADER_SIZE], view[HEADER_SIZE:])
+        if forge is not None:
+            forge(buf)
         self.conn.submit(seq, buf)
         self.flush()
 

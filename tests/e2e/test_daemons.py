@@ -549,6 +549,21 @@ def test_stream_the_device_rejects(pair: Pair) -> None:
     finish_refused(pair, s, "device-error")
 
 
+def test_forged_chunk_that_garbles_the_device_stream(pair: Pair) -> None:
+    """A chunk is opened straight into the device, so a flipped ciphertext bit in a
+    record header makes the device object before the tag is checked: the error
+    still names the forgery, and nothing is committed."""
+    s = scripted(pair)
+    start_session(pair, s)
+    s.send({"t": "announce", "bytes": 4096})
+
+    def flip_magic(frame: bytearray) -> None:
+        frame[HEADER_SIZE] ^= 0x01  # b"SIMR" decrypts as b"RIMR"
+
+    s.send_data(0, 0, Encoding.RAW, VALID_CHUNK, 4096, forge=flip_magic)
+    finish_refused(pair, s, "integrity-error")
+
+
 def test_version_mismatch(pair: Pair) -> None:
     s = scripted(pair, Offer(versions=(7,)))
     s.pump(lambda: bool(s.failure()))
