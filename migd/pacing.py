@@ -103,6 +103,15 @@ class AutoPolicy:
         self.compress = self._choose()
         return self.compress
 
+    def wants_probe(self) -> bool:
+        """Whether raw windows should still compress a sample chunk now and then:
+        only while what a sample measures (compressor speed, ratio) can change a
+        decision.  Uncapped and CPU-bound it cannot, and the samples cost ~15 % of
+        the throughput of TCP with AES (measured); a link that turns slow makes
+        windows link-bound, and sampling resumes."""
+        return (self.cap is not None or self.link_bound or self.codec_speed is None
+                or self.ratio is None)
+
     def predicted_compressed(self) -> float | None:
         if self.codec_speed is None or self.ratio is None:
             return None

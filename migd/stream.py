@@ -247,9 +247,9 @@ class StreamSender:
             return False
         if self.auto.compress:
             return True
-        # One probe chunk now and then keeps the compressor's speed and ratio measured.
-        # By index: the window counters only move when frames are sent.
-        return self.index % (self.WINDOW * self.PROBE_EVERY) == 0
+        # One probe chunk now and then keeps the compressor's speed and ratio measured,
+        # while they matter.  By index: the window counters only move when frames are sent.
+        return self.auto.wants_probe() and self.index % (self.WINDOW * self.PROBE_EVERY) == 0
 
     async def send(self, budget: int | None) -> int:
         """Stream device data: up to ``budget`` bytes (pre-copy) or to end of stream.

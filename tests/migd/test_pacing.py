@@ -35,6 +35,22 @@ def test_fast_link_never_compresses() -> None:
     assert p.compressed_windows == 0
 
 
+def test_samples_are_compressed_only_while_they_can_change_a_decision() -> None:
+    p = AutoPolicy(threads=2)
+    assert p.wants_probe()  # nothing measured yet
+    fast = 16 * MiB / 2.5e9
+    p.record(window(False, 16 * MiB, 16 * MiB, fast, 0.0))
+    assert not p.wants_probe()  # CPU-bound, the compressor measured: a sample is pure cost
+    slow = 16 * MiB / 100e6
+    p.record(window(False, 16 * MiB, 16 * MiB, slow, 0.9 * slow))
+    assert p.wants_probe()  # the link became the limit: keep the measurements fresh
+    p.record(window(False, 16 * MiB, 16 * MiB, fast, 0.0))
+    assert not p.wants_probe()
+    capped = AutoPolicy(threads=2, cap=250e6)
+    capped.record(window(False, 16 * MiB, 16 * MiB, fast, 0.0))
+    assert capped.wants_probe()  # a cap: compressing may pay whatever the windows say
+
+
 def test_capped_link_compresses_and_keeps_compressing() -> None:
     """250 MB/s cap: the sender waits most of each window; the data compresses 3.5x."""
     p = AutoPolicy(threads=2)
