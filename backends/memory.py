@@ -298,4 +298,9 @@ class DeviceMemory:
     def close(self) -> None:
         self._workload.stop()
         self.mv.release()
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            # A view lent to the data path is still referenced somewhere (a frame kept
+            # by a traceback, say): the mapping goes with the last view, not under it.
+            pass

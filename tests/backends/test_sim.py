@@ -210,3 +210,13 @@ def test_lent_views_are_device_memory_and_pages_changed_after_are_sent_again(
     assert page in rest
     start = rest.index(page) + RECORD.size
     assert rest[start + 128 : start + 192] == b"\xab" * 64
+
+
+def test_closing_a_device_while_a_lent_view_lives(devices: list[SimDevice]) -> None:
+    dev = make(devices, size="1M")
+    dev.set_state(S.STOP_COPY)
+    *_, data = dev.read_views(64 << 10)
+    expected = bytes(data)
+    dev.close()  # a daemon shutting down must not fail on a view still referenced
+    assert bytes(data) == expected  # and the view still reads mapped memory
+    devices.remove(dev)
