@@ -298,9 +298,7 @@ class DeviceMemory:
     def close(self) -> None:
         self._workload.stop()
         self.mv.release()
-        try:
+        # A view lent to the data path may still be referenced somewhere (a frame kept
+        # by a traceback, say): then the mapping goes with the last view, not under it.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            # A view lent to the data path is still referenced somewhere (a frame kept
-            # by a traceback, say): the mapping goes with the last view, not under it.
-            pass
