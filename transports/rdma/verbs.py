@@ -75,9 +75,6 @@ def shared_memory(length: int) -> tuple[mmap.mmap, int]:
         raise
 
 
-POPULATE = getattr(mmap, "MAPPOPULATE", 0)
-
-
 class ProtectionDomain:
     """This side's registered regions.  Keys are random, so a peer cannot guess
     its way into a region it was never told about."""

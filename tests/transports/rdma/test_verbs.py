@@ -7,7 +7,9 @@ import array
 import asyncio
 import fcntl
 import os
+import resource
 import socket
+from typing import Any
 
 import pytest
 
@@ -24,8 +26,25 @@ from transports.rdma.verbs import (
     Opcode,
     ProtectionDomain,
     WorkCompletion,
+    anonymous_memory,
     shared_memory,
 )
+
+
+@pytest.mark.parametrize("allocate", [shared_memory, anonymous_memory])
+def test_regions_are_faulted_in_when_made(allocate: Any) -> None:
+    """A store into a fresh region mid-stream costs no page fault: it was populated."""
+    mem, fd = allocate(4 << 20)
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for offset in range(0, len(mem), 4096):
+            mem[offset] = 1
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        assert faults < 16, f"{faults} page faults storing into 1024 populated pages"
+    finally:
+        mem.close()
+        if fd >= 0:
+            os.close(fd)
 
 
 def test_protection_domain_checks_key_access_and_bounds() -> None:
