@@ -81,22 +81,31 @@ def bitmap_len(n: int) -> int:
     return (-(-n // SPARSE_BLOCK) + 7) // 8
 
 
-def sparse_runs(bitmap: bytes | bytearray | memoryview, n: int) -> list[tuple[bool, int]]:
+def sparse_runs(bitmap: bytes | bytearray | memoryview, n: int, carried: int
+                ) -> list[tuple[bool, int]]:
     """A sparse chunk's ``n`` plain bytes as runs of (carried, length): carried runs
-    follow the bitmap in the payload, the others are zero."""
+    follow the bitmap in the payload, the others are zero.  ``carried``: the payload
+    bytes after the bitmap, which must be exactly the carried runs."""
     nbits = -(-n // SPARSE_BLOCK)
     bits = int.from_bytes(bitmap, "little")
     if bits >> nbits:
         raise DecompressionError("sparse chunk bitmap names blocks past the chunk")
     runs: list[tuple[bool, int]] = []
+    total = 0
     i = 0
     while i < nbits:
         bit = bits >> i & 1
         j = i
         while j < nbits and (bits >> j & 1) == bit:
             j += 1
-        runs.append((bool(bit), min(j * SPARSE_BLOCK, n) - i * SPARSE_BLOCK))
+        k = min(j * SPARSE_BLOCK, n) - i * SPARSE_BLOCK
+        runs.append((bool(bit), k))
+        total += k if bit else 0
         i = j
+    if total > carried:
+        raise DecompressionError("sparse chunk is shorter than its bitmap says")
+    if total < carried:
+        raise DecompressionError("sparse chunk is longer than its bitmap says")
     return runs
 
 
@@ -231,16 +240,12 @@ class Decoder:
         segs: list[memoryview] = []
         pos = blen
         zeros = memoryview(_ZEROS)
-        for data, k in sparse_runs(payload[:blen], n):
-            if data:
-                if pos + k > len(payload):
-                    raise DecompressionError("sparse chunk is shorter than its bitmap says")
+        for carried, k in sparse_runs(payload[:blen], n, len(payload) - blen):
+            if carried:
                 segs.append(payload[pos : pos + k])
                 pos += k
             else:
                 segs.append(zeros[:k])
-        if pos != len(payload):
-            raise DecompressionError("sparse chunk is longer than its bitmap says")
         return segs
 
     @classmethod

@@ -41,7 +41,7 @@ from .errors import (
 )
 from .pacing import AutoPolicy, TokenBucket, Window
 from .protocol.connection import Data
-from .protocol.frames import HEADER_SIZE
+from .protocol.frames import HEADER_SIZE, Header
 
 log = logging.getLogger("migd.stream")
 
@@ -447,6 +447,18 @@ class _Placed:
     ev: Data
 
 
+def _check_body(h: Header, body: int) -> None:
+    """A RAW or SPARSE chunk's payload length against its header, before anything is
+    opened: whichever way it is opened, the same refusal."""
+    if h.encoding == Encoding.RAW and body != h.plain_len:
+        raise IntegrityError(f"raw chunk {h.index} is {body} bytes, header says {h.plain_len}")
+    if h.encoding == Encoding.SPARSE:
+        if body >= h.plain_len:
+            raise IntegrityError(f"sparse chunk {h.index} is not smaller than its data")
+        if body < bitmap_len(h.plain_len):
+            raise DecompressionError("sparse chunk shorter than its bitmap")
+
+
 class StreamReceiver:
     """Destination side: checks each channel's indices and the allowance on arrival,
     decodes, then loads chunks into the device strictly in index order.
@@ -579,22 +591,15 @@ class StreamReceiver:
         pieces: asyncio.Future[list[memoryview] | None]
         if h.encoding == Encoding.ZSTD:
             pieces = self._loop.run_in_executor(self.workers.codec, self._open, ev, slot)
-        elif self._direct[channel] and h.encoding in _DIRECT:
-            if h.index == self.next_index and not self._writing:
-                try:  # in order, nothing ahead of it: open it into the device now
-                    self._place_direct(ev, slot)
-                finally:
-                    self._release(slot)
-                return
-            # It waits for its turn sealed: it is opened when it can go straight in.
-            pieces = self._loop.create_future()
-            pieces.set_result(None)
         else:
-            try:
-                decoded = self._open(ev, slot)
-            except BaseException:
-                self._release(slot)
-                raise
+            # None: opened straight into the device when its turn comes (it waits sealed).
+            decoded = None
+            if not (self._direct[channel] and h.encoding in _DIRECT):
+                try:
+                    decoded = self._open(ev, slot)
+                except BaseException:
+                    self._release(slot)
+                    raise
             if (h.index == self.next_index and not self._writing and not self.device.blocking_io):
                 try:  # the common case: in order, nothing ahead of it, load it now
                     self._place(ev, slot, decoded)
@@ -618,15 +623,11 @@ class StreamReceiver:
         # lies and load from there (no second buffer; nothing to copy with ``none``).
         in_place = self._placements[slot.channel] is not None and h.encoding != Encoding.ZSTD
         out = (memoryview(slot.payload) if in_place else memoryview(slot.plain))[: h.plain_len]
+        _check_body(h, body)
         if h.encoding == Encoding.RAW:
-            if body != h.plain_len:
-                raise IntegrityError(f"raw chunk {h.index} is {body} bytes, "
-                                     f"header says {h.plain_len}")
             ep.conn.open_data_into(ev, out)
             return [out]
         if h.encoding == Encoding.SPARSE:
-            if body >= h.plain_len:
-                raise IntegrityError(f"sparse chunk {h.index} is not smaller than its data")
             ep.conn.open_data_into(ev, out[:body])
             return self.decoder.sparse_segments(out[:body], h.plain_len)
         if h.encoding == Encoding.ZERO:
@@ -635,11 +636,9 @@ class StreamReceiver:
             ep.conn.open_data_into(ev, out[:0])
             return [zero_view(h.plain_len)]
         if h.encoding == Encoding.ZSTD:
-            scratch = self._scratch.buf
-            if len(scratch) < self._max_chunk:
-                scratch = self._scratch.buf = bytearray(self._max_chunk)
-            n = ep.conn.open_data_into(ev, memoryview(scratch)[:body])
-            self.decoder.decode_into(h.encoding, memoryview(scratch)[:n], out)
+            scratch = self._scratch_buf()
+            n = ep.conn.open_data_into(ev, scratch[:body])
+            self.decoder.decode_into(h.encoding, scratch[:n], out)
             return [out]
         raise IntegrityError(f"chunk {h.index} has unknown encoding {h.encoding}")
 
@@ -659,29 +658,20 @@ class StreamReceiver:
         payload = memoryview(slot.payload)[: h.payload_len]
         body = payload[:-TAG_SIZE]
         try:
+            _check_body(h, len(body))
             if h.encoding == Encoding.RAW:
-                if len(body) != h.plain_len:
-                    raise IntegrityError(f"raw chunk {h.index} is {len(body)} bytes, "
-                                         f"header says {h.plain_len}")
                 self._sink(body, opener)
             else:
                 blen = bitmap_len(h.plain_len)
-                if not blen <= len(body) < h.plain_len:
-                    raise IntegrityError(f"sparse chunk {h.index} is {len(body)} bytes for "
-                                         f"{h.plain_len}")
                 bitmap = bytearray(blen)
                 opener.update_into(body[:blen], memoryview(bitmap))
                 pos = blen
-                for carried, k in sparse_runs(bitmap, h.plain_len):
-                    if not carried:
+                for carried, k in sparse_runs(bitmap, h.plain_len, len(body) - blen):
+                    if carried:
+                        self._sink(body[pos : pos + k], opener)
+                        pos += k
+                    else:
                         self._sink(zero_view(k), None)
-                        continue
-                    if pos + k > len(body):
-                        raise DecompressionError("sparse chunk is shorter than its bitmap says")
-                    self._sink(body[pos : pos + k], opener)
-                    pos += k
-                if pos != len(body):
-                    raise DecompressionError("sparse chunk is longer than its bitmap says")
         except MigdError:
             # A forged chunk reads as garbage to the device or the decoder: say what it is.
             self._authenticate(ev, slot)
@@ -705,17 +695,16 @@ class StreamReceiver:
         """Check a chunk's tag the slow way (error paths only): IntegrityError if forged."""
         ep = self.endpoints[slot.channel]
         assert ep is not None
+        ep.conn.open_data_into(ev, self._scratch_buf()[: ev.header.payload_len - TAG_SIZE])
+
+    def _scratch_buf(self) -> memoryview:
+        """This thread's chunk-sized scratch (for what cannot be opened in place)."""
         scratch = self._scratch.buf
         if len(scratch) < self._max_chunk:
             scratch = self._scratch.buf = bytearray(self._max_chunk)
-        ep.conn.open_data_into(ev, memoryview(scratch)[: ev.header.payload_len - TAG_SIZE])
+        return memoryview(scratch)
 
     # --- loading, in index order -------------------------------------------------------
-
-    def _place_direct(self, ev: Data, slot: _RxSlot) -> None:
-        self._check_place(ev, slot)
-        self._open_into_device(ev, slot)
-        self._loaded(ev.header.plain_len)
 
     def _load(self, pieces: list[memoryview]) -> None:
         for data in pieces:
@@ -725,10 +714,14 @@ class StreamReceiver:
                     raise DeviceError("device accepted no data")
                 data = data[n:]
 
-    def _place(self, ev: Data, slot: _RxSlot, pieces: list[memoryview]) -> None:
-        """Load the chunk due next (non-blocking devices) and account for it."""
+    def _place(self, ev: Data, slot: _RxSlot, pieces: list[memoryview] | None) -> None:
+        """Load the chunk due next (non-blocking devices) and account for it; None:
+        it is still sealed, and is opened straight into the device."""
         self._check_place(ev, slot)
-        self._load(pieces)
+        if pieces is None:
+            self._open_into_device(ev, slot)
+        else:
+            self._load(pieces)
         self._loaded(ev.header.plain_len)
 
     def _check_place(self, ev: Data, slot: _RxSlot) -> None:
@@ -761,9 +754,7 @@ class StreamReceiver:
             self._writing = True
             try:
                 pieces = await placed.pieces
-                if pieces is None:
-                    self._place_direct(placed.ev, placed.slot)
-                elif self.device.blocking_io:
+                if pieces is not None and self.device.blocking_io:
                     self._check_place(placed.ev, placed.slot)
                     await self._loop.run_in_executor(self.workers.io, self._load, pieces)
                     self._loaded(placed.ev.header.plain_len)
