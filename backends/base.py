@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -52,6 +54,11 @@ class Device(abc.ABC):
         self.arc_log: list[tuple[DeviceState, DeviceState]] = []
         #: Test hook: called before each arc; raising simulates a driver failure midway.
         self.fail_hook: Callable[[DeviceState, DeviceState], None] | None = None
+        #: Where an emulated device keeps its FSM state so that a restarted daemon
+        #: finds it as it was (hardware outlives the process that drives it).
+        self._state_file: str | None = None
+        #: Whether this device was found again in the state a previous daemon left.
+        self.restored = False
 
     # --- state machine -------------------------------------------------------
 
@@ -83,6 +90,7 @@ class Device(abc.ABC):
                     self._state = self._state_after_failure(cur, nxt)
                     raise
                 self._state = nxt
+                self._save_state()
                 self.arc_log.append((cur, nxt))
                 opened = opened or (cur, nxt) in DATA_FD_ARCS
             return opened
@@ -92,6 +100,44 @@ class Device(abc.ABC):
         with self._lock:
             self._reset()
             self._state = DeviceState.RUNNING
+            self._save_state()
+
+    # --- surviving the daemon (emulated devices with a ``dir``) -------------------------
+
+    def _keep_state_in(self, directory: str) -> None:
+        """Keep the FSM state in ``directory`` and take up what is there already."""
+        self._state_file = os.path.join(directory, f"{self.name}.state")
+        try:
+            with open(self._state_file, encoding="utf-8") as f:
+                saved = json.load(f)
+            state = DeviceState[saved["state"]]
+            extra = saved.get("extra", {})
+            if not isinstance(extra, dict):
+                raise TypeError("extra")
+        except FileNotFoundError:
+            self._save_state()
+            return
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ConfigError(f"device {self.name}: {self._state_file} is damaged; move it away "
+                              "to start the VF afresh (RUNNING)") from None
+        self._state = state
+        self._restore(state, extra)
+        self.restored = True
+
+    def _save_state(self) -> None:
+        if self._state_file is None:
+            return
+        tmp = self._state_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"state": self._state.name, "extra": self._saved_extra()}, f)
+        os.replace(tmp, self._state_file)
+
+    def _saved_extra(self) -> dict[str, Any]:
+        """What else a restarted daemon needs to know of the device (e.g. 'loading')."""
+        return {}
+
+    def _restore(self, state: DeviceState, extra: dict[str, Any]) -> None:  # noqa: B027
+        """Put the device model back into ``state`` after a daemon restart."""
 
     def recover(self) -> None:
         """Put a device that failed a migration back to RUNNING, whatever it went through."""

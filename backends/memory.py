@@ -10,6 +10,7 @@ pre-copy has real dirty data to chase.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import mmap
 import os
@@ -145,13 +146,22 @@ class _Workload:
 
 
 class DeviceMemory:
+    """``dir``: the memory is ``DIR/NAME.mem`` and outlives the daemon, as a VF's
+    memory outlives the process that drives it: a restarted daemon maps the same
+    file and finds the state as it was (a stopped source VF still holds its state).
+    The file is locked while mapped, so two daemons cannot drive one VF."""
+
     def __init__(self, name: str, options: Mapping[str, str], default_size: str = "64M") -> None:
         self.name = name
         self._seed = int(options.get("seed", "42"))
+        self._lock_fd = -1
+        #: Whether the memory was there already (a daemon restart): nothing is filled.
+        self.found = False
         state_file = options.get("state-file")
         if options.get("state-copy", "no") not in ("yes", "no"):
             raise ConfigError(f"device {name}: state-copy must be yes or no")
-        copy_from = state_file if options.get("state-copy") == "yes" else None
+        keep = options.get("dir")
+        copy_from = state_file if options.get("state-copy") == "yes" or keep else None
         if copy_from:
             # Device memory of its own, filled from the image: it can also receive
             # migrations without its writes becoming the daemon's private pages.
@@ -176,14 +186,14 @@ class DeviceMemory:
             size = parse_size(options.get("size", default_size), f"device {name}: size")
             if size == 0 or size % PAGE:
                 raise ConfigError(f"device {name}: size must be a positive multiple of {PAGE}")
-            where = options.get("dir") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-            fd, tmp = tempfile.mkstemp(prefix=f"migd-{name}-", dir=where)
-            os.unlink(tmp)
+            fd = self._open_kept(name, keep, size) if keep else self._open_anonymous(name)
             try:
-                os.ftruncate(fd, size)
+                if not self.found:
+                    os.ftruncate(fd, size)
                 self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
             finally:
-                os.close(fd)
+                if not keep:
+                    os.close(fd)
         if options.get("prefault", "yes") not in ("yes", "no"):
             raise ConfigError(f"device {name}: prefault must be yes or no")
         if options.get("prefault", "yes") == "yes":
@@ -197,7 +207,9 @@ class DeviceMemory:
         content = options.get("content", "mixed")
         if content not in ("zero", "mixed"):
             raise ConfigError(f"device {name}: content must be mixed or zero")
-        if copy_from:
+        if self.found:
+            pass  # the state a previous daemon left: keep it
+        elif copy_from:
             with open(copy_from, "rb") as f:
                 f.readinto(self.mv)
         elif not state_file and content == "mixed":
@@ -211,6 +223,35 @@ class DeviceMemory:
         self._workload = _Workload(self, parse_size(options.get("dirty-rate", "0"), "dirty-rate"),
                                    self._seed)
         self._workload.start()
+
+    @staticmethod
+    def _open_anonymous(name: str) -> int:
+        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, tmp = tempfile.mkstemp(prefix=f"migd-{name}-", dir=where)
+        os.unlink(tmp)
+        return fd
+
+    def _open_kept(self, name: str, directory: str, size: int) -> int:
+        path = os.path.join(directory, f"{name}.mem")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"device {name}: {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"device {name}: {path} is in use by another process "
+                              "(another migd drives this VF)") from None
+        have = os.fstat(fd).st_size
+        if have not in (0, size):
+            os.close(fd)
+            raise ConfigError(f"device {name}: {path} holds {have} bytes of device memory, "
+                              f"the device is configured with {size}")
+        self.found = have == size
+        self._lock_fd = fd
+        return fd
 
     # --- the guest ---------------------------------------------------------------
 
@@ -302,3 +343,6 @@ class DeviceMemory:
         # by a traceback, say): then the mapping goes with the last view, not under it.
         with contextlib.suppress(BufferError):
             self._map.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -270,6 +270,11 @@ class Mlx5Firmware:
             vf.mem.wipe()
         vf.mem.set_running(True)
 
+    def restore_vf(self, vhca_id: int, initiator: bool, responder: bool) -> None:
+        vf = self._vfs[vhca_id]
+        vf.initiator_suspended, vf.responder_suspended = initiator, responder
+        vf.mem.set_running(not initiator)
+
     def debug_digest(self, vhca_id: int) -> str:
         """Emulation-only: SHA-256 of a VF's state, for end-to-end verification."""
         return self._vfs[vhca_id].mem.digest()
@@ -325,6 +330,21 @@ class Mlx5Device(Device):
         self._rx_hdr: tuple[int, int, int] | None = None
         self._loading = False
         self.loads_committed = 0
+        if options.get("dir"):
+            self._keep_state_in(options["dir"])
+
+    def _saved_extra(self) -> dict[str, Any]:
+        return {"loading": self._loading, "loads_committed": self.loads_committed}
+
+    def _restore(self, state: DeviceState, extra: dict[str, Any]) -> None:
+        # The firmware's suspend state follows the VF's (a real PF keeps it across a
+        # daemon restart); images being saved or loaded do not survive the daemon.
+        S = DeviceState
+        self._loading = bool(extra.get("loading"))
+        self.loads_committed = int(extra.get("loads_committed", 0))
+        self.fw.restore_vf(self.vhca_id,
+                           initiator=state not in (S.RUNNING, S.PRE_COPY),
+                           responder=state in (S.STOP, S.STOP_COPY, S.RESUMING))
 
     def guest(self) -> GuestVf:
         return GuestVf(self.fw, self.vhca_id)

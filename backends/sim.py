@@ -71,6 +71,17 @@ class SimDevice(Device):
         self._loading = False
         #: Validated incoming loads (RESUMING->STOP accepted a complete stream).
         self.loads_committed = 0
+        if options.get("dir"):
+            self._keep_state_in(options["dir"])
+
+    def _saved_extra(self) -> dict[str, Any]:
+        return {"loading": self._loading, "loads_committed": self.loads_committed}
+
+    def _restore(self, state: DeviceState, extra: dict[str, Any]) -> None:
+        # A saving or resuming stream does not survive the daemon; the memory does.
+        self._loading = bool(extra.get("loading"))
+        self.loads_committed = int(extra.get("loads_committed", 0))
+        self.mem.set_running(state in RUNNING_STATES)
 
     # --- guest side ----------------------------------------------------------
 

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(replaces the file's devices)")
     s.add_argument("--transport", help="transport of addresses that name none (default tcp)")
     s.add_argument("--idle-timeout", type=float)
+    s.add_argument("--resume-timeout", type=float, metavar="SECONDS",
+                   help="how long an incoming migration whose link broke waits for its source "
+                        "to resume it (default 60)")
+    s.add_argument("--resolve-timeout", type=float, metavar="SECONDS",
+                   help="how long to ask a peer how a switchover ended before reporting it "
+                        "unresolved (default 60)")
+    s.add_argument("--state-dir", help="the journal of votes and decisions (default "
+                                       "$STATE_DIRECTORY or /var/lib/migd)")
     s.add_argument("--address-file", help="write the bound listen address here once ready")
     s.add_argument("--log-level")
 
@@ -69,10 +77,46 @@ def build_parser() -> argparse.ArgumentParser:
                                          "the VF the destination prepared for this one)")
     m.add_argument("--vm", default="", help="the VM this VF belongs to (destination placement)")
     m.add_argument("--stay-stopped", action="store_true",
-                   help="load the destination VF but leave it stopped")
+                   help="load the destination VF but leave it stopped, for 'migd "
+                        "device-resume' on the destination once the guest resumes there")
+    m.add_argument("--pause-before-switchover", action="store_true",
+                   help="pre-copy, then wait in status pre-switchover (VF still running) "
+                        "until 'migd migrate-continue ID' (QEMU's capability of that name)")
+    m.add_argument("--max-resumes", type=int, metavar="N",
+                   help="resume a broken stream up to N times (default 5; 0: fail at once)")
+    m.add_argument("--resume-timeout", type=float, metavar="SECONDS",
+                   help="time to repair each broken stream (default: the daemon's, 60)")
+    m.add_argument("--detach", action="store_true",
+                   help="print the migration id and return; follow with 'migd status ID'")
     m.add_argument("--control", default=DEFAULT_CONTROL)
     m.add_argument("--json", action="store_true", help="print the final result as JSON")
     _add_migrate_knobs(m)
+
+    mc = sub.add_parser("migrate-continue",
+                        help="let a migration paused in pre-switchover stop its VF and finish")
+    mc.add_argument("id")
+    mc.add_argument("--control", default=DEFAULT_CONTROL)
+
+    r = sub.add_parser("resolve", help="settle a migration whose outcome this host could not "
+                                       "learn (status unresolved)")
+    r.add_argument("id")
+    how = r.add_mutually_exclusive_group(required=True)
+    how.add_argument("--confirm", action="store_true",
+                     help="the destination VF runs the guest: on the destination this starts "
+                          "it, on the source its VF stays stopped for good")
+    how.add_argument("--resume-source", action="store_true",
+                     help="the source VF runs the guest: on the source this resumes it (safe "
+                          "only once the destination VF is reset), on the destination this "
+                          "resets the loaded VF")
+    r.add_argument("--control", default=DEFAULT_CONTROL)
+
+    for name, text in (("device-resume", "start a VF an incoming migration left loaded and "
+                                         "stopped (--stay-stopped)"),
+                       ("device-reset", "reset a VF that is not migrating (discards a loaded, "
+                                        "stopped state)")):
+        dv = sub.add_parser(name, help=text)
+        dv.add_argument("device")
+        dv.add_argument("--control", default=DEFAULT_CONTROL)
 
     k = sub.add_parser("keygen", help="write a new Ed25519 identity key (and KEY.pub)")
     k.add_argument("-o", "--output", required=True)
@@ -134,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
             return _cancel(args)
         if args.cmd == "list":
             return _list(args)
+        if args.cmd == "migrate-continue":
+            return _simple(args, "migrate-continue", {"id": args.id},
+                           lambda r: f"migration {r['id']} continues to switchover")
+        if args.cmd == "resolve":
+            decision = "commit" if args.confirm else "abort"
+            return _simple(args, "resolve", {"id": args.id, "decision": decision},
+                           lambda r: f"migration {r['id']} settled: {r['decision']}")
+        if args.cmd in ("device-resume", "device-reset"):
+            return _simple(args, args.cmd, {"device": args.device},
+                           lambda r: f"device {r['device']}: {r['state']}")
         if args.cmd == "bench":
             from .bench import run_bench
 
@@ -163,7 +217,8 @@ def _serve(args: argparse.Namespace) -> int:
         """The file, then the flags over it: at start and again on every reload."""
         cfg = load_config(path) if path else Config(control=DEFAULT_CONTROL)
         for key in ("control", "identity", "authorized_keys", "transport",
-                    "idle_timeout", "log_level"):
+                    "idle_timeout", "log_level", "state_dir", "resume_timeout",
+                    "resolve_timeout"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
         if args.listen:
@@ -203,6 +258,12 @@ def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, 
     }
     if args.cipher:
         out["cipher"] = args.cipher
+    if getattr(args, "pause_before_switchover", False):
+        out["pause-before-switchover"] = True
+    if getattr(args, "max_resumes", None) is not None:
+        out["max-resumes"] = args.max_resumes
+    if getattr(args, "resume_timeout", None) is not None:
+        out["resume-timeout"] = args.resume_timeout
     return out
 
 
@@ -227,6 +288,12 @@ def summary(d: dict[str, Any]) -> str:
         f"  total {d.get('total-time', 0)} ms, setup {d.get('setup-time', 0)} ms, "
         f"downtime {d.get('downtime', '-')} ms, pre-copy iterations {d.get('dirty-sync-count', 0)}",
     ]
+    if d.get("resumes"):
+        lines.append(f"  resumed {d['resumes']} time(s), {human_bytes(d.get('resent-bytes', 0))} "
+                     "sent again")
+    if "unresolved-reason" in d:
+        lines.append(f"  UNRESOLVED: {d['unresolved-reason']} (the VF stays stopped; settle it "
+                     f"with 'migd resolve {d.get('id')} --confirm | --resume-source')")
     if "error-desc" in d:
         lines.append(f"  error: {d['error-desc']}")
     return "\n".join(lines)
@@ -255,12 +322,27 @@ def _migrate(args: argparse.Namespace) -> int:
             print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
                   flush=True)
 
+    if args.detach:
+        with ControlClient(args.control) as c:
+            started = c.call("migrate", **req)
+        print(json.dumps(started) if args.json else started["id"])
+        return 0
+    paused = False
+
+    def show_and_hint(d: dict[str, Any]) -> None:
+        nonlocal paused
+        show(d)
+        if d.get("status") == "pre-switchover" and not paused and not args.json:
+            paused = True
+            print(f"{chr(10) if tty else ''}paused before switchover: 'migd migrate-continue "
+                  f"{d.get('id')}' stops the VF and finishes", file=sys.stderr, flush=True)
+
     with ControlClient(args.control, timeout=3600) as c:
-        final = c.migrate_follow(req, show)
+        final = c.migrate_follow(req, show_and_hint)
     if tty and not args.json:
         print(file=sys.stderr)
     print(json.dumps(final) if args.json else summary(final))
-    return 0 if final.get("status") == "completed" else 1
+    return {"completed": 0, "unresolved": 3}.get(str(final.get("status")), 1)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -320,6 +402,16 @@ def _list(args: argparse.Namespace) -> int:
          "yes" if d["busy"] else "no"] for d in devices]))
     print()
     print(migrations_table(jobs) if jobs else "no migrations")
+    return 0
+
+
+def _simple(args: argparse.Namespace, cmd: str, call: dict[str, Any],
+            text: Any) -> int:
+    from .control import ControlClient
+
+    with ControlClient(args.control) as c:
+        res = c.call(cmd, **call)
+    print(text(res))
     return 0
 
 

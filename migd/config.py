@@ -9,6 +9,7 @@ flags override the file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class Defaults:
     max_bandwidth: int = 0
     downtime_limit: int = 300
     chunk_size: int = DEFAULT_CHUNK
+    #: A broken stream is resumed up to this many times (0: a broken link fails it).
+    max_resumes: int = 5
 
 
 @dataclasses.dataclass
@@ -65,6 +68,12 @@ class Config:
     ciphers: tuple[str, ...] = ()
     idle_timeout: float = 30.0
     stop_timeout: float = 60.0
+    #: The journal of votes and decisions (the unit's StateDirectory).
+    state_dir: str = os.environ.get("STATE_DIRECTORY", "/var/lib/migd").split(":")[0]
+    #: How long a broken stream may take to resume (both sides), and how long either
+    #: side asks for the outcome of a switchover before reporting it unresolved.
+    resume_timeout: float = 60.0
+    resolve_timeout: float = 60.0
     log_level: str = "info"
     metrics: str = ""
     defaults: Defaults = dataclasses.field(default_factory=Defaults)
@@ -78,7 +87,7 @@ def _str(v: Any) -> str:
 
 
 def _positive_float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1e9:
         raise TypeError("a positive number of seconds")
     return float(v)
 
@@ -139,12 +148,13 @@ TOP: dict[str, Callable[[Any], Any]] = {
     "listen": _listen, "control": _str, "control_group": _str, "identity": _str,
     "authorized_keys": _str, "transport": _transport, "ciphers": _ciphers,
     "idle_timeout": _positive_float, "stop_timeout": _positive_float, "log_level": _log_level,
-    "metrics": _str,
+    "metrics": _str, "state_dir": _str, "resume_timeout": _positive_float,
+    "resolve_timeout": _positive_float,
 }
 DEFAULTS: dict[str, Callable[[Any], Any]] = {
     "channels": _int_range(1, 16), "compress": _compress, "cipher": _cipher,
     "max_bandwidth": _size, "downtime_limit": _int_range(0, 3_600_000),
-    "chunk_size": lambda v: _checked_chunk(_size(v)),
+    "chunk_size": lambda v: _checked_chunk(_size(v)), "max_resumes": _int_range(0, 100),
 }
 
 

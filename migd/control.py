@@ -10,6 +10,9 @@ from typing import Any
 
 from .errors import ConfigError, MigdError
 
+#: Where following a migration stops: it ended, or it waits for an operator.
+SETTLED = ("completed", "failed", "cancelled", "unresolved")
+
 
 class ControlError(MigdError):
     """The daemon refused a control request."""
@@ -99,8 +102,7 @@ class ControlClient:
             msg = self._read()
             data = msg.get("data", {})
             yield data
-            if data.get("status") in ("completed", "failed", "cancelled") and all(
-                    d.get("status") in ("completed", "failed", "cancelled")
-                    for d in data.get("devices", [])):
+            if data.get("status") in SETTLED and all(
+                    d.get("status") in SETTLED for d in data.get("devices", [])):
                 return
 

@@ -33,22 +33,25 @@ from backends.states import DeviceState
 from .codec import parse_compress
 from .config import PCI_ADDRESS, Config, DeviceConfig
 from .crypto import CIPHERS, ENCRYPTING
-from .errors import ConfigError, MigdError
+from .destination import resume_loaded, serve_connection
+from .errors import ConfigError, MigdError, WrongState
+from .faults import Faults
 from .identity import AuthorizedKeys, Identity
+from .journal import Journal
 from .metrics import Metrics
 from .notify import Notifier
+from .protocol.migration import Phase, Role
+from .recovery import recover
 from .session import (
     Host,
-    Incoming,
     Job,
     MigrateOptions,
     Switchover,
     VmJob,
     check_options,
     check_vm,
-    run_source,
-    serve_connection,
 )
+from .source import run_source
 from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
 from .units import parse_size
 
@@ -70,6 +73,31 @@ def parse_device(text: str) -> DeviceConfig:
                 raise ConfigError(f"device {parts[0]}: option {item!r} is not key=value")
             opts[key.strip()] = value.strip()
     return DeviceConfig(parts[0], parts[1], opts)
+
+
+def _status_of(job: Job | VmJob) -> str:
+    return job.status() if isinstance(job, VmJob) else job.status.value
+
+
+def _flag(args: dict[str, Any], key: str, default: bool) -> bool:
+    value = args.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{key}' must be true or false")
+    return value
+
+
+def _whole(args: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"'{key}' must be a whole number from {lo} to {hi}")
+    return value
+
+
+def _seconds(args: dict[str, Any], key: str, default: float) -> float:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+        raise ConfigError(f"'{key}' must be a positive number of seconds")
+    return float(value)
 
 
 class MemorySampler:
@@ -109,6 +137,7 @@ class Daemon:
         self._reread = reread
         identity = Identity.load(cfg.identity)
         authorized = AuthorizedKeys.load(cfg.authorized_keys)
+        faults = Faults.from_environment()
         devices: dict[str, Device] = {}
         try:
             for spec in cfg.devices:
@@ -120,13 +149,21 @@ class Daemon:
             for d in devices.values():
                 d.close()
             raise
+        try:
+            state = Journal(cfg.state_dir)
+        except BaseException:
+            for d in devices.values():
+                d.close()
+            raise
         self.host = Host(identity=identity, authorized=authorized, workers=Workers(),
                          devices=devices, transport=cfg.transport,
                          ciphers=cfg.ciphers or ENCRYPTING, idle_timeout=cfg.idle_timeout,
-                         addresses={d.name: d.address for d in cfg.devices if d.address})
-        self.jobs: dict[str, Job] = {}
-        self.incoming: dict[bytes, Incoming] = {}
+                         addresses={d.name: d.address for d in cfg.devices if d.address},
+                         journal=state, resume_timeout=cfg.resume_timeout,
+                         resolve_timeout=cfg.resolve_timeout, faults=faults)
+        self.jobs: dict[str, Job] = self.host.jobs
         self.vm_jobs: dict[str, VmJob] = {}
+        self._recovered: list[asyncio.Task[None]] = []
         self._vm_watchers: set[asyncio.Task[None]] = set()
         # One migration each way can start without allocating: fresh pages are
         # expensive here, so the daemon pays for them once, at start.
@@ -134,7 +171,9 @@ class Daemon:
         bank.prewarm(tx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
         bank.prewarm(rx_sizes(self.host.max_chunk, DEFAULT_INFLIGHT))
         self.memory = MemorySampler()
-        self.metrics = Metrics(lambda: sum(not j.state.finished for j in self.jobs.values()))
+        self.metrics = Metrics(lambda: sum(not j.finished for j in self.jobs.values()),
+                               lambda: sum(j.status.value == "unresolved"
+                                           for j in self.jobs.values()))
         self.host.on_finish = self.metrics.finished
         self.notify = Notifier()
         self._stopping = asyncio.Event()
@@ -145,6 +184,10 @@ class Daemon:
         self._control: asyncio.AbstractServer | None = None
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "migrate": self._cmd_migrate,
+            "migrate-continue": self._cmd_continue,
+            "resolve": self._cmd_resolve,
+            "device-resume": self._cmd_device_resume,
+            "device-reset": self._cmd_device_reset,
             "query-migrate": self._cmd_query,
             "list": self._cmd_list,
             "query-devices": self._cmd_devices,
@@ -160,8 +203,12 @@ class Daemon:
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        # The journal first, before any work is accepted: VFs that a previous daemon
+        # left stopped or half loaded are settled (or held for resolution) now.
+        runs = recover(self.host)
         for address in self.cfg.listen:
             await self._listen(address)
+        self.host.listen = self.addresses
         path = self.cfg.control
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -176,6 +223,8 @@ class Daemon:
             log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics))
         log.info("migd listening on %s, control %s, devices: %s", ", ".join(self.addresses),
                  path, ", ".join(self.host.devices) or "none")
+        for run in runs:
+            self._recovered.append(asyncio.create_task(run))
 
     async def _listen(self, address: str) -> None:
         name, where = transports.REGISTRY.split(address, self.cfg.transport)
@@ -192,7 +241,7 @@ class Daemon:
             if not self._accepting:
                 channel.close()
                 return
-            await serve_connection(self.host, channel, self.jobs, self.incoming, ciphers)
+            await serve_connection(self.host, channel, ciphers)
 
         try:
             listener = await transport.listen(where, incoming)
@@ -230,7 +279,7 @@ class Daemon:
         await self.shutdown()
 
     def _status(self) -> str:
-        active = [j for j in self.jobs.values() if not j.state.finished]
+        active = [j for j in self.jobs.values() if not j.finished]
         if not active:
             return f"idle; {len(self.host.devices)} device(s), listening on {self.address}"
         return "; ".join(f"{j.role} {j.device} {j.status.value} "
@@ -271,16 +320,30 @@ class Daemon:
         if self._watchdog is not None:
             self._watchdog.cancel()
         self._close_listeners()
-        running = [j for j in self.jobs.values() if not j.state.finished]
+        running = [j for j in self.jobs.values() if not j.finished and not j.done.is_set()]
         if running:
             log.info("waiting for %d running migration(s)", len(running))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(j.done.wait() for j in running)),
                                        self.cfg.stop_timeout)
+            # What may still roll back does; what is decided or voted is in the journal,
+            # and the next start settles it.
+            undecided = [j for j in running if j.machine.may_cancel() and not j.decided]
+            for j in undecided:
+                with contextlib.suppress(MigdError):
+                    j.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(j.done.wait() for j in undecided)), 30)
             for j in running:
                 if j.task is not None and not j.task.done():
-                    j.task.cancel()
-            await asyncio.gather(*(j.done.wait() for j in running))
+                    log.warning("migration %s left %s/%s for the next start to settle", j.id,
+                                j.status.value, j.phase)
+                    j.abandon()
+        for j in self.jobs.values():
+            if j.task is not None and not j.task.done():
+                j.abandon()
+        for t in self._recovered:
+            t.cancel()
         if self._control is not None:
             self._control.close()
             with contextlib.suppress(FileNotFoundError):
@@ -291,6 +354,8 @@ class Daemon:
         self.host.workers.shutdown()
         for d in self.host.devices.values():
             d.close()
+        if self.host.journal is not None:
+            self.host.journal.close()
 
     # --- control socket -------------------------------------------------------------
 
@@ -395,7 +460,8 @@ class Daemon:
 
     async def _follow(self, job: Job | VmJob, writer: asyncio.StreamWriter,
                       interval: float) -> None:
-        while not job.done.is_set():
+        # Until it ends, or waits for an operator (unresolved: 'migd resolve').
+        while not job.done.is_set() and _status_of(job) != "unresolved":
             writer.write(json.dumps({"event": "MIGRATION", "data": job.query()}).encode() + b"\n")
             await writer.drain()
             with contextlib.suppress(TimeoutError):
@@ -445,6 +511,7 @@ class Daemon:
         vm = VmJob(str(args.get("vm", "")), str(args.get("peer")), jobs)
         if switchover is not None:
             switchover.jobs = jobs
+            vm.id = switchover.id  # the VM's decision record has this id
         self.vm_jobs[vm.id] = vm
         self._vm_watchers.add(asyncio.create_task(vm.watch()))
         return vm
@@ -455,7 +522,8 @@ class Daemon:
             raise ConfigError("daemon is shutting down")
         known = {"device", "peer", "dest-device", "compress", "cipher", "chunk-size", "precopy",
                  "downtime-limit", "max-iterations", "resume", "timeout", "follow", "interval",
-                 "channels", "max-bandwidth", "vm"}
+                 "channels", "max-bandwidth", "vm", "pause-before-switchover", "max-resumes",
+                 "resume-timeout"}
         unknown = set(args) - known
         if unknown:
             raise ConfigError(f"migrate: unknown argument(s) {', '.join(sorted(unknown))}")
@@ -486,12 +554,15 @@ class Daemon:
                 max_bandwidth=parse_size(args.get("max-bandwidth", d.max_bandwidth),
                                          "max-bandwidth"),
                 vm=str(args.get("vm", "")),
+                pause_before_switchover=_flag(args, "pause-before-switchover", False),
+                max_resumes=_whole(args, "max-resumes", d.max_resumes, 0, 100),
+                resume_timeout=_seconds(args, "resume-timeout", self.cfg.resume_timeout),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"migrate: bad argument: {exc}") from None
         check_options(opts, self.host)
         job = Job("source", device, peer=peer)
-        self.jobs[job.id] = job
+        self.host.register(job)
         job.task = asyncio.create_task(run_source(self.host, job, opts, switchover))
         return job
 
@@ -594,16 +665,84 @@ class Daemon:
         return {"released": [address for _, address in dropped], "reset": reset}
 
     async def _cmd_cancel(self, args: dict[str, Any]) -> Any:
-        """Like QEMU's migrate_cancel: succeeds even with nothing running."""
+        """Like QEMU's migrate_cancel: succeeds even with nothing running; refused for a
+        migration past its decision (its VF must not be rolled back any more)."""
         jid = args.get("id")
+        if jid is not None:
+            target = self._job(jid)
+            return {"cancelled": [target.id] if target.cancel() else []}
         cancelled = []
         for job in self.jobs.values():
-            if (jid is None or job.id == jid) and job.task is not None and not job.task.done():
-                job.task.cancel()
-                cancelled.append(job.id)
-        if jid is not None and jid not in self.jobs:
-            raise ConfigError(f"no migration with id {jid!r}")
+            with contextlib.suppress(WrongState):
+                if job.cancel():
+                    cancelled.append(job.id)
         return {"cancelled": cancelled}
+
+    def _job(self, jid: object) -> Job | VmJob:
+        if not isinstance(jid, str):
+            raise ConfigError("'id' must be a migration id (a string)")
+        job: Job | VmJob | None = self.jobs.get(jid) or self.vm_jobs.get(jid)
+        if job is None:
+            raise ConfigError(f"no migration with id {jid!r}")
+        return job
+
+    async def _cmd_continue(self, args: dict[str, Any]) -> Any:
+        """migrate-continue: a migration paused in pre-switchover stops its VF now."""
+        job = self._job(args.get("id"))
+        job.resume_switchover()
+        return {"id": job.id}
+
+    async def _cmd_resolve(self, args: dict[str, Any]) -> Any:
+        """The operator settles a migration whose outcome this host cannot learn:
+        ``commit`` (the destination VF runs the guest) or ``abort`` (the source's)."""
+        job = self._job(args.get("id"))
+        decision = args.get("decision")
+        if decision not in ("commit", "abort"):
+            raise ConfigError("resolve: 'decision' must be 'commit' (--confirm) or 'abort' "
+                              "(--resume-source)")
+        jobs = job.jobs if isinstance(job, VmJob) else [job]
+        for j in jobs:
+            j.settle(decision)
+        log.warning("migration %s settled by the operator: %s", job.id, decision)
+        return {"id": job.id, "decision": decision}
+
+    def _loaded_job(self, name: str) -> Job | None:
+        """The incoming migration that left ``name`` loaded and stopped, if any."""
+        for job in reversed(list(self.jobs.values())):
+            if job.role == Role.DESTINATION.value and job.device == name:
+                return job
+        return None
+
+    async def _cmd_device_resume(self, args: dict[str, Any]) -> Any:
+        """Start a VF an incoming migration committed and left stopped (--stay-stopped)."""
+        dev = self._device(args)
+        job = self._loaded_job(dev.name)
+        if job is not None and job.machine.phase is Phase.UNRESOLVED \
+                and job.unresolved.startswith("reported: committed"):
+            job.settle("commit")  # committed, but it would not start: try again
+            return {"device": dev.name, "migration": job.id, "state": dev.state.name}
+        if job is None or job.machine.phase is not Phase.LOADED or dev.name in self.host.busy:
+            raise WrongState(f"device {dev.name} holds no committed, stopped incoming state "
+                             f"(state {dev.state.name}"
+                             + (f", migration {job.id} {job.status.value}/{job.phase})" if job
+                                else ")") + ": nothing to resume")
+        await resume_loaded(self.host, job, dev)
+        return {"device": dev.name, "migration": job.id, "state": dev.state.name}
+
+    async def _cmd_device_reset(self, args: dict[str, Any]) -> Any:
+        """Reset a VF that is not migrating: discard a loaded, stopped state, or make a
+        VF whose guest migrated away ready for another."""
+        dev = self._device(args)
+        if dev.name in self.host.busy:
+            raise WrongState(f"device {dev.name} is busy: a migration holds it (cancel it, or "
+                             "settle it with 'migd resolve')")
+        job = self._loaded_job(dev.name)
+        await asyncio.get_running_loop().run_in_executor(self.host.workers.io, dev.reset)
+        if job is not None and job.machine.phase is Phase.LOADED:
+            job.error = MigdError("the loaded state was discarded by device-reset")
+            log.warning("device %s: the state migration %s left loaded was discarded", dev.name,
+                        job.id)
+        return {"device": dev.name, "state": dev.state.name}
 
     async def _cmd_quit(self, args: dict[str, Any]) -> Any:
         self._stopping.set()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from transports.base import Channel
 
 from .errors import (
     IncompleteStream,
+    LinkLost,
     MigdError,
     MigrationTimeout,
     ProtocolError,
@@ -26,6 +27,16 @@ from .errors import (
     TransportError,
 )
 from .protocol.connection import Closed, Connection, Control, Data, Established, PeerFailed
+from .protocol.messages import Message
+
+M = TypeVar("M", bound=Message)
+
+
+def is_link_failure(err: BaseException) -> bool:
+    """A failure of the connection itself (it broke, or the peer fell silent), as
+    opposed to something the peer said or sent: the former may be resumed or
+    resolved over a new connection, the latter ends the migration."""
+    return isinstance(err, TransportError | MigrationTimeout)
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -81,8 +92,8 @@ class Endpoint:
         self.established: Established | None = None
         self.on_data: Callable[[Data], None] | None = None
         #: Controls handled as they arrive (e.g. progress acks), by message type.
-        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
-        self._controls: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.handlers: dict[type[Message], Callable[[Any], None]] = {}
+        self._controls: asyncio.Queue[Message] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._flush_pending = False
@@ -113,7 +124,7 @@ class Endpoint:
         if isinstance(exc, MigdError):
             self.fail(exc)
         else:
-            self.fail(TransportError(f"connection to {self.channel.peer} lost: {exc}"))
+            self.fail(LinkLost(f"connection to {self.channel.peer} lost: {exc}"))
 
     # --- event plumbing ----------------------------------------------------------
 
@@ -142,7 +153,7 @@ class Endpoint:
                         self.channel.pause_reading()
                         self.fail(exc)
             elif isinstance(ev, Control):
-                handler = self.handlers.get(str(ev.msg.get("t")))
+                handler = self.handlers.get(type(ev.msg))
                 if handler is not None:
                     try:
                         handler(ev.msg)
@@ -156,7 +167,7 @@ class Endpoint:
                 self.fail(ev.error)
             elif isinstance(ev, Closed):
                 self.peer_closed = True
-                self.fail(IncompleteStream(f"peer {self.channel.peer} closed the connection"))
+                self.fail(LinkLost(f"peer {self.channel.peer} closed the connection"))
         if wake:
             self.poke()
         if self.conn.has_output():
@@ -195,26 +206,33 @@ class Endpoint:
         assert self.established is not None
         return self.established
 
-    def post_control(self, msg: dict[str, Any]) -> None:
+    def post_control(self, msg: Message) -> None:
         """Queue a control message from synchronous code; it goes out on the next flush."""
         if self.error is None:
             self.conn.send_control(msg)
             self._schedule_flush()
 
-    async def send_control(self, msg: dict[str, Any]) -> None:
+    async def send_control(self, msg: Message) -> None:
         self.check()
         self.conn.send_control(msg)
         await self.flush()
 
-    async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
+    async def expect(self, kind: type[M], timeout: float) -> M:
         await self.bus.wait_until(lambda: not self._controls.empty(), timeout,
-                                  f"'{kind}' from the peer")
+                                  f"'{kind.T}' from the peer")
         msg = self._controls.get_nowait()
-        if msg.get("t") != kind:
-            raise ProtocolError(f"expected '{kind}', peer sent '{msg.get('t')}'")
+        if not isinstance(msg, kind):
+            raise ProtocolError(f"expected '{kind.T}', peer sent '{msg.T}'")
         return msg
 
-    async def next_control(self, timeout: float) -> dict[str, Any]:
+    def has_control(self) -> bool:
+        return not self._controls.empty()
+
+    def pending_control(self) -> Message | None:
+        """A control message that arrived and was not handled, if any."""
+        return None if self._controls.empty() else self._controls.get_nowait()
+
+    async def next_control(self, timeout: float) -> Message:
         await self.bus.wait_until(lambda: not self._controls.empty(), timeout,
                                   "a message from the peer")
         return self._controls.get_nowait()

@@ -35,6 +35,13 @@ class ConfigError(MigdError):
     name = "bad-config"
 
 
+class WrongState(MigdError):
+    """A command or message that the migration's (or device's) phase does not allow."""
+
+    code = 3
+    name = "wrong-state"
+
+
 # --- device / backend --------------------------------------------------------
 
 
@@ -176,6 +183,14 @@ class TransportError(MigdError):
 
     code = 40
     name = "transport-error"
+
+
+class LinkLost(TransportError):
+    """The connection broke (reset, closed, cut mid-frame): a resumable failure
+    before the vote, a reason to ask the peer after it."""
+
+    code = 43
+    name = "link-lost"
 
 
 class Cancelled(MigdError):

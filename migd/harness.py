@@ -90,7 +90,8 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
     cmd = [sys.executable, "-m", "migd", "serve", "--listen", "127.0.0.1:0",
            "--listen", "rdma://127.0.0.1:0", "--listen", f"rdma+shm://{shm}",
            "--control", control, "--identity", identity or os.path.join(workdir, f"{name}.key"),
-           "--authorized-keys", auth, "--address-file", port_file, *extra]
+           "--authorized-keys", auth, "--address-file", port_file,
+           "--state-dir", os.path.join(workdir, f"{name}.state"), *extra]
     for d in devices:
         cmd += ["--device", d]
     with open(log_path, "wb") as log:

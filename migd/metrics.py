@@ -14,7 +14,7 @@ from .session import Job
 
 
 class Metrics:
-    def __init__(self, active: Callable[[], int]) -> None:
+    def __init__(self, active: Callable[[], int], unresolved: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.migrations = Counter("migd_migrations", "Migrations that ended, by role and result",
@@ -33,6 +33,10 @@ class Metrics:
                                buckets=buckets, registry=r)
         self.active = Gauge("migd_active_migrations", "Migrations running now", registry=r)
         self.active.set_function(lambda: float(active()))
+        self.unresolved = Gauge("migd_unresolved_migrations",
+                                "Migrations whose outcome this host could not learn: a VF is "
+                                "held stopped until 'migd resolve'", registry=r)
+        self.unresolved.set_function(lambda: float(unresolved()))
         self.address = ""
         self._server: object | None = None
 

@@ -33,21 +33,26 @@ from .endpoint import Bus, Endpoint
 from .errors import (
     DecompressionError,
     DeviceError,
-    IncompleteStream,
     IntegrityError,
     MigdError,
+    NegotiationError,
     NoDataNow,
-    OverAnnounced,
+    ProtocolError,
 )
 from .pacing import AutoPolicy, TokenBucket, Window
 from .protocol.connection import Data
 from .protocol.frames import HEADER_SIZE, Header
+from .protocol.messages import Ack, Announce, Announced, End, InitialLoaded, InitialSent
+from .protocol.migration import Allowance, check_complete, check_end
 
 log = logging.getLogger("migd.stream")
 
 DEFAULT_INFLIGHT = 8
 _DIRECT = (Encoding.RAW, Encoding.SPARSE)
-ACK_EVERY = 64 << 20
+#: The destination acknowledges its loaded position this often (chunks, bytes): the
+#: source keeps every chunk until then, for a resume.
+ACK_CHUNKS = 8
+ACK_BYTES = 8 << 20
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Counters:
     auto_windows: int = 0  # --compress auto: windows decided ...
     auto_compressed_windows: int = 0  # ... and how many of them chose to compress
     acked: int = 0
+    resent_bytes: int = 0  # sent again after a resume
 
 
 class BufferBank:
@@ -141,7 +147,24 @@ class _Sealed:
     plain_len: int
     credit: Credit | None  # one-sided: the destination buffer it goes to
     in_place: bool  # the payload already lies in that buffer
+    index: int
+    offset: int
+    again: bool  # sent before: a resumed stream sends it again
     frame: memoryview | None = None  # header and payload contiguous (stream transports)
+
+
+@dataclass(eq=False, slots=True)
+class _Kept:
+    """A chunk sent and not yet acknowledged as loaded: what a resumed stream sends
+    again.  ``plain`` is device memory the device lent (no copy), or a buffer of
+    the keep pool that the device was read into (``pooled``)."""
+
+    index: int
+    offset: int
+    plain: list[memoryview]
+    pooled: bytearray | None
+    #: What the stream digest folds in for it once it is acknowledged (header and tag).
+    contrib: bytes = b""
 
 
 class StreamSender:
@@ -152,44 +175,51 @@ class StreamSender:
     not compressed is sealed inline (when nothing is queued ahead of it); zstd
     goes to the codec pool and an ordered writer sends its frames.  With
     ``auto`` compression an :class:`~migd.pacing.AutoPolicy` decides per window
-    of chunks; ``max_bandwidth`` paces wire bytes with a token bucket."""
+    of chunks; ``max_bandwidth`` paces wire bytes with a token bucket.
+
+    With ``keep`` the sender keeps every chunk until the destination acknowledges
+    it as loaded, so that a broken stream can be resumed (:meth:`rebind`) from
+    the destination's position.  A device that lends its memory costs nothing to
+    keep (views); others are read into a pool of ``KEEP`` chunk buffers, and the
+    sender waits for acknowledgements when it runs out."""
 
     WINDOW = 16  # chunks per auto-compression decision
     PROBE_EVERY = 4  # raw windows compress one chunk every this many, to keep measuring
+    KEEP = 24  # chunk buffers kept for a resume (non-lending devices)
 
     def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
                  workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT,
-                 max_bandwidth: int = 0, timeout: float = 30.0) -> None:
-        self.channels = channels
-        self.control = channels[0]
+                 max_bandwidth: int = 0, timeout: float = 30.0, keep: bool = False) -> None:
         self.device = device
         self.encoder = encoder
-        #: Every payload is a store into the destination's memory: a copy, not link time.
-        self.local = all(e.channel.placement is not None and e.channel.placement.maps_remote
-                         for e in channels)
-        if self.local:
-            encoder.sparse = False
         self.workers = workers
         self.counters = counters
-        self.chunk = self.control.conn.max_chunk
         #: Seconds of peer silence after which a wait fails (the migration's timeout).
         self.timeout = timeout
         self.index = 0
         self.offset = 0
         self.announced = 0
         self.acked_announced = 0
+        #: The stream digest over every chunk up to the last acknowledged one (the
+        #: rest is folded in from ``_kept`` at the end).
         self.digest = hashlib.sha256()
+        self.keep = keep
+        #: How far frames went out (were handed to a channel): acks cannot go past it.
+        self._out_index = self._out_offset = 0
+        self._kept: collections.deque[_Kept] = collections.deque()
+        self._resend: collections.deque[_Kept] = collections.deque()
+        self._pool: list[bytearray] = []
+        self._pool_bufs: list[bytearray] = []
+        self._loop = asyncio.get_running_loop()
+        self._bind(channels)
+        self.chunk = self.control.conn.max_chunk
         self._sizes = tx_sizes(self.chunk, inflight)
         self._bufs = workers.bank.take(self._sizes)
         self._slots: asyncio.Queue[_TxSlot] = asyncio.Queue()
-        for i in range(0, len(self._bufs), 2):
-            self._slots.put_nowait(_TxSlot(self._bufs[i], self._bufs[i + 1]))
         self._queue: asyncio.Queue[tuple[Endpoint, int, asyncio.Future[_Sealed], _TxSlot]] = (
             asyncio.Queue())
         self._queued = 0  # frames handed to the writer and not yet sent
-        self._loop = asyncio.get_running_loop()
-        self._writer = self._loop.create_task(self._write_frames())
-        self.control.handlers["announced"] = self._on_announced
+        self._start_writer()
         self.downtime_phase = False
         # ``auto`` over shared memory without a cap: compressing to save a memory copy is
         # never faster, so it does not even probe.
@@ -202,42 +232,154 @@ class StreamSender:
         self._win_chunks = self._win_state = self._win_wire = 0
         self._win_waited = self._waited()
 
-    def _on_announced(self, msg: dict[str, object]) -> None:
-        n = msg.get("bytes")
-        if isinstance(n, int):
-            self.acked_announced = max(self.acked_announced, n)
+    def _bind(self, channels: list[Endpoint]) -> None:
+        self.channels = channels
+        self.control = channels[0]
+        #: Every payload is a store into the destination's memory: a copy, not link time.
+        self.local = all(e.channel.placement is not None and e.channel.placement.maps_remote
+                         for e in channels)
+        self.encoder.sparse = not self.local
+        self.control.handlers[Announced] = self._on_announced
+        self.control.handlers[Ack] = self._on_ack
+
+    def _start_writer(self) -> None:
+        while not self._slots.empty():
+            self._slots.get_nowait()
+        for i in range(0, len(self._bufs), 2):
+            self._slots.put_nowait(_TxSlot(self._bufs[i], self._bufs[i + 1]))
+        self._writer = self._loop.create_task(self._write_frames())
+
+    def _on_announced(self, msg: Announced) -> None:
+        self.acked_announced = max(self.acked_announced, msg.total)
+
+    def _on_ack(self, msg: Ack) -> None:
+        self.counters.acked = max(self.counters.acked, msg.offset)
+        if msg.index > self._out_index or msg.offset > self._out_offset:
+            raise ProtocolError(f"ack: chunk {msg.index} / offset {msg.offset} was never sent")
+        self._forget(msg.index)
+
+    def _forget(self, below: int) -> None:
+        """The destination loaded every chunk below ``below``: fold them into the
+        digest and let their buffers go."""
+        kept = self._kept
+        while kept and kept[0].index < below and kept[0].contrib:
+            k = kept.popleft()
+            self.digest.update(k.contrib)
+            if k.pooled is not None:
+                self._pool.append(k.pooled)
+        self.control.bus.wake.set()
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(chunk, offset) the destination acknowledged last: where a resume may start."""
+        if self._kept:
+            return self._kept[0].index, self._kept[0].offset
+        return self.index, self.offset
 
     async def announce(self, nbytes: int) -> None:
         """Raise what the destination will accept, and wait until it has: data on
         other channels may overtake the announcement otherwise."""
         self.announced += nbytes
-        await self.control.send_control({"t": "announce", "bytes": nbytes})
+        await self.control.send_control(Announce(more=nbytes))
         target = self.announced
         await self.control.bus.wait_until(lambda: self.acked_announced >= target, self.timeout,
                                           "the destination to accept the announcement")
 
-    async def _read(self, buf: memoryview, lend: bool) -> memoryview:
+    # --- a resumed stream ------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """No more frames: the migration rolls back (its peer is told next)."""
+        await self._stop_writer()
+
+    async def suspend(self) -> None:
+        """The link broke: stop the writer and close every channel of it."""
+        await self._stop_writer()
+        for e in self.channels:
+            e.channel.close()
+
+    def rebind(self, channels: list[Endpoint], index: int, offset: int, announced: int) -> None:
+        """Continue on new ``channels`` from the destination's position: chunk
+        ``index`` at stream ``offset``, with ``announced`` bytes announced."""
+        first = self._kept[0].index if self._kept else self.index
+        if not first <= index <= self.index:
+            raise ProtocolError(f"resumed: the destination is at chunk {index}; this source "
+                                f"keeps chunks {first}..{self.index - 1}")
+        kept = [k for k in self._kept if k.index >= index]
+        if (kept[0].offset if kept else self.offset) != offset:
+            raise ProtocolError(f"resumed: chunk {index} is not at stream offset {offset}")
+        self._kept = collections.deque(k for k in self._kept if k.index < index)
+        for k in self._kept:
+            if not k.contrib:
+                raise ProtocolError(f"resumed past chunk {k.index}, which never went out")
+        self._forget(index)
+        for k in kept:
+            k.contrib = b""
+        self._resend = collections.deque(kept)
+        self._kept.extend(kept)
+        self.announced = self.acked_announced = announced
+        if any(e.conn.max_chunk < self.chunk for e in channels):
+            raise NegotiationError("resumed with a smaller chunk size than the stream uses")
+        self._bind(channels)
+        self._start_writer()
+
+    async def _stop_writer(self) -> None:
+        # Until it is done: a cancel can be absorbed by what the writer awaits.
+        while not self._writer.done():
+            self._writer.cancel()
+            await asyncio.wait([self._writer], timeout=1.0)
+        # Frames still being sealed by a worker must not write into buffers
+        # that another migration (or the resumed stream) already took.
+        while not self._queue.empty():
+            _, _, pending, _ = self._queue.get_nowait()
+            self._queue.task_done()
+            await asyncio.gather(pending, return_exceptions=True)
+        self._queued = 0
+
+    # --- reading the device -------------------------------------------------------------------
+
+    async def _read(self, buf: memoryview, lend: bool) -> tuple[memoryview, _Kept | None]:
         """The next up to ``len(buf)`` bytes of the device's stream: lent by the
-        device when ``lend`` and it can (no copy), else read into ``buf``.
-        Empty: nothing for now, or the end."""
+        device when ``lend`` and it can (no copy), else read into ``buf``; and what
+        to keep of them for a resume.  Empty: nothing for now, or the end."""
         try:
-            if lend:
+            if self.device.lends_memory:
                 views = self.device.read_views(len(buf))
-                if views is not None:
-                    if len(views) == 1:
-                        return views[0]
-                    n = 0  # a record boundary: the encoder wants one buffer
-                    for v in views:
-                        buf[n : n + len(v)] = v
-                        n += len(v)
-                    return buf[:n]
+                assert views is not None
+                keep = _Kept(self.index, self.offset, views, None) if self.keep else None
+                if lend and len(views) == 1:
+                    return views[0], keep
+                n = 0  # a record boundary (the encoder wants one buffer), or into ``buf``
+                for v in views:
+                    buf[n : n + len(v)] = v
+                    n += len(v)
+                return buf[:n], keep
+            pooled = None
+            if self.keep:
+                pooled = await self._pooled()
+                if lend:  # read straight into the kept buffer: no copy for keeping it
+                    buf = memoryview(pooled)[: len(buf)]
             if self.device.blocking_io:
                 n = await self._loop.run_in_executor(self.workers.io, self.device.read_into, buf)
             else:
                 n = self.device.read_into(buf)
-            return buf[:n]
+            keep = None
+            if pooled is not None:
+                if not lend:
+                    pooled[:n] = buf[:n]
+                keep = _Kept(self.index, self.offset, [memoryview(pooled)[:n]], pooled)
+            return buf[:n], keep
         except NoDataNow:
-            return buf[:0]
+            return buf[:0], None
+
+    async def _pooled(self) -> bytearray:
+        """A chunk buffer to read into and keep; waits for acknowledgements if none is free."""
+        if not self._pool and len(self._pool_bufs) < self.KEEP:
+            buf = bytearray(self.chunk)
+            self._pool_bufs.append(buf)
+            return buf
+        await self.control.bus.wait_until(lambda: bool(self._pool), self.timeout,
+                                          "the destination to acknowledge loaded chunks")
+        return self._pool.pop()
 
     def _compress_next(self) -> bool:
         mode = self.encoder.mode.name
@@ -253,19 +395,21 @@ class StreamSender:
 
     async def send(self, budget: int | None) -> int:
         """Stream device data: up to ``budget`` bytes (pre-copy) or to end of stream.
+        Chunks a resume must send again go first (they do not count).
 
         Returns the bytes sent; stops early on "no data for now".
         """
         if budget is not None:
             await self.announce(budget)
         sent = 0
-        while budget is None or sent < budget:
+        while True:
+            again = self._resend.popleft() if self._resend else None
+            if again is None and budget is not None and sent >= budget:
+                break
             slot = await self._slots.get()
             self.control.check()
-            want = self.chunk if budget is None else min(self.chunk, budget - sent)
-            if budget is None and self.offset + want > self.announced:
-                await self.announce(max(want, self.device.stop_copy_size()))
-            ep = self.channels[self.index % len(self.channels)]
+            index = self.index if again is None else again.index
+            ep = self.channels[index % len(self.channels)]
             placement = ep.channel.placement
             credit = target = None
             if placement is not None:
@@ -281,15 +425,24 @@ class StreamSender:
             # Over shared memory the device's bytes go straight into the destination's
             # buffer; otherwise they are sealed from wherever the device keeps them.
             into = target if target is not None and not compress else memoryview(slot.plain)
-            plain = await self._read(into[:want], lend=into is not target)
+            if again is None:
+                want = self.chunk if budget is None else min(self.chunk, budget - sent)
+                if budget is None and self.offset + want > self.announced:
+                    await self.announce(max(want, self.device.stop_copy_size()))
+                plain, keep = await self._read(into[:want], lend=into is not target)
+            else:
+                plain, keep = _join(again.plain, into), None
             n = len(plain)
             if n == 0:
                 if placement is not None and credit is not None:
                     placement.unused(credit)
                 self._slots.put_nowait(slot)
                 break
+            if keep is not None:
+                self._kept.append(keep)
             seq = ep.conn.reserve_seq()
-            args = (ep, slot, plain, seq, self.index, self.offset, credit, target)
+            offset = self.offset if again is None else again.offset
+            args = (ep, slot, plain, seq, index, offset, credit, target, again is not None)
             if compress:
                 self._hand_to_writer(ep, seq, self._loop.run_in_executor(
                     self.workers.codec, self._seal, *args, True), slot)
@@ -302,9 +455,10 @@ class StreamSender:
                 done: asyncio.Future[_Sealed] = self._loop.create_future()
                 done.set_result(self._seal(*args, False))
                 self._hand_to_writer(ep, seq, done, slot)
-            self.index += 1
-            self.offset += n
-            sent += n
+            if again is None:
+                self.index += 1
+                self.offset += n
+                sent += n
         await self._queue.join()
         self.control.check()
         return sent
@@ -315,7 +469,7 @@ class StreamSender:
         self._queue.put_nowait((ep, seq, fut, slot))
 
     def _seal(self, ep: Endpoint, slot: _TxSlot, plain: memoryview, seq: int, index: int,
-              offset: int, credit: Credit | None, target: memoryview | None,
+              offset: int, credit: Credit | None, target: memoryview | None, again: bool,
               compress: bool) -> _Sealed:
         # Pieces only into our own buffer: it has room past the payload for the cipher.
         encoding, payload = self.encoder.encode(plain, compress,
@@ -325,9 +479,10 @@ class StreamSender:
         sealed = ep.conn.seal_data_into(seq, index, offset, encoding, payload, len(plain), header,
                                         target if target is not None else wire[HEADER_SIZE:])
         if credit is None:  # header and payload side by side: one buffer on the stream
-            return _Sealed(header, sealed, encoding, len(plain), None, False,
+            return _Sealed(header, sealed, encoding, len(plain), None, False, index, offset, again,
                            wire[:HEADER_SIZE + len(sealed)])
-        return _Sealed(header, sealed, encoding, len(plain), credit, target is not None)
+        return _Sealed(header, sealed, encoding, len(plain), credit, target is not None, index,
+                       offset, again)
 
     def _waited(self) -> float:
         return sum(e.channel.waited for e in self.channels) + self._paced
@@ -339,6 +494,12 @@ class StreamSender:
             if delay:
                 self._paced += delay
                 await asyncio.sleep(delay)
+        if self.keep:
+            # Folded into the digest once acknowledged; a resume seals it anew.
+            self._find_kept(sealed.index).contrib = (bytes(sealed.header)
+                                                     + bytes(sealed.payload[-TAG_SIZE:]))
+        self._out_index = max(self._out_index, sealed.index + 1)
+        self._out_offset = max(self._out_offset, sealed.offset + sealed.plain_len)
         placement = ep.channel.placement
         if sealed.frame is not None:
             ep.conn.submit(seq, sealed.frame)
@@ -359,11 +520,15 @@ class StreamSender:
 
     def _count(self, sealed: _Sealed) -> None:
         header, payload = sealed.header, sealed.payload
-        self.digest.update(header)
-        self.digest.update(payload[-TAG_SIZE:])
+        if not self.keep:
+            self.digest.update(header)
+            self.digest.update(payload[-TAG_SIZE:])
         c = self.counters
         encoding, plain_len = sealed.encoding, sealed.plain_len
-        c.transferred += plain_len
+        if sealed.again:
+            c.resent_bytes += plain_len
+        else:
+            c.transferred += plain_len
         c.wire_bytes += HEADER_SIZE + len(payload)
         c.chunks += 1
         c.zero_chunks += encoding == Encoding.ZERO
@@ -375,6 +540,13 @@ class StreamSender:
             c.precopy_bytes += plain_len
         if self.auto is not None:
             self._window(plain_len, HEADER_SIZE + len(payload))
+
+    def _find_kept(self, index: int) -> _Kept:
+        kept = self._kept
+        pos = index - kept[0].index  # kept chunks are consecutive
+        k = kept[pos]
+        assert k.index == index
+        return k
 
     def _window(self, state: int, wire: int) -> None:
         self._win_chunks += 1
@@ -409,21 +581,30 @@ class StreamSender:
                 self._queued -= 1
                 self._queue.task_done()
 
-    def end_record(self) -> dict[str, object]:
-        return {"t": "end", "bytes": self.offset, "chunks": self.index,
-                "digest": self.digest.digest()}
+    def end_record(self) -> End:
+        digest = self.digest.copy()
+        for k in self._kept:
+            digest.update(k.contrib)
+        return End(length=self.offset, chunks=self.index, digest=digest.digest())
 
     async def close(self) -> None:
-        # Until it is done: a cancel can be absorbed by what the writer awaits.
-        while not self._writer.done():
-            self._writer.cancel()
-            await asyncio.wait([self._writer], timeout=1.0)
-        # Frames still being sealed by a worker must not write into buffers
-        # that another migration already took.
-        while not self._queue.empty():
-            _, _, pending, _ = self._queue.get_nowait()
-            await asyncio.gather(pending, return_exceptions=True)
+        await self._stop_writer()
         self.workers.bank.give(self._sizes, self._bufs)
+        self._kept.clear()
+        self._resend.clear()
+        self._pool.clear()
+        self._pool_bufs.clear()
+
+
+def _join(pieces: list[memoryview], into: memoryview) -> memoryview:
+    """A kept chunk as one buffer for the encoder: itself, or its pieces copied into ``into``."""
+    if len(pieces) == 1 and pieces[0].obj is not into.obj:
+        return pieces[0]
+    n = 0
+    for p in pieces:
+        into[n : n + len(p)] = p
+        n += len(p)
+    return into[:n]
 
 
 @dataclass(eq=False)
@@ -466,28 +647,48 @@ class StreamReceiver:
     Each channel has its own buffers.  The chunk due next always travels on a
     channel whose earlier chunks are all loaded, so that channel has a free
     buffer for it: reassembly cannot deadlock, and memory stays bounded.
+
+    The stream outlives its channels: when the link breaks, :meth:`detach` drops
+    whatever arrived and is not loaded yet, and :meth:`rebind` takes a new set of
+    channels that continues at the loaded position (``next_index``, ``written``).
     """
 
     def __init__(self, bus: Bus, device: Device, workers: Workers, counters: Counters,
                  max_chunk: int, limit_bytes: int, channels: int = 1,
                  inflight: int = DEFAULT_INFLIGHT) -> None:
-        self.bus = bus
         self.device = device
         self.workers = workers
         self.counters = counters
-        self.limit_bytes = limit_bytes
-        self.nchannels = channels
-        self.endpoints: list[Endpoint | None] = [None] * channels
+        self.allowance = Allowance(limit_bytes)
         self.decoder = Decoder()
-        self.announced = 0
         self.arrived_chunks = 0
         self.next_index = 0  # next chunk to load
         self.written = 0
         self.digest = hashlib.sha256()
         self.initial_target: int | None = None
-        per_channel = max(2, inflight // channels)
-        self._sizes = rx_sizes(max_chunk, per_channel * channels)
-        self._bufs = workers.bank.take(self._sizes)
+        self._inflight = inflight
+        self._scratch = _Scratch()
+        self._max_chunk = max_chunk
+        self._loop = asyncio.get_running_loop()
+        self._writing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._acked = (0, 0)
+        self._bufs: list[bytearray] = []
+        self._sizes: tuple[int, ...] = ()
+        self._detached = False
+        self._rebind(bus, channels)
+        self._writer = self._loop.create_task(self._write_chunks())
+
+    def _rebind(self, bus: Bus, channels: int) -> None:
+        self.bus = bus
+        self.nchannels = channels
+        self.endpoints: list[Endpoint | None] = [None] * channels
+        if self._bufs:
+            self.workers.bank.give(self._sizes, self._bufs)
+        per_channel = max(2, self._inflight // channels)
+        self._sizes = rx_sizes(self._max_chunk, per_channel * channels)
+        self._bufs = self.workers.bank.take(self._sizes)
         self._free: list[collections.deque[_RxSlot]] = [collections.deque() for _ in range(channels)]
         for i in range(0, len(self._bufs), 2):
             ch = (i // 2) // per_channel
@@ -496,15 +697,12 @@ class StreamReceiver:
             id(s.payload): s for q in self._free for s in q}
         #: Channels whose payloads the source writes one-sided into posted buffers.
         self._placements: list[Placement | None] = [None] * channels
-        self._chan_next = list(range(channels))
+        # Chunk i travels on channel i mod N, from the first one not loaded yet.
+        k = self.next_index
+        self._chan_next = [k + (ch - k) % channels for ch in range(channels)]
         self._ready: dict[int, _Placed] = {}
         self._have = asyncio.Event()
-        self._scratch = _Scratch()
-        self._max_chunk = max_chunk
-        self._loop = asyncio.get_running_loop()
-        self._writing = False
-        self._writer = self._loop.create_task(self._write_chunks())
-        self._next_ack = ACK_EVERY
+        self.arrived_chunks = self.next_index
         #: Per channel: open RAW and SPARSE chunks straight into device memory (with
         #: AES-GCM: the other ciphers have no streaming opener).
         self._direct = [False] * channels
@@ -515,11 +713,18 @@ class StreamReceiver:
         assert ep is not None
         return ep
 
+    @property
+    def announced(self) -> int:
+        return self.allowance.announced
+
     # --- hooks for Connection and Endpoint -----------------------------------------
 
     def attach(self, channel: int, ep: Endpoint) -> None:
         self.endpoints[channel] = ep
         ep.on_data = lambda ev: self.on_data(channel, ev)
+        if channel == 0:
+            ep.handlers[Announce] = self.announce
+            ep.handlers[InitialSent] = self.initial_sent
         self._direct[channel] = (self.device.lends_memory and not self.device.blocking_io
                                  and ep.conn.opens_pieces)
         placement = ep.channel.placement
@@ -546,6 +751,10 @@ class StreamReceiver:
         return free.popleft().payload if free else None
 
     def _release(self, slot: _RxSlot) -> None:
+        if self._detached:
+            return
+        if slot.channel >= self.nchannels or self._by_payload.get(id(slot.payload)) is not slot:
+            return  # a buffer of channels that are gone
         placement = self._placements[slot.channel]
         if placement is not None:
             assert isinstance(slot.payload, memoryview)
@@ -556,33 +765,21 @@ class StreamReceiver:
         if ep is not None:
             ep.unblock()
 
-    def announce(self, msg: dict[str, object]) -> None:
-        n = msg.get("bytes")
-        if not isinstance(n, int) or n < 0:
-            raise IntegrityError("announce: bad byte count")
-        if self.announced + n > self.limit_bytes:
-            raise OverAnnounced(
-                f"source announced {self.announced + n} bytes, more than the {self.limit_bytes} "
-                "this destination accepts for the device"
-            )
-        self.announced += n
-        self.control.post_control({"t": "announced", "bytes": self.announced})
+    def announce(self, msg: Announce) -> None:
+        self.control.post_control(Announced(total=self.allowance.announce(msg.more)))
 
     def on_data(self, channel: int, ev: Data) -> None:
         h = ev.header
         slot = self._by_payload[id(ev.buf)]
-        if h.index != self._chan_next[channel]:
+        try:
+            if h.index != self._chan_next[channel]:
+                raise IntegrityError(f"chunk {h.index} on channel {channel} where chunk "
+                                     f"{self._chan_next[channel]} was due")
+            # Every byte is announced (and acknowledged) before it is sent, on any channel.
+            self.allowance.admit(h.index, h.offset, h.plain_len)
+        except MigdError:
             self._release(slot)
-            raise IntegrityError(
-                f"chunk {h.index} on channel {channel} where chunk {self._chan_next[channel]} "
-                "was due"
-            )
-        # Every byte is announced (and acknowledged) before it is sent, on any channel.
-        if h.offset + h.plain_len > self.announced:
-            self._release(slot)
-            raise OverAnnounced(
-                f"chunk {h.index} goes past the {self.announced} bytes the source announced"
-            )
+            raise
         self._chan_next[channel] += self.nchannels
         self.arrived_chunks += 1
         c = self.counters
@@ -736,12 +933,14 @@ class StreamReceiver:
         self.next_index += 1
         self.written += n
         self.counters.transferred = self.written
-        if self.written >= self._next_ack:
-            self._next_ack = self.written + ACK_EVERY
-            self.control.post_control({"t": "ack", "offset": self.written})
+        index, offset = self._acked
+        if self.next_index >= index + ACK_CHUNKS or self.written >= offset + ACK_BYTES:
+            # Also what a resumed stream starts from: the source keeps chunks until then.
+            self._acked = (self.next_index, self.written)
+            self.control.post_control(Ack(index=self.next_index, offset=self.written))
         if self.initial_target is not None and self.written >= self.initial_target:
             self.initial_target = None
-            self.control.post_control({"t": "initial-loaded", "offset": self.written})
+            self.control.post_control(InitialLoaded(offset=self.written))
         self._have.set()  # the chunk after this one may already be waiting
         self.bus.wake.set()
 
@@ -752,6 +951,7 @@ class StreamReceiver:
                 await self._have.wait()
             placed = self._ready.pop(self.next_index)
             self._writing = True
+            self._idle.clear()
             try:
                 pieces = await placed.pieces
                 if pieces is not None and self.device.blocking_io:
@@ -767,38 +967,48 @@ class StreamReceiver:
                 self.bus.fail(MigdError("internal error in the load pipeline"))
             finally:
                 self._writing = False
+                self._idle.set()
                 self._release(placed.slot)
 
-    def initial_sent(self, msg: dict[str, object]) -> None:
-        off = msg.get("offset")
-        if not isinstance(off, int) or off < 0 or off > self.announced:
-            raise IntegrityError("initial-sent: bad offset")
-        if self.written >= off:
+    def initial_sent(self, msg: InitialSent) -> None:
+        if msg.offset > self.announced:
+            raise IntegrityError("initial-sent: offset past what was announced")
+        if self.written >= msg.offset:
             self.initial_target = None
-            self.control.post_control({"t": "initial-loaded", "offset": off})
+            self.control.post_control(InitialLoaded(offset=msg.offset))
         else:
-            self.initial_target = off
+            self.initial_target = msg.offset
 
-    async def finish(self, end: dict[str, object], timeout: float) -> None:
+    async def finish(self, end: End, timeout: float) -> None:
         """Wait for every chunk to arrive and be loaded, then check the end record."""
-        total, chunks, digest = end.get("bytes"), end.get("chunks"), end.get("digest")
-        if not isinstance(total, int) or not isinstance(chunks, int) or not isinstance(digest, bytes):
-            raise IncompleteStream("end-of-stream record is malformed")
-        if total > self.announced or chunks < self.arrived_chunks:
-            raise IncompleteStream(
-                f"end record says {total} bytes in {chunks} chunks; {self.announced} bytes were "
-                f"announced and {self.arrived_chunks} chunks arrived"
-            )
+        check_end(end, self.announced, self.arrived_chunks)
         # Chunks on other channels may still be in flight behind the end record.
-        await self.bus.wait_until(lambda: self.next_index >= chunks, timeout,
-                                  f"chunks {self.next_index}..{chunks - 1}")
-        if self.written != total or self.arrived_chunks != chunks:
-            raise IncompleteStream(
-                f"source sent {total} bytes in {chunks} chunks, {self.written} bytes in "
-                f"{self.arrived_chunks} chunks arrived"
-            )
-        if digest != self.digest.digest():
-            raise IntegrityError("stream digest mismatch: what arrived is not what was sent")
+        await self.bus.wait_until(lambda: self.next_index >= end.chunks, timeout,
+                                  f"chunks {self.next_index}..{end.chunks - 1}")
+        check_complete(end, self.written, self.next_index, self.digest.digest())
+
+    # --- a broken link and a resumed stream -------------------------------------------
+
+    async def detach(self) -> None:
+        """The link broke: close its channels and drop every chunk that arrived but
+        is not loaded (the source sends them again).  A chunk being loaded finishes
+        first: the position it leaves is where a resumed stream starts."""
+        for ep in self.endpoints:
+            if ep is not None:
+                ep.on_data = None
+                ep.channel.close()
+        while self._writing:
+            await self._idle.wait()
+        for placed in self._ready.values():
+            await asyncio.gather(placed.pieces, return_exceptions=True)
+        self._ready.clear()
+        self._detached = True
+
+    def rebind(self, bus: Bus, channels: int) -> None:
+        """Take a new set of ``channels`` (attach each) that continues at the loaded position."""
+        self._detached = False
+        self._rebind(bus, channels)
+        self._acked = (self.next_index, self.written)
 
     async def close(self) -> None:
         while not self._writer.done():
@@ -807,3 +1017,4 @@ class StreamReceiver:
         for placed in self._ready.values():
             await asyncio.gather(placed.pieces, return_exceptions=True)
         self.workers.bank.give(self._sizes, self._bufs)
+        self._bufs = []

@@ -7,7 +7,8 @@ import tempfile
 from collections.abc import AsyncIterator
 
 import transports
-from migd.session import Host, Incoming, Job, serve_connection
+from migd.destination import serve_connection
+from migd.session import Host, Job
 
 
 @contextlib.asynccontextmanager
@@ -15,15 +16,12 @@ async def serving(src: Host, dst: Host, close_devices: bool = True, transport: s
                   ) -> AsyncIterator[tuple[str, dict[str, Job]]]:
     """Yields the destination's address (naming ``transport``) and its incoming jobs;
     shuts both hosts down."""
-    jobs: dict[str, Job] = {}
-    incoming: dict[bytes, Incoming] = {}
     t = transports.REGISTRY.create(transport)
     wd = tempfile.TemporaryDirectory(prefix="migd-loop-")
     where = f"{wd.name}/rdma.sock" if transport.endswith("shm") else "127.0.0.1:0"
-    listener = await t.listen(where, lambda ch: serve_connection(dst, ch, jobs, incoming,
-                                                                 t.accepted_ciphers))
+    listener = await t.listen(where, lambda ch: serve_connection(dst, ch, t.accepted_ciphers))
     try:
-        yield transports.REGISTRY.url(t.name, listener.address), jobs
+        yield transports.REGISTRY.url(t.name, listener.address), dst.jobs
     finally:
         listener.close()
         wd.cleanup()

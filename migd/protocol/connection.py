@@ -61,13 +61,12 @@ from .frames import (
     FrameType,
     Header,
 )
+from .messages import Message, decode, encode
+from .migration import Role
 
-PROTOCOL_VERSIONS = (1,)
-
-
-class Role(enum.Enum):
-    SOURCE = "source"
-    DESTINATION = "destination"
+#: 2: the switchover is a two-phase commit for every migration (loaded, go), and a
+#: broken stream can be resumed; a version-1 peer is refused with a clear error.
+PROTOCOL_VERSIONS = (2,)
 
 
 class Phase(enum.Enum):
@@ -90,7 +89,7 @@ class Established:
 
 @dataclasses.dataclass
 class Control:
-    msg: dict[str, Any]
+    msg: Message
 
 
 @dataclasses.dataclass
@@ -146,6 +145,13 @@ def _field(msg: dict[str, Any], key: str, typ: type | tuple[type, ...], what: st
     if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
         raise ProtocolError(f"{what}: field {key!r} missing or of the wrong type")
     return value
+
+
+def _peer_error(msg: dict[str, Any]) -> RemoteError:
+    code, message = msg.get("code"), msg.get("message")
+    if isinstance(code, bool) or not isinstance(code, int) or not isinstance(message, str):
+        raise ProtocolError("error: fields 'code' and 'message' missing or of the wrong type")
+    return from_wire(code, message)
 
 
 def _raw_x25519(key: X25519PrivateKey) -> bytes:
@@ -253,8 +259,8 @@ class Connection:
         """Hand back a sealed frame for ``seq``; :meth:`pop_ready` releases it in order."""
         self._out[seq] = [frame]
 
-    def send_control(self, msg: dict[str, Any]) -> None:
-        body = _pack(msg)
+    def send_control(self, msg: Message) -> None:
+        body = _pack(encode(msg))
         if len(body) + TAG_SIZE > MAX_CONTROL_PAYLOAD:
             raise ProtocolError("control message too large")
         self._seal_control(self.reserve_seq(), body)
@@ -274,8 +280,11 @@ class Connection:
         """
         code, message = to_wire(err)
         if self._tx is not None:
-            self._tx_seq += 1
-            self._seal_control(self._tx_seq - 1,
+            # It goes right after what already went out: frames still waiting for an
+            # earlier one (a pipeline stopped midway) never will.
+            self._out.clear()
+            self._tx_seq = self._tx_next + 1
+            self._seal_control(self._tx_next,
                                _pack({"t": "error", "code": code, "message": message}))
         else:
             self._queue_plain(FrameType.PLAIN_ERROR, _pack({"code": code, "message": message}))
@@ -395,15 +404,12 @@ class Connection:
             self._rx.open_into(hdr.seq, hdr.pack(), body, memoryview(plain))
             msg = _unpack(plain, "control message")
             if msg.get("t") == "error":
-                err = from_wire(int(msg.get("code", 1)), str(msg.get("message", "")))
-                self._events.append(PeerFailed(err))
+                self._events.append(PeerFailed(_peer_error(msg)))
                 self.phase = Phase.CLOSED
             else:
-                self._events.append(Control(msg))
+                self._events.append(Control(decode(msg)))
         elif hdr.type == FrameType.PLAIN_ERROR:  # handshake refusal
-            msg = _unpack(body, "error frame")
-            self._events.append(PeerFailed(from_wire(int(msg.get("code", 1)),
-                                                     str(msg.get("message", "")))))
+            self._events.append(PeerFailed(_peer_error(_unpack(body, "error frame"))))
             self.phase = Phase.CLOSED
         elif hdr.type == FrameType.HELLO and self.role is Role.DESTINATION and not self._hello_bytes:
             self._on_hello(bytes(body))

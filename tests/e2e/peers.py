@@ -7,17 +7,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import msgpack
 
 import transports
 from migd.errors import MigdError
 from migd.identity import AuthorizedKeys, Identity
-from migd.protocol.connection import Connection, Control, Event, Offer, PeerFailed, Role
+from migd.protocol.connection import Connection, Control, Event, Offer, PeerFailed
 from migd.protocol.frames import HEADER, HEADER_SIZE, FrameType
+from migd.protocol.messages import Message
+from migd.protocol.migration import Role
 from transports.sockets import parse_address
 
 Mutation = Callable[[int, bytes], list[bytes] | None]
+M = TypeVar("M", bound=Message)
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -166,11 +170,11 @@ class ScriptedSource:
     def failure(self) -> PeerFailed | None:
         return next((e for e in self.events if isinstance(e, PeerFailed)), None)
 
-    def control(self, kind: str) -> dict[str, object] | None:
+    def control(self, kind: type[M]) -> M | None:
         return next((e.msg for e in self.events
-                     if isinstance(e, Control) and e.msg.get("t") == kind), None)
+                     if isinstance(e, Control) and isinstance(e.msg, kind)), None)
 
-    def send(self, msg: dict[str, object]) -> None:
+    def send(self, msg: Message) -> None:
         self.conn.send_control(msg)
         self.flush()
 

@@ -19,8 +19,10 @@ from migd.endpoint import Endpoint
 from migd.errors import RemoteAccessError
 from migd.harness import Pair, local_pair, start_daemon
 from migd.identity import AuthorizedKeys, Identity
-from migd.protocol.connection import Connection, Offer, Role
+from migd.protocol.connection import Connection, Offer
 from migd.protocol.frames import HEADER, MAGIC, FrameType
+from migd.protocol.messages import Accept, Announce, Announced, Migrate
+from migd.protocol.migration import Role
 from transports.rdma import wire
 from transports.rdma.transport import RdmaChannel
 
@@ -105,13 +107,13 @@ async def rogue_session(p: Pair, transport: str) -> tuple[Endpoint, RdmaChannel]
                       Offer(ciphers=("aes-256-gcm",)), payloads_inline=False)
     ep = Endpoint(channel, conn)
     await ep.handshake(5)
-    await ep.send_control({
-        "t": "migrate", "id": "rogue", "device": "vf0", "kind": "sim",
-        "compat": {"model": "sim-vf", "state_size": SIZE, "format": 1, "caps": 7},
-        "state_size": SIZE, "precopy": False, "resume": True, "channels": 1})
-    await ep.expect("accept", 5)
-    await ep.send_control({"t": "announce", "bytes": SIZE})
-    await ep.expect("announced", 5)
+    await ep.send_control(Migrate(
+        id="rogue", device="vf0", kind="sim",
+        compat={"model": "sim-vf", "state_size": SIZE, "format": 1, "caps": 7},
+        state_size=SIZE, precopy=False, resume=True, channels=1))
+    await ep.expect(Accept, 5)
+    await ep.send_control(Announce(more=SIZE))
+    await ep.expect(Announced, 5)
     return ep, channel
 
 
@@ -167,14 +169,17 @@ async def test_rogue_writes_fail_the_migration_and_never_resume(
 @pytest.mark.parametrize("transport", PROVIDERS)
 @pytest.mark.parametrize("victim", ["src", "dst"])
 def test_a_daemon_killed_mid_stream_leaves_the_other_safe(transport: str, victim: str) -> None:
-    """SIGKILL one daemon mid-migration.  The survivor holds or held the other's shared
-    memory: it must neither crash nor keep partial state; a surviving source runs on."""
+    """SIGKILL one daemon mid-migration (and leave it dead).  The survivor holds or held
+    the other's shared memory: it must neither crash nor keep partial state; a
+    surviving source runs on, once it gave up resuming."""
     big = 64 << 20
-    with local_pair([f"vf0:sim:size={big}"], [f"vf0:sim:size={big},content=zero"]) as p:
+    with local_pair([f"vf0:sim:size={big}"], [f"vf0:sim:size={big},content=zero"],
+                    dst_extra=["--resume-timeout", "3"]) as p:
         before = device(p.src)["sha256"]
         with p.src.client() as c:
             c.call("migrate", device="vf0", peer=p.dst.address_of(transport),
-                   compress="zstd:19", cipher="aes-256-gcm")  # slow: seconds of stream
+                   compress="zstd:19", cipher="aes-256-gcm",  # slow: seconds of stream
+                   **{"resume-timeout": 3})
         deadline = time.monotonic() + 20
         while p.src.call("query-migrate")[0]["transferred"] < 4 << 20:
             assert time.monotonic() < deadline, "the migration never got going"
@@ -203,7 +208,8 @@ def test_a_wedged_destination_does_not_hold_a_stopped_source(transport: str) -> 
         before = device(p.src)["sha256"]
         with p.src.client() as c:
             c.call("migrate", device="vf0", peer=p.dst.address_of(transport), timeout=2,
-                   compress="zstd:19", cipher="aes-256-gcm", precopy=False)
+                   compress="zstd:19", cipher="aes-256-gcm", precopy=False,
+                   **{"resume-timeout": 4})
         deadline = time.monotonic() + 20
         while p.src.call("query-migrate")[0]["transferred"] < 2 << 20:
             assert time.monotonic() < deadline, "the migration never got going"

@@ -21,8 +21,8 @@ from migd.session import (
     Switchover,
     VmJob,
     check_vm,
-    run_source,
 )
+from migd.source import run_source
 from migd.stream import Workers
 
 from ..loopback import serving

@@ -30,9 +30,20 @@ from migd.protocol.connection import (
     Event,
     Offer,
     PeerFailed,
-    Role,
 )
 from migd.protocol.frames import HEADER, HEADER_SIZE, FrameType
+from migd.protocol.messages import (
+    Accept,
+    Ack,
+    Announce,
+    End,
+    Join,
+    Message,
+    Migrate,
+    Outcome,
+    Resume,
+)
+from migd.protocol.migration import Role
 
 Feeder = Callable[[Connection, bytes], None]
 
@@ -84,13 +95,14 @@ def test_handshake_and_messages(ids: dict[str, Identity], trust: AuthorizedKeys,
     assert isinstance(sev[0], Established) and sev[0].peer_name == "dst"
     assert isinstance(dev[0], Established) and dev[0].peer_name == "src"
     assert sev[0].cipher == dev[0].cipher == "aes-256-gcm"
-    src.send_control({"t": "migrate", "device": "vf0"})
-    dst.send_control({"t": "accept"})
+    src.send_control(Migrate(id="m1", device="vf0"))
+    dst.send_control(Accept(limit=1, token=bytes(32)))
     feed(dst, out(src))
     feed(src, out(dst))
     assert [e.msg for e in dst.events() if isinstance(e, Control)] == [
-        {"t": "migrate", "device": "vf0"}]
-    assert [e.msg for e in src.events() if isinstance(e, Control)] == [{"t": "accept"}]
+        Migrate(id="m1", device="vf0")]
+    assert [e.msg for e in src.events() if isinstance(e, Control)] == [
+        Accept(limit=1, token=bytes(32))]
 
 
 def seal(src: Connection, index: int, offset: int, data: bytes,
@@ -129,13 +141,22 @@ def fresh_pair() -> tuple[Connection, Connection]:
     return src, dst
 
 
+_count = st.integers(0, 2**63 - 1)
+_MESSAGES = st.one_of(
+    st.builds(Announce, more=_count), st.builds(Ack, index=_count, offset=_count),
+    st.builds(Join, token=st.binary(min_size=32, max_size=32), channel=_count),
+    st.builds(End, length=_count, chunks=_count, digest=st.binary(min_size=32, max_size=32)),
+    st.builds(Outcome, id=st.text(max_size=64), decision=st.sampled_from(["commit", "abort"])),
+    st.builds(Resume, id=st.text(max_size=64), token=st.binary(min_size=32, max_size=32),
+              index=_count, offset=_count, channels=_count),
+    st.builds(Migrate, id=st.text(max_size=64), device=st.text(max_size=32),
+              compat=st.dictionaries(st.text(max_size=8), st.integers(-5, 5), max_size=4),
+              reply_to=st.lists(st.text(max_size=20), max_size=3), precopy=st.booleans()))
+
+
 @settings(max_examples=60, deadline=None)
-@given(msgs=st.lists(st.dictionaries(st.text(min_size=1, max_size=8),
-                                     st.one_of(st.integers(-2**63, 2**63 - 1), st.binary(max_size=64),
-                                               st.text(max_size=32), st.booleans(), st.none()),
-                                     max_size=5), max_size=6),
-       cut=st.integers(min_value=1, max_value=97))
-def test_control_roundtrip(msgs: list[dict[str, object]], cut: int) -> None:
+@given(msgs=st.lists(_MESSAGES, max_size=6), cut=st.integers(min_value=1, max_value=97))
+def test_control_roundtrip(msgs: list[Message], cut: int) -> None:
     src, dst = fresh_pair()
     dst.events()
     for m in msgs:
@@ -175,7 +196,7 @@ def test_unknown_peer_is_refused_before_any_state(ids: dict[str, Identity],
     (ev,) = src.events()
     assert isinstance(ev, PeerFailed) and isinstance(ev.error.remote, UnknownPeer)
     with pytest.raises(ProtocolError):
-        dst.send_control({"t": "accept"})  # nothing sealed ever leaves
+        dst.send_control(Accept(limit=1, token=bytes(32)))  # nothing sealed ever leaves
 
 
 def test_source_refuses_an_unknown_destination(ids: dict[str, Identity]) -> None:
@@ -306,7 +327,7 @@ def test_sealed_frames_before_handshake_and_handshake_after(
 
 def test_garbage_hello(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
     dst = Connection(Role.DESTINATION, ids["dst"], trust)
-    body = msgpack.packb({"versions": [1]})
+    body = msgpack.packb({"versions": [2]})
     with pytest.raises(ProtocolError, match="field 'id'"):
         dst.receive_data(HEADER.pack(b"MG", FrameType.HELLO, 0, len(body), 0, 0, 0, 0) + body)
     dst = Connection(Role.DESTINATION, ids["dst"], trust)

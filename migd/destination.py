@@ -1,0 +1,598 @@
+"""The destination side: the listener's dispatch, and a thin driver over the table.
+
+Every connection authenticates first; its first message says what it is for: a
+new migration (``migrate``), a further channel of one (``join``), a broken
+migration's new link (``resume``), or a question about how one ended
+(``resolve``).  The driver loads the stream, votes once every byte arrived and
+the device accepted it, and then holds the loaded VF until it hears the
+source's decision: never a reset without hearing ABORT once it voted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from backends.base import Device
+from backends.states import DeviceState
+from transports.base import Channel
+
+from . import journal
+from .endpoint import Bus, Endpoint, is_link_failure, wait_event
+from .errors import (
+    IncompatibleDevice,
+    MigdError,
+    ProtocolError,
+    RemoteError,
+    WrongState,
+)
+from .protocol.connection import Connection, Offer
+from .protocol.messages import (
+    Accept,
+    Committed,
+    End,
+    Go,
+    Join,
+    Joined,
+    Loaded,
+    Migrate,
+    Ping,
+    Resolve,
+    Resume,
+    Resumed,
+)
+from .protocol.migration import ENTRY, Act, Event, Migration, Phase, Role
+from .resolve import answer, ask, backoff
+from .session import MAX_CHANNELS, Host, Inbound, Job, as_error
+from .stream import StreamReceiver
+
+log = logging.getLogger("migd.destination")
+
+
+class _Buffers:
+    """Where a connection's DATA payloads go; set once the connection has a role."""
+
+    def __init__(self) -> None:
+        self.take: Callable[[int], bytearray | memoryview | None] | None = None
+
+    def __call__(self, size: int) -> bytearray | memoryview | None:
+        if self.take is None:
+            raise ProtocolError("data before the session accepted it")
+        return self.take(size)
+
+
+async def serve_connection(host: Host, channel: Channel,
+                           ciphers: tuple[str, ...] | None = None) -> None:
+    """Authenticate a new connection, then hand it to what its first message asks
+    for.  ``ciphers``: what this listener accepts (default: the host's list)."""
+    buffers = _Buffers()
+    channel.stall_timeout = host.idle_timeout
+    conn = Connection(Role.DESTINATION, host.identity, host.authorized,
+                      Offer(ciphers=ciphers or host.ciphers, max_chunk=host.max_chunk),
+                      data_buffers=buffers, payloads_inline=channel.placement is None)
+    ep = Endpoint(channel, conn)
+    try:
+        await ep.handshake(host.idle_timeout)
+        first = await ep.next_control(host.idle_timeout)
+        if not isinstance(first, Migrate | Join | Resume | Resolve):
+            raise ProtocolError(f"expected 'migrate', 'join', 'resume' or 'resolve', peer sent "
+                                f"{first.T!r}")
+    except BaseException as exc:
+        err = as_error(exc)
+        log.warning("connection from %s refused: %s", channel.peer, err.message)
+        await ep.abort(err)
+        if not isinstance(exc, Exception):
+            raise
+        return
+    if isinstance(first, Join):
+        await _join(host, ep, buffers, first)
+    elif isinstance(first, Resume):
+        await _resume(host, ep, buffers, first)
+    elif isinstance(first, Resolve):
+        await answer(host, ep, first)
+    else:
+        job = Job("destination", first.device, peer=f"{_peer_name(ep)}@{channel.peer}",
+                  mid=first.id, id=first.id)
+        await DestinationDriver(host, job, first, ep, buffers).run()
+
+
+def _peer_name(ep: Endpoint) -> str:
+    return ep.established.peer_name if ep.established is not None else "?"
+
+
+async def _refuse(ep: Endpoint, err: MigdError, what: str) -> None:
+    log.warning("%s from %s refused: %s", what, ep.channel.peer, err.message)
+    await ep.abort(err)
+
+
+async def _join(host: Host, ep: Endpoint, buffers: _Buffers, msg: Join) -> None:
+    drv: DestinationDriver | None = host.tokens.get(msg.token)
+    k = msg.channel
+    assert ep.established is not None
+    try:
+        if drv is None or drv.receiver is None:
+            raise ProtocolError("join: no migration with that token")
+        if ep.established.peer_key != drv.peer_key:
+            raise ProtocolError("join: channel authenticated as another peer than its migration")
+        if not 0 < k < drv.receiver.nchannels or k in drv.joined:
+            raise ProtocolError(f"join: bad or duplicate channel number {k!r}")
+        if k != ep.conn.channel:
+            raise ProtocolError(f"join: channel {k} was opened as channel {ep.conn.channel}")
+    except MigdError as err:
+        await _refuse(ep, err, "channel")
+        if drv is not None:
+            drv.bus.fail(err)  # the real token, misused: fail closed
+        return
+    receiver = drv.receiver
+    drv.joined.add(k)
+    ep.bus = drv.bus  # from now on its failures are the migration's
+    buffers.take = lambda n: receiver.take_buffer(k, n)
+    receiver.attach(k, ep)
+    ep.handlers[Ping] = _ignore
+    await ep.send_control(Joined(channel=k))
+
+
+def _ignore(msg: object) -> None:
+    pass
+
+
+async def _resume(host: Host, ep: Endpoint, buffers: _Buffers, msg: Resume) -> None:
+    """A source whose link broke continues its migration on this new connection."""
+    assert ep.established is not None
+    job = host.find(Role.DESTINATION, msg.id)
+    drv = host.incoming.get(msg.id)
+    try:
+        if drv is None or job is None:
+            ended = job.status.value if job is not None else "unknown here"
+            raise ProtocolError(f"resume: migration {msg.id} cannot be resumed ({ended})")
+        if ep.established.peer_key != drv.peer_key:
+            raise ProtocolError("resume: authenticated as another peer than the migration's")
+        if msg.token != drv.token:
+            raise ProtocolError("resume: stale or wrong token")
+        if not job.machine.may(Event.RESUMED):
+            raise WrongState(f"resume: migration {msg.id} is {job.phase}, not resumable")
+        if not 1 <= msg.channels <= MAX_CHANNELS:
+            raise ProtocolError(f"resume: channels must be 1..{MAX_CHANNELS}")
+    except MigdError as err:
+        await _refuse(ep, err, "resume")
+        return
+    drv.token = b""  # spent: a second resume with it is refused
+    job.deliver(Inbound(Event.RESUMED, (ep, buffers, msg)))
+
+
+class DestinationDriver:
+    def __init__(self, host: Host, job: Job, req: Migrate | None, ep: Endpoint | None,
+                 buffers: _Buffers | None, phase: Phase = Phase.SETUP) -> None:
+        self.host = host
+        self.job = job
+        self.req = req
+        self.ep = ep
+        self.buffers = buffers
+        resumable = req is not None and req.resumable
+        self.m = job.machine = Migration(Role.DESTINATION,
+                                         host.policy(5 if resumable else 0), phase=phase)
+        job.wake = self._wake
+        self.bus = ep.bus if ep is not None else Bus()
+        self.peer_key = ep.established.peer_key if ep is not None and ep.established else b""
+        job.peer_key = self.peer_key
+        self.reply_to = list(req.reply_to) if req is not None else []
+        self.resume_vf = req.resume if req is not None else True
+        self.dev: Device | None = None
+        self.device_name = ""
+        self.receiver: StreamReceiver | None = None
+        self.token = b""
+        self.joined: set[int] = set()
+        self.end: End | None = None
+        self.record: journal.Record | None = None
+        self.error: MigdError | None = None
+        self._pending: Inbound | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def _wake(self) -> None:
+        self.bus.wake.set()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        acts = self.m.handle(Event.START, self._loop.time()) if self.m.phase is Phase.SETUP \
+            else ENTRY[(Role.DESTINATION, self.m.phase)]
+        while True:
+            event = await self._carry_out(acts)
+            if event is None:
+                if self.m.finished or self.m.phase is Phase.LOADED:
+                    return
+                acts = ENTRY[(Role.DESTINATION, self.m.phase)]
+                continue
+            acts = self.m.handle(event, self._loop.time())
+
+    async def _carry_out(self, acts: tuple[Act, ...]) -> Event | None:
+        event: Event | None = None
+        try:
+            for act in acts:
+                result = await self._acts[act](self)
+                if result is not None:
+                    event = result
+            return event
+        except BaseException as exc:
+            return self._classify(exc)
+
+    def _classify(self, exc: BaseException) -> Event | None:
+        err = as_error(exc)
+        if isinstance(exc, asyncio.CancelledError):
+            asked, self.job.cancel_asked = self.job.cancel_asked, False
+            cancellable = self.m.may_cancel() and not self.job.decided
+            if self.job.abandoned or not (asked or cancellable):
+                raise exc  # the daemon stops: the journal has what the next start needs
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if not cancellable:
+                # The operator's cancel lost the race to the decision: carry on.
+                log.warning("migration %s: cancel refused in phase %s", self.job.id,
+                            self.m.phase.value)
+                return None
+            self.error = err
+            return Event.CANCEL
+        if not isinstance(exc, Exception):
+            raise exc
+        self.error = err
+        if isinstance(err, RemoteError) and self.m.may(Event.PEER_ABORT):
+            return Event.PEER_ABORT  # the source says it aborted: that is its decision
+        if is_link_failure(err) and self.m.may(Event.LINK_DOWN):
+            return Event.LINK_DOWN
+        return Event.FAIL
+
+    async def _wait(self, kind: type[Any] | None, timeout: float, what: str,
+                    *inbound: Event) -> Any:
+        """The next control message of ``kind`` on the link, or one of ``inbound``
+        from the inbox (returned as it is); a link failure or silence raises."""
+        while True:
+            for item in self._drain(*inbound):
+                return item
+            if self.ep is not None and kind is not None:
+                msg = self.ep.pending_control()
+                if msg is not None:
+                    if not isinstance(msg, kind):
+                        raise ProtocolError(f"'{msg.T}' is not allowed while {self.m.phase.value}")
+                    return msg
+                await self.bus.wait_until(lambda: not self.job.inbox.empty()
+                                          or self.ep is None or self.ep.has_control(),
+                                          timeout, what)
+            else:
+                self.bus.wake.clear()
+                await wait_event(self.bus.wake, timeout)
+                if self.job.inbox.empty():
+                    return None
+
+    def _drain(self, *wanted: Event) -> list[Inbound]:
+        keep: list[Inbound | Event] = []
+        found: list[Inbound] = []
+        while not self.job.inbox.empty():
+            item = self.job.inbox.get_nowait()
+            what = item.what if isinstance(item, Inbound) else item
+            if not found and what in wanted:
+                found.append(item if isinstance(item, Inbound) else Inbound(what))
+            elif what is Event.RESUMED and isinstance(item, Inbound):
+                _refuse_later(item, "the migration is past resuming")
+            else:
+                keep.append(item)
+        for item in keep:
+            self.job.inbox.put_nowait(item)
+        return found
+
+    def _event_of(self, item: Any) -> Event:
+        """An inbox item as the event it stands for (a resumed link is kept for the act)."""
+        if isinstance(item, Inbound):
+            if item.what is Event.RESUMED:
+                self._pending = item
+            return item.what
+        raise AssertionError(item)
+
+    # --- acts ------------------------------------------------------------------------------
+
+    async def _arc(self, target: DeviceState) -> None:
+        assert self.dev is not None
+        await self._loop.run_in_executor(self.host.workers.io, self.dev.set_state, target)
+
+    async def accept(self) -> None:
+        host, job, req, ep = self.host, self.job, self.req, self.ep
+        assert req is not None and ep is not None and ep.established is not None
+        est = ep.established
+        job.cpu_start = time.process_time()
+        job.cipher = est.cipher
+        job.transport = ep.channel.transport
+        job.chunk_size = ep.conn.max_chunk
+        job.channels = req.channels
+        host.register(job)
+        name = host.placed(req.vm, req.source_address) or req.device
+        job.device = name
+        if not 1 <= req.channels <= MAX_CHANNELS:
+            raise ProtocolError(f"migrate: channels must be 1..{MAX_CHANNELS}")
+        if host.find(Role.DESTINATION, req.id) is not job:
+            raise ProtocolError(f"migrate: migration {req.id} is already known here")
+        self.dev = dev = host.claim(name)
+        self.device_name = name
+        if req.kind != dev.kind:
+            raise IncompatibleDevice(f"source device kind {req.kind!r} cannot load into "
+                                     f"{dev.kind!r} device {name!r}")
+        dev.check_compat(req.compat)
+        job.total = dev.state_size()
+        # Before the VF takes in anything: a restarted daemon must know to reset it.
+        self._journal(journal.LOADING)
+        await self._arc(DeviceState.RESUMING)
+        limit = host.stream_limit_factor * dev.state_size() + (64 << 20)
+        self.receiver = StreamReceiver(self.bus, dev, host.workers, job.counters,
+                                       ep.conn.max_chunk, limit, channels=req.channels)
+        self._attach_control(ep, self.buffers)
+        self._new_token()
+        host.incoming[job.mid] = self
+        await ep.send_control(Accept(limit=limit, token=self.token))
+        job.setup_time_ms = int((time.monotonic() - job.started) * 1000)
+
+    def _attach_control(self, ep: Endpoint, buffers: _Buffers | None) -> None:
+        receiver = self.receiver
+        assert receiver is not None and buffers is not None
+        buffers.take = lambda n: receiver.take_buffer(0, n)
+        receiver.attach(0, ep)
+        ep.handlers[Ping] = _ignore
+
+    def _new_token(self) -> None:
+        self.host.tokens.pop(self.token, None)
+        self.token = os.urandom(32)
+        self.host.tokens[self.token] = self
+
+    async def await_end(self) -> Event:
+        item = await self._wait(End, self.host.idle_timeout, "the end record",
+                                Event.RESUMED, Event.RESOLVED_ABORT)
+        if isinstance(item, End):
+            self.end = item
+            return Event.END
+        return self._event_of(item)
+
+    async def verify(self) -> Event:
+        assert self.receiver is not None and self.end is not None
+        await self.receiver.finish(self.end, self.host.idle_timeout)
+        self.host.faults.hit("destination", "after-end")
+        # RESUMING -> STOP is where the device itself validates what it loaded.
+        await self._arc(DeviceState.STOP)
+        self.host.faults.hit("destination", "after-stop")
+        return Event.VERIFIED
+
+    async def journal_vote(self) -> None:
+        self._journal(journal.VOTED)
+
+    async def send_vote(self) -> None:
+        assert self.ep is not None
+        await self.ep.send_control(Loaded())
+        self.host.faults.hit("destination", "after-loaded")
+
+    async def await_decision(self) -> Event:
+        item = await self._wait(Go, self.host.idle_timeout, "the source's decision",
+                                Event.RESUMED, Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT)
+        if isinstance(item, Go):
+            self.host.faults.hit("destination", "after-go")
+            return Event.GO
+        return self._event_of(item)
+
+    async def journal_commit(self) -> None:
+        self._journal(journal.COMMIT)
+        self.job.committed = True
+        self.host.faults.hit("destination", "after-decision")
+
+    async def start_vf(self) -> Event:
+        if not self.resume_vf:
+            return Event.KEPT_STOPPED
+        await self._arc(DeviceState.RUNNING)
+        self.host.faults.hit("destination", "after-commit")
+        return Event.STARTED
+
+    async def send_committed(self) -> None:
+        if self.ep is not None and self.bus.error is None:
+            try:
+                await self.ep.send_control(Committed(running=self.resume_vf))
+            except MigdError as err:  # the source asks again if it has to
+                log.info("incoming migration %s: could not confirm: %s", self.job.id,
+                         err.message)
+
+    async def journal_done(self) -> None:
+        if self.record is not None:
+            self.record.started = self.resume_vf
+        self._journal(journal.COMPLETED, quiet=True)
+        job, dev = self.job, self.dev
+        job.rate = job.counters.transferred / max(1e-9, time.monotonic() - job.started)
+        log.info("incoming migration %s into %s committed (%d bytes, %d channel(s), device %s)",
+                 job.id, self.device_name, job.counters.transferred, job.channels,
+                 dev.state.name if dev else "-")
+
+    async def await_resume(self) -> Event:
+        """The link broke before the vote: keep what is loaded, wait for the source."""
+        await self._detach()
+        log.warning("incoming migration %s: %s; waiting %.0fs for the source to resume",
+                    self.job.id, self.error.message if self.error else "link lost",
+                    self.m.policy.resume_timeout)
+        while True:
+            remaining = (self.m.deadline or 0) - self._loop.time()
+            if remaining <= 0:
+                return Event.RESUME_TIMEOUT
+            item = await self._wait(None, remaining, "a resume", Event.RESUMED,
+                                    Event.RESOLVED_ABORT)
+            if item is not None:
+                return self._event_of(item)
+
+    async def _detach(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.detach()
+        if self.ep is not None:
+            self.ep.channel.close()
+        self.ep = None
+
+    async def send_resumed(self) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None and self.receiver is not None
+        ep, buffers, msg = pending.payload
+        await self._detach()
+        rx = self.receiver
+        # The source continues from what it last heard acknowledged; past what was
+        # loaded here, that is a lie (or a bug): fail closed.
+        if msg.index > rx.next_index or msg.offset > rx.written \
+                or (msg.index == rx.next_index) != (msg.offset == rx.written):
+            err = ProtocolError(f"resume at chunk {msg.index} / offset {msg.offset}: this "
+                                f"destination acknowledged only up to chunk {rx.next_index} / "
+                                f"offset {rx.written}")
+            await ep.abort(err)
+            raise err
+        self.ep, self.buffers = ep, buffers
+        self.bus = Bus()
+        ep.bus = self.bus
+        self.joined = set()
+        rx.rebind(self.bus, msg.channels)
+        self._attach_control(ep, buffers)
+        self._new_token()
+        self.job.channels = msg.channels
+        await ep.send_control(Resumed(index=rx.next_index, offset=rx.written,
+                                      announced=rx.announced, token=self.token,
+                                      voted=self.m.voted))
+        log.info("incoming migration %s resumed at chunk %d (offset %d), %d channel(s)",
+                 self.job.id, rx.next_index, rx.written, msg.channels)
+
+    async def resolve(self) -> Event:
+        """Voted, and the link broke: ask the source how it decided (or, once committed,
+        wait for the operator to retry a VF that would not start)."""
+        job = self.job
+        await self._detach()
+        committed = self.job.committed
+        if self.m.phase is Phase.UNRESOLVED and not job.unresolved.startswith("reported"):
+            if committed:
+                job.unresolved = (f"committed, but the VF did not start: "
+                                  f"{self.error.message if self.error else '?'}")
+            log.error("incoming migration %s UNRESOLVED: %s; the VF %s stays stopped with the "
+                      "loaded state. 'migd resolve %s --confirm' starts it, '--resume-source' "
+                      "resets it", job.id, job.unresolved, self.device_name, job.id)
+            job.unresolved = "reported: " + job.unresolved
+        attempt = 0
+        while True:
+            wanted = (Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT, Event.RESUMED)
+            for item in self._drain(*wanted):
+                return self._event_of(item)
+            if not committed:
+                try:
+                    outcome = await ask(self.host, self.reply_to, self.peer_key,
+                                        Resolve(id=job.mid, decision=""), self.host.idle_timeout)
+                    if outcome.decision in ("commit", "abort"):
+                        log.info("incoming migration %s: the source says %s", job.id,
+                                 outcome.decision)
+                        return (Event.RESOLVED_COMMIT if outcome.decision == "commit"
+                                else Event.RESOLVED_ABORT)
+                    if outcome.decision == "unknown":
+                        job.unresolved = "the source does not know this migration"
+                except MigdError as err:
+                    job.unresolved = f"cannot reach the source: {err.message}"
+                if self.m.phase is Phase.RESOLVING and self.m.deadline is not None \
+                        and self._loop.time() >= self.m.deadline:
+                    return Event.RESOLVE_TIMEOUT
+            attempt += 1
+            self.bus.wake.clear()
+            await wait_event(self.bus.wake, backoff(attempt, slow=self.m.phase is Phase.UNRESOLVED))
+
+    async def reset_vf(self) -> None:
+        """Before the vote, or on ABORT: wipe whatever was loaded."""
+        job, dev = self.job, self.dev
+        err = self.error or MigdError("aborted")
+        if dev is not None:
+            try:
+                await self._loop.run_in_executor(self.host.workers.io, dev.reset)
+            except Exception as exc:
+                log.error("incoming migration %s: reset of %s failed: %s", job.id, dev.name, exc)
+        if self.record is not None:
+            self.record.reason = err.message
+            self._journal(journal.RESET, quiet=True)
+        if self.ep is not None:
+            await self.ep.abort(err)
+        self.error = self.job.error = err
+        log.warning("incoming migration %s failed: %s", job.id, err.message)
+
+    async def finish(self) -> None:
+        self.host.incoming.pop(self.job.mid, None)
+        self.host.tokens.pop(self.token, None)
+        if self.receiver is not None:
+            await self.receiver.close()
+        if self.ep is not None:
+            self.ep.channel.close()
+        if self.dev is not None:
+            self.host.busy.discard(self.device_name)
+        self.job.finish(self.error if self.m.phase is Phase.RESET else None)
+        self.host.finished(self.job)
+
+    # --- the journal --------------------------------------------------------------------------
+
+    def _journal(self, phase: str, quiet: bool = False) -> None:
+        j = self.host.journal
+        if j is None:
+            return
+        if self.record is None:
+            self.record = journal.Record(role="destination", id=self.job.mid, phase=phase,
+                                         device=self.device_name, peer=self.reply_to,
+                                         peer_key=self.peer_key.hex(), resume=self.resume_vf)
+        self.record.phase = phase
+        try:
+            j.write(self.record)
+        except OSError as exc:
+            if not quiet:
+                raise WrongState(f"journal {j.dir}: {exc.strerror}") from None
+            log.error("journal %s: %s", j.dir, exc.strerror)
+
+    _acts: dict[Act, Callable[[DestinationDriver], Awaitable[Event | None]]] = {
+        Act.ACCEPT: accept, Act.AWAIT_END: await_end, Act.VERIFY: verify,
+        Act.JOURNAL_VOTE: journal_vote, Act.SEND_VOTE: send_vote,
+        Act.AWAIT_DECISION: await_decision, Act.JOURNAL_COMMIT: journal_commit,
+        Act.START_VF: start_vf, Act.SEND_COMMITTED: send_committed,
+        Act.JOURNAL_DONE: journal_done, Act.AWAIT_RESUME: await_resume,
+        Act.SEND_RESUMED: send_resumed, Act.RESOLVE: resolve, Act.RESET_VF: reset_vf,
+        Act.FINISH: finish,
+    }
+
+
+def _refuse_later(item: Inbound, why: str) -> None:
+    ep = item.payload[0] if isinstance(item.payload, tuple) else None
+    if isinstance(ep, Endpoint):
+        asyncio.get_running_loop().create_task(ep.abort(WrongState(f"resume: {why}")))
+
+
+def recovered_destination(host: Host, rec: journal.Record, dev: Device) -> tuple[Job, DestinationDriver]:
+    """An incoming migration that voted (or committed) before the daemon stopped."""
+    job = Job("destination", rec.device, peer="", id=rec.id)
+    job.recovered = True
+    phase = Phase.COMMITTING if rec.phase == journal.COMMIT else Phase.RESOLVING
+    drv = DestinationDriver(host, job, None, None, None, phase=phase)
+    drv.m.policy.max_resumes = 0
+    drv.m.deadline = asyncio.get_running_loop().time() + host.resolve_timeout
+    drv.dev, drv.device_name, drv.record = dev, rec.device, rec
+    drv.peer_key = bytes.fromhex(rec.peer_key)
+    drv.reply_to = list(rec.peer)
+    drv.resume_vf = rec.resume
+    job.committed = rec.phase == journal.COMMIT
+    host.incoming[job.mid] = drv
+    return job, drv
+
+
+async def resume_loaded(host: Host, job: Job, dev: Device) -> None:
+    """device-resume: start a VF that an incoming migration committed and left stopped."""
+    if dev.state != DeviceState.STOP:
+        raise WrongState(f"device {dev.name} is {dev.state.name}, not the stopped VF migration "
+                         f"{job.id} left loaded")
+    loop = asyncio.get_running_loop()
+    host.busy.add(dev.name)
+    try:
+        await loop.run_in_executor(host.workers.io, dev.set_state, DeviceState.RUNNING)
+        job.machine.handle(Event.STARTED, loop.time())
+        rec = host.journal.get("destination", job.mid) if host.journal is not None else None
+        if rec is not None and host.journal is not None:
+            rec.started = True
+            host.journal.write(rec)
+    finally:
+        host.busy.discard(dev.name)
+    log.info("device %s resumed (the state of incoming migration %s)", dev.name, job.id)

@@ -1,0 +1,193 @@
+"""The durable record of every migration's switchover: what was voted, what was decided.
+
+Two-phase commit only rules out a forked or lost VF if a vote, a decision and a
+resume survive a crash of the side that made them.  Each migration (each VM on
+the source, for the one decision of all its devices) is one small JSON file in
+``state_dir`` (the unit's ``StateDirectory``, ``/var/lib/migd``), replaced
+atomically: written to a temporary file, fsynced, renamed over the old one, and
+the directory fsynced.  A record therefore reads whole or not at all; a file
+that does not parse, or whose checksum does not match, is damage from outside
+and stops the daemon at start, naming the file (it must not start half
+recovered).  Records of migrations that ended are kept for ``RETENTION`` so a
+peer that was down can still ask how they ended, then pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger("migd.journal")
+
+FORMAT = 1
+#: How long the record of a migration that ended is kept (seconds).
+RETENTION = 7 * 24 * 3600
+
+# Record phases.  Source: active -> commit -> completed, or aborted.
+# Destination: loading -> voted -> commit -> completed (resumed / loaded), or reset.
+ACTIVE, COMMIT, COMPLETED, ABORTED = "active", "commit", "completed", "aborted"
+LOADING, VOTED, RESET = "loading", "voted", "reset"
+PHASES = {"source": (ACTIVE, COMMIT, COMPLETED, ABORTED),
+          "destination": (LOADING, VOTED, COMMIT, COMPLETED, RESET),
+          "group": (ACTIVE, COMMIT, ABORTED)}
+OPEN = {"source": (ACTIVE, COMMIT), "destination": (LOADING, VOTED, COMMIT),
+        "group": (ACTIVE, COMMIT)}
+
+
+@dataclasses.dataclass
+class Record:
+    """One migration on one side (or, ``role == "group"``, one VM's decision)."""
+
+    role: str
+    id: str
+    phase: str
+    device: str = ""
+    #: Source: the destination's address; destination: where the source listens.
+    peer: list[str] = dataclasses.field(default_factory=list)
+    #: The peer's identity key (hex): only it may resume or resolve this migration.
+    peer_key: str = ""
+    #: Source: the VM decision record this device's migration belongs to ("" if alone).
+    group: str = ""
+    #: Group: its members' migration ids.
+    members: list[str] = dataclasses.field(default_factory=list)
+    #: Destination: start the VF once committed (else leave it loaded and stopped).
+    resume: bool = True
+    #: Destination, after a stay-stopped commit: the VF has since been resumed.
+    started: bool = False
+    reason: str = ""
+    updated: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        return f"{self.role}-{self.id}"
+
+    @property
+    def open(self) -> bool:
+        return self.phase in OPEN[self.role]
+
+
+def _body(rec: Record) -> dict[str, Any]:
+    return dataclasses.asdict(rec)
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _safe_name(key: str) -> bool:
+    return bool(key) and all(c.isalnum() or c in "-_" for c in key)
+
+
+class Journal:
+    """The records in one directory; every write is durable when it returns."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise ConfigError(f"state_dir {directory}: {exc.strerror}") from None
+        self.records: dict[str, Record] = {}
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._dirfd)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.dir, key + ".json")
+
+    def load(self) -> list[Record]:
+        """Every record, checked; a damaged one is a ConfigError naming its file."""
+        self.records.clear()
+        for name in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, name)
+            if name.endswith(".json.tmp"):
+                os.unlink(path)  # never renamed into place: it was never written
+                continue
+            if not name.endswith(".json"):
+                continue
+            rec = self._read(path)
+            if rec.key + ".json" != name:
+                raise ConfigError(f"journal {path}: record {rec.key!r} in the wrong file")
+            self.records[rec.key] = rec
+        return list(self.records.values())
+
+    @staticmethod
+    def _read(path: str) -> Record:
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"journal {path} is damaged ({why}); migd will not start "
+                               "half recovered: restore it, or move it away after checking "
+                               "the device it names by hand")
+        try:
+            with open(path, "rb") as f:
+                raw = json.loads(f.read())
+        except OSError as exc:
+            raise ConfigError(f"journal {path}: {exc.strerror}") from None
+        except (ValueError, UnicodeDecodeError):
+            raise bad("not valid JSON: truncated or overwritten") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise bad("unknown format")
+        body, checksum = raw.get("record"), raw.get("sha256")
+        if not isinstance(body, dict) or checksum != _checksum(body):
+            raise bad("checksum mismatch")
+        names = {f.name for f in dataclasses.fields(Record)}
+        if set(body) != names:
+            raise bad("unexpected fields")
+        try:
+            rec = Record(**body)
+        except TypeError:
+            raise bad("unexpected fields") from None
+        if rec.role not in PHASES or rec.phase not in PHASES[rec.role] or not _safe_name(rec.key):
+            raise bad(f"role {rec.role!r} / phase {rec.phase!r}")
+        return rec
+
+    def write(self, rec: Record) -> None:
+        """Replace ``rec``'s file atomically and durably (file and directory fsynced)."""
+        if not _safe_name(rec.key):
+            raise ConfigError(f"journal: bad record key {rec.key!r}")
+        rec.updated = time.time()
+        body = _body(rec)
+        data = json.dumps({"format": FORMAT, "record": body, "sha256": _checksum(body)},
+                          sort_keys=True).encode()
+        path = self._path(rec.key)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        os.fsync(self._dirfd)
+        self.records[rec.key] = rec
+
+    def get(self, role: str, mid: str) -> Record | None:
+        return self.records.get(f"{role}-{mid}")
+
+    def prune(self, now: float | None = None, retention: float = RETENTION) -> list[str]:
+        """Forget migrations that ended more than ``retention`` seconds ago."""
+        now = time.time() if now is None else now
+        gone = []
+        for key, rec in list(self.records.items()):
+            if not rec.open and now - rec.updated > retention:
+                if rec.role == "group" and any(
+                        r.group == rec.id and r.open for r in self.records.values()):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(key))
+                del self.records[key]
+                gone.append(key)
+        if gone:
+            os.fsync(self._dirfd)
+        return gone

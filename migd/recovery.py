@@ -1,0 +1,154 @@
+"""Crash recovery: what a starting daemon does with the migrations its journal names.
+
+It runs before the daemon accepts any work.  The rules are the commit protocol's
+(``shared/reference/commit-protocol.md``):
+
+======================  ==============================================================
+source, no decision     abort: its VF back to RUNNING (its state is intact); the
+                        destination is told ABORT when it can be reached
+source, COMMIT          its VF stays stopped; the destination must hear ``go``
+                        (resolution; ``unresolved`` if it cannot be reached in time)
+destination, loading    reset its VF
+destination, voted      ask the source: COMMIT -> journal, start; ABORT -> reset
+destination, COMMIT     start its VF (unless it was to stay stopped)
+======================  ==============================================================
+
+A record naming a device this daemon does not have, or a journal file that is
+damaged, stops the start: recovering half would be worse than not starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from backends.states import DeviceState
+
+from . import journal
+from .destination import recovered_destination
+from .errors import ConfigError, MigdError
+from .protocol.migration import Migration, Phase, Role
+from .resolve import notify_abort
+from .session import Host, Job
+from .source import recovered_source
+
+log = logging.getLogger("migd.recovery")
+
+
+def recover(host: Host) -> list[Coroutine[Any, Any, None]]:
+    """Settle every record; returns the drivers to run (as soon as the loop runs)."""
+    j = host.journal
+    assert j is not None
+    records = j.load()
+    groups = {r.id: r for r in records if r.role == "group"}
+    runs: list[Coroutine[Any, Any, None]] = []
+    for rec in sorted(records, key=lambda r: r.updated):
+        if rec.role == "group":
+            continue
+        dev = host.devices.get(rec.device)
+        if rec.open and dev is None:
+            raise ConfigError(f"journal {j.dir}/{rec.key}.json: {rec.role} migration {rec.id} "
+                              f"holds device {rec.device!r}, which this daemon does not have; "
+                              "configure it again (or settle the migration by hand and move "
+                              "the file away)")
+        if rec.role == "source":
+            group = groups.get(rec.group) if rec.group else None
+            decided = rec.phase == journal.COMMIT or (
+                rec.open and group is not None and group.phase == journal.COMMIT)
+            if rec.open and decided:
+                assert dev is not None
+                job, drv = recovered_source(host, rec, dev)
+                host.busy.add(rec.device)
+                _hold_stopped(rec, dev)
+                log.warning("recovery: migration %s decided COMMIT before the restart: %s "
+                            "stays stopped; telling the destination", rec.id, rec.device)
+                _start(host, job, drv.run(), runs)
+            elif rec.open:
+                assert dev is not None
+                _abort_source(host, rec, dev)
+                job = _history(host, rec, Phase.ROLLED_BACK, MigdError(
+                    "migd restarted before the switchover was decided: the source VF runs "
+                    "again with its state"))
+                runs.append(notify_abort(host, rec.peer, bytes.fromhex(rec.peer_key), rec.id))
+            else:
+                _history(host, rec, Phase.DONE if rec.phase == journal.COMPLETED
+                         else Phase.ROLLED_BACK, MigdError(rec.reason) if rec.reason else None)
+        else:
+            if rec.phase == journal.LOADING:
+                assert dev is not None
+                try:
+                    dev.reset()
+                except MigdError as err:
+                    log.error("recovery: reset of %s failed: %s", rec.device, err.message)
+                rec.reason = "migd restarted before the stream was complete: the VF was reset"
+                rec.phase = journal.RESET
+                j.write(rec)
+                log.warning("recovery: incoming migration %s had not voted: %s reset", rec.id,
+                            rec.device)
+                _history(host, rec, Phase.RESET, MigdError(rec.reason))
+            elif rec.open:
+                assert dev is not None
+                job, ddrv = recovered_destination(host, rec, dev)
+                host.busy.add(rec.device)
+                log.warning("recovery: incoming migration %s %s before the restart: %s holds the "
+                            "loaded state", rec.id, rec.phase, rec.device)
+                _start(host, job, ddrv.run(), runs)
+            elif rec.phase == journal.COMPLETED and not rec.resume and not rec.started \
+                    and dev is not None and dev.state == DeviceState.STOP:
+                _history(host, rec, Phase.LOADED, None)  # device-resume starts it
+            else:
+                _history(host, rec, Phase.DONE if rec.phase == journal.COMPLETED
+                         else Phase.RESET, MigdError(rec.reason) if rec.reason else None)
+    j.prune()
+    return runs
+
+
+def _start(host: Host, job: Job, run: Coroutine[Any, Any, None],
+           runs: list[Coroutine[Any, Any, None]]) -> None:
+    host.register(job)
+
+    async def driver() -> None:
+        job.task = asyncio.current_task()
+        await run
+
+    runs.append(driver())
+
+
+def _hold_stopped(rec: journal.Record, dev: Any) -> None:
+    """A decided source VF never runs again here: out of STOP_COPY, into STOP."""
+    try:
+        if dev.state in (DeviceState.STOP_COPY, DeviceState.PRE_COPY_P2P,
+                         DeviceState.RUNNING_P2P):
+            dev.set_state(DeviceState.STOP)
+        elif dev.state == DeviceState.RUNNING:
+            log.error("recovery: %s runs although migration %s decided COMMIT (it kept no "
+                      "state across the restart?)", rec.device, rec.id)
+    except MigdError as err:
+        log.error("recovery: could not stop %s: %s", rec.device, err.message)
+
+
+def _abort_source(host: Host, rec: journal.Record, dev: Any) -> None:
+    try:
+        dev.recover()
+    except MigdError as err:
+        log.error("recovery: could not bring %s back to RUNNING: %s", rec.device, err.message)
+    rec.phase = journal.ABORTED
+    rec.reason = "migd restarted before the decision: the source VF was resumed"
+    assert host.journal is not None
+    host.journal.write(rec)
+    log.warning("recovery: migration %s was not decided: %s runs again (%s)", rec.id,
+                rec.device, dev.state.name)
+
+
+def _history(host: Host, rec: journal.Record, phase: Phase, error: MigdError | None) -> Job:
+    job = Job(rec.role, rec.device, peer=", ".join(rec.peer), id=rec.id)
+    job.machine = Migration(Role(rec.role), phase=phase)
+    job.recovered = True
+    job.error = error
+    job.peer_key = bytes.fromhex(rec.peer_key) if rec.peer_key else b""
+    job.decided = rec.role == "source" and phase is Phase.DONE
+    job.done.set()
+    host.register(job)
+    return job

@@ -1,0 +1,569 @@
+"""The source side of a migration: a thin driver over the migration table.
+
+:func:`run_source` feeds the :class:`~migd.protocol.migration.Migration` machine
+events and carries out the acts it returns; each act is a method here, and the
+last act of a transition produces the next event.  Whatever an act raises
+becomes an event too: a cancel, a broken link (resumable before the vote), or
+a failure.  What may happen in which phase, and what follows, is the table's
+business, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import transports
+from backends.base import Device
+from backends.states import DeviceState, MigCap
+
+from . import journal
+from .codec import Encoder
+from .endpoint import Bus, Endpoint, is_link_failure, wait_event
+from .errors import (
+    Cancelled,
+    MigdError,
+    ProtocolError,
+    WrongState,
+)
+from .protocol.connection import Connection, Offer
+from .protocol.messages import (
+    Accept,
+    Committed,
+    Go,
+    InitialLoaded,
+    InitialSent,
+    Join,
+    Joined,
+    Loaded,
+    Migrate,
+    Ping,
+    Resolve,
+    Resume,
+    Resumed,
+)
+from .protocol.migration import ENTRY, Act, Event, Migration, Phase, Role
+from .resolve import ask, backoff, notify_abort
+from .session import Host, Inbound, Job, MigrateOptions, Switchover, as_error
+from .stream import StreamSender
+
+log = logging.getLogger("migd.source")
+
+#: A waiting source says it is alive this often (the destination counts silence).
+PING_EVERY = 5.0
+
+
+async def open_channel(host: Host, peer: str, index: int, bus: Bus, timeout: float,
+                       ciphers: tuple[str, ...], chunk: int) -> Endpoint:
+    """Connect and authenticate one channel to ``peer`` (a migd listener)."""
+    name, address = transports.REGISTRY.split(peer, host.transport)
+    channel = await transports.REGISTRY.create(name).connect(address, timeout)
+    channel.stall_timeout = timeout
+    conn = Connection(Role.SOURCE, host.identity, host.authorized,
+                      Offer(ciphers=ciphers, max_chunk=chunk), channel=index,
+                      payloads_inline=channel.placement is None)
+    ep = Endpoint(channel, conn, bus)
+    try:
+        await ep.handshake(timeout)
+    except BaseException:
+        channel.close()
+        raise
+    return ep
+
+
+async def run_source(host: Host, job: Job, opts: MigrateOptions,
+                     vm: Switchover | None = None) -> None:
+    """Migrate ``opts.device`` to ``opts.peer``; with ``vm``, together with the VM's
+    other devices.  Never leaves the device stopped on a failure before the
+    decision; never resumes it after."""
+    await SourceDriver(host, job, opts, vm).run()
+
+
+class SourceDriver:
+    def __init__(self, host: Host, job: Job, opts: MigrateOptions,
+                 group: Switchover | None = None, phase: Phase = Phase.SETUP) -> None:
+        self.host = host
+        self.job = job
+        self.opts = opts
+        self.group = group
+        skip = set()
+        if group is None:
+            skip.add(Phase.VM_BARRIER)
+        if not opts.pause_before_switchover:
+            skip.add(Phase.PAUSED)
+        self.m = job.machine = Migration(Role.SOURCE, host.policy(opts.max_resumes,
+                                                                  opts.resume_timeout),
+                                         frozenset(skip), phase)
+        job.wake = self._wake
+        self.dev: Device | None = None
+        self.claimed = False
+        self.sender: StreamSender | None = None
+        self.eps: list[Endpoint] = []
+        self.bus = Bus()
+        self.peer_key = b""
+        self.limit = 0
+        self.token = b""
+        self.record: journal.Record | None = None
+        self.initial_offset: int | None = None  # where the initial bytes ended, once sent
+        self.initial_loaded = False
+        self.end_sent = False
+        self.t_stop: float | None = None
+        self.error: MigdError | None = None
+        self.dest_running = False
+        self._notice: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def _wake(self) -> None:
+        self.bus.wake.set()
+
+    @property
+    def control(self) -> Endpoint:
+        return self.eps[0]
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        acts = ENTRY[(Role.SOURCE, self.m.phase)]
+        while True:
+            event = await self._carry_out(acts)
+            if event is None:
+                if not self.m.finished:
+                    continue  # a cancel the table refused: carry on where we were
+                return
+            if self.job.decided and event in (Event.FAIL, Event.CANCEL) \
+                    and self.m.phase is Phase.DECIDING:
+                event = Event.DECIDED  # the VM's decision was taken: this device follows it
+            came_from = self.m.phase
+            acts = self.m.handle(event, self._loop.time())
+            if self.m.phase is Phase.RECONNECTING and came_from is not Phase.RECONNECTING:
+                log.warning("migration %s: %s; resuming (%d of %d)", self.job.id,
+                            self.error.message if self.error else "link lost", self.m.resumes,
+                            self.m.policy.max_resumes)
+
+    async def _carry_out(self, acts: tuple[Act, ...]) -> Event | None:
+        event: Event | None = None
+        try:
+            for act in acts:
+                result = await self._acts[act](self)
+                if result is not None:
+                    event = result
+            return event
+        except BaseException as exc:
+            return self._classify(exc)
+
+    def _classify(self, exc: BaseException) -> Event | None:
+        err = as_error(exc)
+        if isinstance(exc, asyncio.CancelledError):
+            asked, self.job.cancel_asked = self.job.cancel_asked, False
+            cancellable = self.m.may_cancel() and not self.job.decided
+            if self.job.abandoned or not (asked or cancellable):
+                raise exc  # the daemon stops: the journal has what the next start needs
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if not cancellable:
+                # The operator's cancel lost the race to the decision: carry on.
+                log.warning("migration %s: cancel refused in phase %s", self.job.id,
+                            self.m.phase.value)
+                return None
+            if self.group is not None and self.group.error is not None:
+                self.error = self.group.error  # a sibling failed, not an operator's cancel
+                return Event.FAIL
+            self.error = err
+            return Event.CANCEL
+        if not isinstance(exc, Exception):
+            raise exc
+        self.error = err
+        if is_link_failure(err) and self.m.may(Event.LINK_DOWN):
+            return Event.LINK_DOWN
+        return Event.FAIL
+
+    # --- acts -----------------------------------------------------------------------------
+
+    async def _arc(self, target: DeviceState) -> None:
+        assert self.dev is not None
+        await self._loop.run_in_executor(self.host.workers.io, self.dev.set_state, target)
+
+    async def connect(self) -> Event:
+        host, job, opts = self.host, self.job, self.opts
+        job.cpu_start = time.process_time()
+        job.compress = str(opts.compress)
+        job.channels = opts.channels
+        self.dev = dev = host.claim(opts.device)
+        self.claimed = True
+        job.total = dev.state_size()
+        precopy = opts.precopy and bool(dev.caps & MigCap.PRE_COPY)
+        if not precopy:
+            self.m.skip = self.m.skip | {Phase.PRECOPY, Phase.SWITCHOVER_ACK}
+        ep = await self._channel(0, self.bus)
+        self.eps = [ep]
+        assert ep.established is not None
+        self.peer_key = job.peer_key = ep.established.peer_key
+        job.cipher = ep.established.cipher
+        job.transport = ep.channel.transport
+        job.chunk_size = ep.conn.max_chunk
+        if job.chunk_size < opts.chunk_size:
+            log.info("migration %s: chunk size %d negotiated down to the destination's %d",
+                     job.id, opts.chunk_size, job.chunk_size)
+        log.info("migration %s: %s authenticated as %s, cipher %s, %d channel(s)", job.id,
+                 opts.peer, ep.established.peer_name, job.cipher, opts.channels)
+        await ep.send_control(Migrate(
+            id=job.mid, device=opts.dest_device or opts.device, kind=dev.kind,
+            compat=dev.compat(), state_size=dev.state_size(), precopy=precopy,
+            resume=opts.resume, channels=opts.channels,
+            source_address=host.addresses.get(opts.device, ""), vm=opts.vm,
+            reply_to=host.listen, resumable=opts.max_resumes > 0))
+        accept = await ep.expect(Accept, opts.timeout)
+        self.limit, self.token = accept.limit, accept.token
+        self.eps += await self._join(self.token, self.bus)
+        job.setup_time_ms = int((time.monotonic() - job.started) * 1000)
+        # Before the VF first leaves RUNNING: a restarted daemon must know it is ours.
+        self._journal(journal.ACTIVE)
+        self.sender = StreamSender(self.eps, dev, Encoder(opts.compress), host.workers,
+                                   job.counters, opts.inflight, opts.max_bandwidth, opts.timeout,
+                                   keep=opts.max_resumes > 0)
+        self._handlers()
+        return Event.ACCEPTED
+
+    async def _channel(self, index: int, bus: Bus) -> Endpoint:
+        opts = self.opts
+        ep = await open_channel(self.host, opts.peer, index, bus, opts.timeout, opts.ciphers,
+                                opts.chunk_size)
+        assert ep.established is not None
+        if self.peer_key and ep.established.peer_key != self.peer_key:
+            ep.channel.close()
+            raise ProtocolError(f"{opts.peer} now authenticates as another peer than the one "
+                                "this migration started with")
+        return ep
+
+    async def _join(self, token: bytes, bus: Bus) -> list[Endpoint]:
+        eps = []
+        try:
+            for k in range(1, self.opts.channels):
+                extra = await self._channel(k, bus)
+                eps.append(extra)
+                await extra.send_control(Join(token=token, channel=k))
+                await extra.expect(Joined, self.opts.timeout)
+        except BaseException:
+            for e in eps:
+                e.channel.close()
+            raise
+        return eps
+
+    def _handlers(self) -> None:
+        def loaded(msg: InitialLoaded) -> None:
+            self.initial_loaded = True
+
+        self.control.handlers[InitialLoaded] = loaded
+        self.control.handlers[Ping] = lambda msg: None
+
+    async def iterate(self) -> Event:
+        """Pre-copy: iterate while what is pending would not fit the downtime limit at
+        the measured rate (or until the iterations or the announce room run out)."""
+        dev, sender, job, opts = self.dev, self.sender, self.job, self.opts
+        assert dev is not None and sender is not None
+        if dev.state == DeviceState.RUNNING:
+            await self._arc(DeviceState.PRE_COPY)
+        if self.initial_offset is not None and not self.initial_loaded:
+            await sender.control.send_control(InitialSent(offset=self.initial_offset))
+        sent_total = 0
+        t0 = time.monotonic()
+        while True:
+            info = dev.precopy_info()
+            pending = info.initial_bytes + info.dirty_bytes
+            elapsed = time.monotonic() - t0
+            rate = sent_total / elapsed if elapsed > 0 and sent_total else 0.0
+            job.rate = rate
+            if rate:
+                job.expected_downtime_ms = int(pending / rate * 1000)
+            if info.initial_bytes == 0:
+                if self.initial_offset is None:
+                    self.initial_offset = sender.offset
+                    await sender.control.send_control(InitialSent(offset=sender.offset))
+                fits = rate > 0 and pending / rate * 1000 <= opts.downtime_limit_ms
+                room = self.limit - sender.announced - dev.stop_copy_size() - pending
+                if fits or pending == 0 or job.dirty_sync_count >= opts.max_iterations or room < 0:
+                    return Event.CONVERGED
+            sent_total += await sender.send(pending)
+            job.dirty_sync_count += 1
+
+    async def await_initial(self) -> Event:
+        """switchover-ack: stop the source only once the destination loaded the initial bytes."""
+        await self.control.bus.wait_until(lambda: self.initial_loaded, self.opts.timeout,
+                                          "'initial-loaded'")
+        return Event.INITIAL_LOADED
+
+    async def reach_p2p(self) -> Event:
+        assert self.group is not None and self.dev is not None
+        member = self.group.member(self.job)
+        await self.group.reach("converged", member, self._ping)
+        p2p = (DeviceState.PRE_COPY_P2P if self.dev.state in (DeviceState.PRE_COPY,
+                                                              DeviceState.PRE_COPY_P2P)
+               else DeviceState.RUNNING_P2P)
+        await self._arc(p2p)
+        await self.group.reach("p2p", member, self._ping)  # none stops before all stopped DMA
+        return Event.P2P
+
+    async def _ping(self) -> None:
+        self.control.bus.check()
+        await self.control.send_control(Ping())
+
+    async def await_continue(self) -> Event:
+        """pre-switchover: the VF runs (or is in P2P) until the operator says go on."""
+        log.info("migration %s: paused before switchover; 'migd migrate-continue %s' goes on",
+                 self.job.id, self.job.id)
+        while True:
+            if self._inbox(Event.CONTINUE):
+                return Event.CONTINUE
+            bus = self.control.bus
+            bus.check()
+            bus.wake.clear()
+            await wait_event(bus.wake, PING_EVERY)
+            if not bus.wake.is_set():
+                await self._ping()
+
+    def _inbox(self, *wanted: Event) -> Event | None:
+        """Take the first of ``wanted`` from the inbox (others wait their turn)."""
+        keep: list[Inbound | Event] = []
+        found = None
+        while not self.job.inbox.empty():
+            item = self.job.inbox.get_nowait()
+            what = item.what if isinstance(item, Inbound) else item
+            if found is None and what in wanted:
+                found = what
+            else:
+                keep.append(item)
+        for item in keep:
+            self.job.inbox.put_nowait(item)
+        return found
+
+    async def stop_vf(self) -> None:
+        assert self.sender is not None
+        if self.t_stop is None:
+            self.t_stop = time.monotonic()
+        await self._arc(DeviceState.STOP_COPY)
+        self.sender.downtime_phase = True
+        self.host.faults.hit("source", "after-stop")
+
+    async def send_rest(self) -> Event:
+        assert self.sender is not None
+        await self.sender.send(None)
+        await self.control.send_control(self.sender.end_record())
+        self.end_sent = True
+        self.host.faults.hit("source", "after-end")
+        return Event.END_SENT
+
+    async def await_vote(self) -> Event:
+        await self.control.expect(Loaded, self.opts.timeout)
+        self.host.faults.hit("source", "after-loaded")
+        return Event.VOTED
+
+    async def decide(self) -> Event:
+        """The one decision: COMMIT, journaled before anyone acts on it."""
+        group = self.group
+        if group is None:
+            self._journal(journal.COMMIT)
+            self.job.decided = True
+        elif group.vote(group.member(self.job)):
+            # The last vote of the VM: one record decides for every device, atomically.
+            self._journal_group(journal.COMMIT)
+            group.commit()
+        else:
+            await group.decided()
+        self.host.faults.hit("source", "after-decision")
+        log.info("migration %s: decided COMMIT", self.job.id)
+        return Event.DECIDED
+
+    async def send_go(self) -> None:
+        await self.control.send_control(Go())
+        self.host.faults.hit("source", "after-go")
+
+    async def stop_for_good(self) -> None:
+        assert self.dev is not None
+        try:
+            await self._arc(DeviceState.STOP)
+        except MigdError as err:  # the decision stands; the VF is stopped either way
+            log.error("migration %s: committed, but STOP_COPY -> STOP failed: %s",
+                      self.job.id, err.message)
+
+    async def await_confirm(self) -> Event:
+        done = await self.control.expect(Committed, self.opts.timeout)
+        self.dest_running = done.running
+        self.host.faults.hit("source", "after-commit")
+        return Event.CONFIRMED
+
+    async def journal_done(self) -> None:
+        job = self.job
+        if self.t_stop is not None:
+            job.downtime_ms = int((time.monotonic() - self.t_stop) * 1000)
+        job.rate = job.counters.transferred / max(1e-9, time.monotonic() - job.started)
+        self._journal(journal.COMPLETED, quiet=True)
+        log.info("migration %s completed: %d bytes, downtime %s ms, destination %s", job.id,
+                 job.counters.transferred, job.downtime_ms,
+                 "running" if self.dest_running else "stopped")
+
+    async def reconnect(self) -> Event:
+        """A new link to the same destination, continuing from its loaded position."""
+        assert self.sender is not None
+        await self.sender.suspend()
+        attempt = self.m.history.count((Phase.RECONNECTING, Event.LINK_DOWN))
+        await asyncio.sleep(backoff(attempt))
+        first = self.sender.position
+        bus = Bus()
+        ep = await self._channel(0, bus)
+        eps = [ep]
+        try:
+            await ep.send_control(Resume(id=self.job.mid, token=self.token, index=first[0],
+                                         offset=first[1], channels=self.opts.channels))
+            resumed = await ep.expect(Resumed, self.opts.timeout)
+            eps += await self._join(resumed.token, bus)
+        except BaseException:
+            for e in eps:
+                e.channel.close()
+            raise
+        if resumed.voted and (not self.end_sent or resumed.index != self.sender.index):
+            raise ProtocolError("resumed: the destination says it voted on a stream this "
+                                "source has not finished")
+        self.bus, self.eps, self.token = bus, eps, resumed.token
+        self.sender.rebind(eps, resumed.index, resumed.offset, resumed.announced)
+        self._handlers()
+        log.info("migration %s: resumed at chunk %d (offset %d) on %d channel(s)%s", self.job.id,
+                 resumed.index, resumed.offset, len(eps),
+                 ", the destination had voted" if resumed.voted else "")
+        return Event.RECONNECTED_VOTED if resumed.voted else Event.RECONNECTED
+
+    async def resolve(self) -> Event:
+        """After COMMIT: make sure the destination heard it (it commits on hearing)."""
+        job = self.job
+        if self.m.phase is Phase.UNRESOLVED and not job.unresolved.startswith("reported"):
+            log.error("migration %s UNRESOLVED: %s; the source VF stays stopped. 'migd resolve "
+                      "%s --confirm' once the destination VF runs, or '--resume-source' once it "
+                      "is reset", job.id, job.unresolved, job.id)
+            job.unresolved = "reported: " + job.unresolved
+        for e in self.eps:
+            e.channel.close()
+        attempt = 0
+        while True:
+            settled = self._inbox(Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT)
+            if settled is not None:
+                log.warning("migration %s settled by the operator: %s", job.id, settled.value)
+                return settled
+            try:
+                outcome = await ask(self.host, [self.opts.peer], self.peer_key,
+                                    Resolve(id=job.mid, decision="commit"), self.opts.timeout)
+                if outcome.decision == "commit":
+                    log.info("migration %s: the destination confirms COMMIT", job.id)
+                    return Event.RESOLVED_COMMIT
+                if outcome.decision != "pending":
+                    job.unresolved = (f"the destination answers {outcome.decision!r} to this "
+                                      "source's COMMIT")
+                    if self.m.phase is Phase.RESOLVING:
+                        return Event.RESOLVE_TIMEOUT
+            except MigdError as err:
+                job.unresolved = f"cannot reach the destination: {err.message}"
+            if self.m.phase is Phase.RESOLVING and self.m.deadline is not None \
+                    and self._loop.time() >= self.m.deadline:
+                return Event.RESOLVE_TIMEOUT
+            attempt += 1
+            self.bus.wake.clear()
+            await wait_event(self.bus.wake, backoff(attempt, slow=self.m.phase is Phase.UNRESOLVED))
+
+    async def rollback(self) -> None:
+        """Before the decision: the VF runs again with its state intact; the peer is told."""
+        job, dev = self.job, self.dev
+        err = self.error or MigdError("interrupted")
+        if self.group is not None:
+            self.group.fail(job, err)
+        if dev is not None and self.claimed:
+            try:
+                await self._loop.run_in_executor(self.host.workers.io, dev.recover)
+            except Exception as exc:
+                log.error("migration %s: could not bring %s back to RUNNING: %s", job.id,
+                          dev.name, exc)
+        cancelled = isinstance(err, Cancelled)
+        if self.sender is not None:
+            await self.sender.stop()
+        if self.eps:
+            if not cancelled:
+                err = await self.control.peer_reason(err)
+            bus_error = self.control.bus.error
+            link_down = (self.m.resumes > 0 or is_link_failure(err)
+                         or (bus_error is not None and is_link_failure(bus_error)))
+            await self.control.abort(err)
+            for e in self.eps[1:]:
+                e.channel.close()
+            if link_down and self.token:
+                # The destination may not have heard: tell it over a new connection.
+                self._notice = asyncio.ensure_future(notify_abort(
+                    self.host, [self.opts.peer], self.peer_key, self.job.mid))
+        if self.record is not None:
+            self.record.reason = err.message
+            self._journal(journal.ABORTED, quiet=True)
+        self.error = self.job.error = err
+        log.warning("migration %s %s: %s (source device %s)", job.id,
+                    "cancelled" if cancelled else "failed", err.message,
+                    dev.state.name if dev else "-")
+
+    async def finish(self) -> None:
+        if self.sender is not None:
+            await self.sender.close()
+        for e in self.eps:
+            e.channel.close()
+        if self.claimed:
+            self.host.busy.discard(self.opts.device)
+        # Reported finished only once the device is free again: "failed" means it
+        # can be migrated again at once.
+        self.job.finish(self.error if self.m.phase is Phase.ROLLED_BACK else None)
+        self.host.finished(self.job)
+
+    # --- the journal -------------------------------------------------------------------------
+
+    def _journal(self, phase: str, quiet: bool = False) -> None:
+        j = self.host.journal
+        if j is None:
+            return
+        if self.record is None:
+            self.record = journal.Record(
+                role="source", id=self.job.mid, phase=phase, device=self.opts.device,
+                peer=[self.opts.peer], peer_key=self.peer_key.hex(),
+                group=self.group.id if self.group is not None else "")
+        self.record.phase = phase
+        try:
+            j.write(self.record)
+        except OSError as exc:
+            if not quiet:
+                raise WrongState(f"journal {j.dir}: {exc.strerror}") from None
+            log.error("journal %s: %s", j.dir, exc.strerror)
+
+    def _journal_group(self, phase: str) -> None:
+        j = self.host.journal
+        assert self.group is not None
+        if j is None:
+            return
+        j.write(journal.Record(role="group", id=self.group.id, phase=phase,
+                               members=[m.mid for m in self.group.jobs]))
+
+    _acts: dict[Act, Callable[[SourceDriver], Awaitable[Event | None]]] = {
+        Act.CONNECT: connect, Act.ITERATE: iterate, Act.AWAIT_INITIAL: await_initial,
+        Act.REACH_P2P: reach_p2p, Act.AWAIT_CONTINUE: await_continue, Act.STOP_VF: stop_vf,
+        Act.SEND_REST: send_rest, Act.AWAIT_VOTE: await_vote, Act.DECIDE: decide,
+        Act.SEND_GO: send_go, Act.STOP_FOR_GOOD: stop_for_good,
+        Act.AWAIT_CONFIRM: await_confirm, Act.RECONNECT: reconnect, Act.RESOLVE: resolve,
+        Act.ROLLBACK: rollback, Act.JOURNAL_DONE: journal_done, Act.FINISH: finish,
+    }
+
+
+def recovered_source(host: Host, rec: journal.Record, dev: Device) -> tuple[Job, SourceDriver]:
+    """A source migration decided COMMIT before the daemon stopped: its VF stays
+    stopped; the destination must hear the decision."""
+    job = Job("source", rec.device, peer=rec.peer[0] if rec.peer else "", id=rec.id)
+    job.recovered = True
+    job.decided = True
+    opts = MigrateOptions(peer=job.peer, device=rec.device)
+    drv = SourceDriver(host, job, opts, phase=Phase.RESOLVING)
+    drv.m.deadline = asyncio.get_running_loop().time() + host.resolve_timeout
+    drv.dev, drv.claimed, drv.record = dev, True, rec
+    drv.peer_key = job.peer_key = bytes.fromhex(rec.peer_key)
+    return job, drv
