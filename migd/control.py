@@ -40,6 +40,9 @@ class ControlClient:
         self._next_id = 0
 
     def close(self) -> None:
+        # Shut down first: another thread may be blocked reading events from it.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):  # a refused write may still sit in the buffer
             self._file.close()
         self._sock.close()

@@ -60,13 +60,19 @@ class Bus:
         #: Loop time of the last received bytes on any channel: waits time out on
         #: silence, not on how long a migration takes.
         self.last_rx = self._loop.time()
+        #: Called once when the first failure arrives (e.g. to close the other channels,
+        #: so that a send blocked on one of them does not wait out its stall timeout).
+        self.on_fail: Callable[[MigdError], None] | None = None
 
     def fail(self, err: MigdError) -> None:
+        first = self.error is None
         # The peer's own reason beats what its closing did to our socket.
         if self.error is None or (isinstance(err, RemoteError)
                                   and isinstance(self.error, TransportError | IncompleteStream)):
             self.error = err
         self.wake.set()
+        if first and self.on_fail is not None:
+            self.on_fail(err)
 
     def check(self) -> None:
         if self.error is not None:

@@ -34,6 +34,8 @@ class DaemonProc:
     log_path: str
     #: Every listen address (tcp, rdma+tcp, rdma+shm), as the address file lists them.
     addresses: list[str] = dataclasses.field(default_factory=list)
+    #: How it was started, for :meth:`restart`.
+    cmd: list[str] = dataclasses.field(default_factory=list)
 
     def address_of(self, transport: str) -> str:
         """Where this daemon listens on ``transport`` (a registry name or alias)."""
@@ -54,6 +56,22 @@ class DaemonProc:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def restart(self, env: dict[str, str] | None = None, wait: float = 120.0) -> None:
+        """Start it again as it was (same identity, devices, journal, and the same
+        addresses where they can be bound again), after it stopped or was killed."""
+        if self.proc.poll() is None:
+            raise ConfigError(f"daemon {self.name} is still running")
+        cmd = list(self.cmd)
+        # The same ports: the peer's journal names these addresses.
+        for i, arg in enumerate(cmd):
+            if arg == "--listen":
+                cmd[i + 1] = next((a for a in self.addresses
+                                   if a.split("://")[0] == _scheme(cmd[i + 1])), cmd[i + 1])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cmd[cmd.index("--address-file") + 1])
+        self.proc = _spawn(cmd, self.log_path, env, append=True)
+        _wait_ready(self, wait)
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -92,24 +110,42 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
            "--control", control, "--identity", identity or os.path.join(workdir, f"{name}.key"),
            "--authorized-keys", auth, "--address-file", port_file,
            "--state-dir", os.path.join(workdir, f"{name}.state"), *extra]
-    for d in devices:
-        cmd += ["--device", d]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+    for dev in devices:
+        cmd += ["--device", dev]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(port_file)
+    d = DaemonProc(name, _spawn(cmd, log_path, env), control, "", log_path, cmd=cmd)
+    _wait_ready(d, wait)
+    return d
+
+
+def _scheme(address: str) -> str:
+    import transports
+    return transports.REGISTRY.canonical(address.split("://")[0] if "://" in address else "tcp")
+
+
+def _spawn(cmd: list[str], log_path: str, env: dict[str, str] | None,
+           append: bool = False) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab" if append else "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL,
                                 env=None if env is None else {**os.environ, **env})
+
+
+def _wait_ready(d: DaemonProc, wait: float) -> None:
+    port_file = d.cmd[d.cmd.index("--address-file") + 1]
     deadline = time.monotonic() + wait
     while not os.path.exists(port_file):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            with open(log_path, errors="replace") as f:
-                raise ConfigError(f"daemon {name} did not start:\n{f.read()[-2000:]}")
+        if d.proc.poll() is not None or time.monotonic() > deadline:
+            if d.proc.poll() is None:
+                d.proc.kill()
+            d.proc.wait()
+            with open(d.log_path, errors="replace") as f:
+                raise ConfigError(f"daemon {d.name} did not start:\n{f.read()[-2000:]}")
         time.sleep(0.02)
     with open(port_file) as f:
-        addresses = f.read().split()
-    return DaemonProc(name, proc, control, addresses[0], log_path, addresses)
+        d.addresses = f.read().split()
+    d.address = d.addresses[0]
 
 
 @dataclasses.dataclass
@@ -125,17 +161,19 @@ def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
                src_extra: Sequence[str] = (), dst_extra: Sequence[str] = (),
                workdir: str | None = None,
                dst_also_trusts: Sequence[bytes] = (), src_also_trusts: Sequence[bytes] = (),
-               src_identity: str | None = None) -> Iterator[Pair]:
+               src_identity: str | None = None, src_env: dict[str, str] | None = None,
+               dst_env: dict[str, str] | None = None) -> Iterator[Pair]:
     own = workdir is None
     wd = workdir or tempfile.mkdtemp(prefix="migd-pair-")
     procs: list[DaemonProc] = []
     try:
         a = write_identity(wd, "src")
         b = write_identity(wd, "dst")
-        dst = start_daemon(wd, "dst", dst_devices, [a.public, *dst_also_trusts], dst_extra)
+        dst = start_daemon(wd, "dst", dst_devices, [a.public, *dst_also_trusts], dst_extra,
+                           env=dst_env)
         procs.append(dst)
         src = start_daemon(wd, "src", src_devices, [b.public, *src_also_trusts], src_extra,
-                           identity=src_identity)
+                           identity=src_identity, env=src_env)
         procs.append(src)
         yield Pair(src, dst, wd, {"src": a, "dst": b})
     finally:

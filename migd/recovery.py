@@ -29,8 +29,9 @@ from backends.states import DeviceState
 from . import journal
 from .destination import recovered_destination
 from .errors import ConfigError, MigdError
+from .protocol.messages import Resolve
 from .protocol.migration import Migration, Phase, Role
-from .resolve import notify_abort
+from .resolve import ask, notify_abort
 from .session import Host, Job
 from .source import recovered_source
 
@@ -67,11 +68,10 @@ def recover(host: Host) -> list[Coroutine[Any, Any, None]]:
                 _start(host, job, drv.run(), runs)
             elif rec.open:
                 assert dev is not None
-                _abort_source(host, rec, dev)
-                job = _history(host, rec, Phase.ROLLED_BACK, MigdError(
-                    "migd restarted before the switchover was decided: the source VF runs "
-                    "again with its state"))
-                runs.append(notify_abort(host, rec.peer, bytes.fromhex(rec.peer_key), rec.id))
+                host.busy.add(rec.device)
+                job = _history(host, rec, Phase.ROLLED_BACK, None)
+                job.done.clear()
+                runs.append(_settle_undecided(host, rec, dev, job))
             else:
                 _history(host, rec, Phase.DONE if rec.phase == journal.COMPLETED
                          else Phase.ROLLED_BACK, MigdError(rec.reason) if rec.reason else None)
@@ -129,17 +129,43 @@ def _hold_stopped(rec: journal.Record, dev: Any) -> None:
         log.error("recovery: could not stop %s: %s", rec.device, err.message)
 
 
-def _abort_source(host: Host, rec: journal.Record, dev: Any) -> None:
-    try:
-        dev.recover()
-    except MigdError as err:
-        log.error("recovery: could not bring %s back to RUNNING: %s", rec.device, err.message)
-    rec.phase = journal.ABORTED
-    rec.reason = "migd restarted before the decision: the source VF was resumed"
+async def _settle_undecided(host: Host, rec: journal.Record, dev: Any, job: Job) -> None:
+    """No decision was journaled: abort, and resume the VF with its state.  Only if the
+    destination says it runs the guest already (its operator confirmed it while this
+    host was down) does the VF stay stopped: never both."""
     assert host.journal is not None
+    answer = "unreachable"
+    try:
+        out = await ask(host, rec.peer, bytes.fromhex(rec.peer_key),
+                        Resolve(id=rec.id, decision="abort"), min(host.idle_timeout, 3.0))
+        answer = out.decision
+    except MigdError as err:
+        log.info("recovery: destination of %s not reached (%s): aborting", rec.id, err.message)
+    if answer == "commit":
+        rec.phase = journal.COMPLETED
+        rec.reason = ("the destination runs the guest (its operator confirmed it while this "
+                      "host was down): the source VF stays stopped")
+        job.machine = Migration(Role.SOURCE, phase=Phase.DONE)
+        job.decided = True
+        _hold_stopped(rec, dev)
+        log.warning("recovery: migration %s: %s", rec.id, rec.reason)
+    else:
+        try:
+            dev.recover()
+        except MigdError as err:
+            log.error("recovery: could not bring %s back to RUNNING: %s", rec.device,
+                      err.message)
+        rec.phase = journal.ABORTED
+        rec.reason = "migd restarted before the decision: the source VF was resumed"
+        job.error = MigdError("migd restarted before the switchover was decided: the source "
+                              "VF runs again with its state")
+        log.warning("recovery: migration %s was not decided: %s runs again (%s)", rec.id,
+                    rec.device, dev.state.name)
     host.journal.write(rec)
-    log.warning("recovery: migration %s was not decided: %s runs again (%s)", rec.id,
-                rec.device, dev.state.name)
+    host.busy.discard(rec.device)
+    job.done.set()
+    if answer not in ("commit", "abort"):
+        await notify_abort(host, rec.peer, bytes.fromhex(rec.peer_key), rec.id)
 
 
 def _history(host: Host, rec: journal.Record, phase: Phase, error: MigdError | None) -> Job:

@@ -112,10 +112,10 @@ def _peer_key(host: Host, role: Role, mid: str, job: Job | None) -> bytes | None
 
 def _source_outcome(host: Host, mid: str, job: Job | None) -> str:
     if job is not None:
+        if job.machine.phase is Phase.ROLLED_BACK:
+            return "abort"  # (also after an operator's --resume-source)
         if job.decided:
             return "commit"
-        if job.machine.phase is Phase.ROLLED_BACK:
-            return "abort"
         if not job.recovered:
             return "pending"
     rec = host.journal.get("source", mid) if host.journal is not None else None

@@ -26,6 +26,7 @@ from .errors import (
     Cancelled,
     MigdError,
     ProtocolError,
+    RemoteError,
     WrongState,
 )
 from .protocol.connection import Connection, Offer
@@ -118,6 +119,17 @@ class SourceDriver:
     def _wake(self) -> None:
         self.bus.wake.set()
 
+    def _watch(self, bus: Bus) -> Bus:
+        """A broken channel breaks the link: close its others at once, so that a send
+        blocked on one of them fails now rather than after its stall timeout."""
+        def down(err: MigdError) -> None:
+            if is_link_failure(err):
+                for e in self.eps:
+                    if e.bus is bus:
+                        e.channel.close()
+        bus.on_fail = down
+        return bus
+
     @property
     def control(self) -> Endpoint:
         return self.eps[0]
@@ -175,6 +187,9 @@ class SourceDriver:
             return Event.CANCEL
         if not isinstance(exc, Exception):
             raise exc
+        said = self.control.bus.error if self.eps else None
+        if is_link_failure(err) and isinstance(said, RemoteError):
+            err = said  # the peer said why before its link went: that is the failure
         self.error = err
         if is_link_failure(err) and self.m.may(Event.LINK_DOWN):
             return Event.LINK_DOWN
@@ -197,7 +212,7 @@ class SourceDriver:
         precopy = opts.precopy and bool(dev.caps & MigCap.PRE_COPY)
         if not precopy:
             self.m.skip = self.m.skip | {Phase.PRECOPY, Phase.SWITCHOVER_ACK}
-        ep = await self._channel(0, self.bus)
+        ep = await self._channel(0, self._watch(self.bus))
         self.eps = [ep]
         assert ep.established is not None
         self.peer_key = job.peer_key = ep.established.peer_key
@@ -426,7 +441,7 @@ class SourceDriver:
         if resumed.voted and (not self.end_sent or resumed.index != self.sender.index):
             raise ProtocolError("resumed: the destination says it voted on a stream this "
                                 "source has not finished")
-        self.bus, self.eps, self.token = bus, eps, resumed.token
+        self.bus, self.eps, self.token = self._watch(bus), eps, resumed.token
         self.sender.rebind(eps, resumed.index, resumed.offset, resumed.announced)
         self._handlers()
         log.info("migration %s: resumed at chunk %d (offset %d) on %d channel(s)%s", self.job.id,
@@ -449,6 +464,8 @@ class SourceDriver:
             settled = self._inbox(Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT)
             if settled is not None:
                 log.warning("migration %s settled by the operator: %s", job.id, settled.value)
+                if settled is Event.RESOLVED_ABORT:
+                    job.decided = False  # the operator overrides it: the source VF runs
                 return settled
             try:
                 outcome = await ask(self.host, [self.opts.peer], self.peer_key,

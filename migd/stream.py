@@ -438,10 +438,18 @@ class StreamSender:
                     placement.unused(credit)
                 self._slots.put_nowait(slot)
                 break
-            if keep is not None:
-                self._kept.append(keep)
+            if again is None:
+                # Read from the device: it is part of the stream now, whatever happens to
+                # the frame (a resume sends it again from ``_kept``).
+                if keep is not None:
+                    self._kept.append(keep)
+                offset = self.offset
+                self.index += 1
+                self.offset += n
+                sent += n
+            else:
+                offset = again.offset
             seq = ep.conn.reserve_seq()
-            offset = self.offset if again is None else again.offset
             args = (ep, slot, plain, seq, index, offset, credit, target, again is not None)
             if compress:
                 self._hand_to_writer(ep, seq, self._loop.run_in_executor(
@@ -455,10 +463,6 @@ class StreamSender:
                 done: asyncio.Future[_Sealed] = self._loop.create_future()
                 done.set_result(self._seal(*args, False))
                 self._hand_to_writer(ep, seq, done, slot)
-            if again is None:
-                self.index += 1
-                self.offset += n
-                sent += n
         await self._queue.join()
         self.control.check()
         return sent
@@ -677,6 +681,7 @@ class StreamReceiver:
         self._bufs: list[bytearray] = []
         self._sizes: tuple[int, ...] = ()
         self._detached = False
+        self._have = asyncio.Event()
         self._rebind(bus, channels)
         self._writer = self._loop.create_task(self._write_chunks())
 
@@ -701,7 +706,6 @@ class StreamReceiver:
         k = self.next_index
         self._chan_next = [k + (ch - k) % channels for ch in range(channels)]
         self._ready: dict[int, _Placed] = {}
-        self._have = asyncio.Event()
         self.arrived_chunks = self.next_index
         #: Per channel: open RAW and SPARSE chunks straight into device memory (with
         #: AES-GCM: the other ciphers have no streaming opener).
@@ -946,7 +950,7 @@ class StreamReceiver:
 
     async def _write_chunks(self) -> None:
         while True:
-            while self.next_index not in self._ready:
+            while self._detached or self.next_index not in self._ready:
                 self._have.clear()
                 await self._have.wait()
             placed = self._ready.pop(self.next_index)
@@ -993,22 +997,24 @@ class StreamReceiver:
         """The link broke: close its channels and drop every chunk that arrived but
         is not loaded (the source sends them again).  A chunk being loaded finishes
         first: the position it leaves is where a resumed stream starts."""
+        self._detached = True  # the writer takes nothing new; nothing is reposted
         for ep in self.endpoints:
             if ep is not None:
                 ep.on_data = None
                 ep.channel.close()
         while self._writing:
             await self._idle.wait()
-        for placed in self._ready.values():
-            await asyncio.gather(placed.pieces, return_exceptions=True)
+        dropped = list(self._ready.values())
         self._ready.clear()
-        self._detached = True
+        for placed in dropped:
+            await asyncio.gather(placed.pieces, return_exceptions=True)
 
     def rebind(self, bus: Bus, channels: int) -> None:
         """Take a new set of ``channels`` (attach each) that continues at the loaded position."""
         self._detached = False
         self._rebind(bus, channels)
         self._acked = (self.next_index, self.written)
+        self._have.set()
 
     async def close(self) -> None:
         while not self._writer.done():

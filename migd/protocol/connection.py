@@ -41,6 +41,7 @@ from ..crypto import CIPHERS, TAG_SIZE, Opener, Sealer, cipher_spec, derive_keys
 from ..errors import (
     FrameTooLarge,
     IntegrityError,
+    LinkLost,
     MigdError,
     NegotiationError,
     ProtocolError,
@@ -222,6 +223,8 @@ class Connection:
         return bool(self._plain_out) or self._tx_next in self._out
 
     def reserve_seq(self) -> int:
+        if self.phase is Phase.CLOSED:
+            raise LinkLost(f"{self.role.value}: the connection is closed")
         if self.phase is not Phase.ESTABLISHED:
             raise ProtocolError(f"{self.role.value}: cannot send sealed frames during {self.phase.value}")
         seq = self._tx_seq
@@ -312,7 +315,7 @@ class Connection:
         midway = self._hdr_got or self._cur is not None
         self.phase = Phase.CLOSED
         if midway:
-            raise ProtocolError("connection closed in the middle of a frame")
+            raise LinkLost("connection closed in the middle of a frame")
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes should land (zero-copy for payloads)."""

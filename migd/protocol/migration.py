@@ -402,7 +402,10 @@ class Migration:
         if event is E.CANCEL and nxt != came_from:
             self.cancelled = True
         if event is E.RECONNECTED:
-            assert self.resume_at is not None
+            if self.resume_at is None:
+                self.history.pop()
+                raise IllegalTransition(self.role.value, self.phase.value, event.value,
+                                        "no link broke")
             nxt, acts = self.resume_at, ENTRY[(self.role, self.resume_at)]
         if nxt in (P.RECONNECTING, P.DETACHED) and came_from not in (P.RECONNECTING, P.DETACHED):
             self.resumes += 1

@@ -38,16 +38,19 @@ class Proxy:
 
     def __init__(self, upstream: str, mutate: Mutation,
                  hello: Callable[[dict[str, object]], dict[str, object]] | None = None,
-                 target: int = 0) -> None:
+                 target: int | set[int] = 0, cut_all: bool = False) -> None:
         self._upstream = upstream
         self._mutate = mutate
         self._hello = hello
-        self._target = target
+        self._targets = {target} if isinstance(target, int) else target
+        #: A cut takes down every connection open at that moment (a link, not a channel).
+        self._cut_all = cut_all
+        #: Connections accepted so far (a resumed migration opens new ones).
+        self.connections = 0
         #: Whether the mutation or the HELLO rewrite changed anything: a tampering
         #: test whose tampering never happened proves nothing.
         self.fired = False
         self._lsock = socket.create_server(("127.0.0.1", 0))
-        self._lsock.settimeout(30)
         self.address = f"127.0.0.1:{self._lsock.getsockname()[1]}"
         self._socks: list[socket.socket] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,10 +63,15 @@ class Proxy:
                 client, _ = self._lsock.accept()
             except OSError:
                 return
-            server = socket.create_connection(host_port(self._upstream), timeout=30)
+            try:
+                server = socket.create_connection(host_port(self._upstream), timeout=30)
+            except OSError:
+                client.close()
+                continue
             self._socks += [client, server]
             threading.Thread(target=self._pump_raw, args=(server, client), daemon=True).start()
-            tamper = number == self._target
+            tamper = number in self._targets
+            self.connections = number + 1
             threading.Thread(target=self._pump_frames, args=(client, server, tamper),
                              daemon=True).start()
             number += 1
@@ -104,7 +112,7 @@ class Proxy:
                     index += 1
                     self.fired = self.fired or out != [frame]
                     if out is None:  # cut this connection, both ways, mid-stream
-                        for s in (src, dst):
+                        for s in (list(self._socks) if self._cut_all else (src, dst)):
                             with contextlib.suppress(OSError):
                                 s.shutdown(socket.SHUT_RDWR)
                         return

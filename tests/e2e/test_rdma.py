@@ -174,12 +174,12 @@ def test_a_daemon_killed_mid_stream_leaves_the_other_safe(transport: str, victim
     surviving source runs on, once it gave up resuming."""
     big = 64 << 20
     with local_pair([f"vf0:sim:size={big}"], [f"vf0:sim:size={big},content=zero"],
-                    dst_extra=["--resume-timeout", "3"]) as p:
+                    dst_extra=["--resume-timeout", "1.5"]) as p:
         before = device(p.src)["sha256"]
         with p.src.client() as c:
             c.call("migrate", device="vf0", peer=p.dst.address_of(transport),
                    compress="zstd:19", cipher="aes-256-gcm",  # slow: seconds of stream
-                   **{"resume-timeout": 3})
+                   **{"resume-timeout": 1.5})
         deadline = time.monotonic() + 20
         while p.src.call("query-migrate")[0]["transferred"] < 4 << 20:
             assert time.monotonic() < deadline, "the migration never got going"
@@ -209,7 +209,7 @@ def test_a_wedged_destination_does_not_hold_a_stopped_source(transport: str) -> 
         with p.src.client() as c:
             c.call("migrate", device="vf0", peer=p.dst.address_of(transport), timeout=2,
                    compress="zstd:19", cipher="aes-256-gcm", precopy=False,
-                   **{"resume-timeout": 4})
+                   **{"resume-timeout": 1})
         deadline = time.monotonic() + 20
         while p.src.call("query-migrate")[0]["transferred"] < 2 << 20:
             assert time.monotonic() < deadline, "the migration never got going"

@@ -14,6 +14,7 @@ from migd.errors import (
     BadSignature,
     FrameTooLarge,
     IntegrityError,
+    LinkLost,
     NegotiationError,
     ProtocolError,
     RemoteError,
@@ -195,7 +196,7 @@ def test_unknown_peer_is_refused_before_any_state(ids: dict[str, Identity],
     src.receive_data(out(dst))
     (ev,) = src.events()
     assert isinstance(ev, PeerFailed) and isinstance(ev.error.remote, UnknownPeer)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LinkLost, match="the connection is closed"):
         dst.send_control(Accept(limit=1, token=bytes(32)))  # nothing sealed ever leaves
 
 
@@ -207,7 +208,7 @@ def test_source_refuses_an_unknown_destination(ids: dict[str, Identity]) -> None
     dst.receive_data(out(src))
     with pytest.raises(UnknownPeer, match="destination key"):
         src.receive_data(out(dst))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LinkLost, match="the connection is closed"):
         src.reserve_seq()
 
 
@@ -338,7 +339,7 @@ def test_garbage_hello(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
 def test_eof_mid_frame_and_clean_eof(ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
     src, dst = established(ids, trust)
     dst.receive_data(seal(src, 0, 0, b"z" * 100)[:50])
-    with pytest.raises(ProtocolError, match="middle of a frame"):
+    with pytest.raises(LinkLost, match="middle of a frame"):
         dst.receive_eof()
     _, dst = established(ids, trust)
     dst.receive_eof()
