@@ -15,13 +15,14 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from backends.base import Device
 from backends.states import DeviceState
 from transports.base import Channel
 
 from . import journal
+from .driver import Driver
 from .endpoint import Bus, Endpoint, is_link_failure, wait_event
 from .errors import (
     IncompatibleDevice,
@@ -45,8 +46,8 @@ from .protocol.messages import (
     Resume,
     Resumed,
 )
-from .protocol.migration import ENTRY, Act, Event, Migration, Phase, Role
-from .resolve import answer, ask, backoff
+from .protocol.migration import Act, Event, Migration, Phase, Role
+from .resolve import answer, ask
 from .session import MAX_CHANNELS, Host, Inbound, Job, as_error
 from .stream import StreamReceiver
 
@@ -164,17 +165,17 @@ async def _resume(host: Host, ep: Endpoint, buffers: _Buffers, msg: Resume) -> N
     job.deliver(Inbound(Event.RESUMED, (ep, buffers, msg)))
 
 
-class DestinationDriver:
+class DestinationDriver(Driver):
+    role = Role.DESTINATION
+
     def __init__(self, host: Host, job: Job, req: Migrate | None, ep: Endpoint | None,
                  buffers: _Buffers | None, phase: Phase = Phase.SETUP) -> None:
-        self.host = host
-        self.job = job
+        resumable = req is not None and req.resumable
+        super().__init__(host, job, Migration(Role.DESTINATION,
+                                              host.policy(5 if resumable else 0), phase=phase))
         self.req = req
         self.ep = ep
         self.buffers = buffers
-        resumable = req is not None and req.resumable
-        self.m = job.machine = Migration(Role.DESTINATION,
-                                         host.policy(5 if resumable else 0), phase=phase)
         job.wake = self._wake
         self.bus = ep.bus if ep is not None else Bus()
         self.peer_key = ep.established.peer_key if ep is not None and ep.established else b""
@@ -187,58 +188,22 @@ class DestinationDriver:
         self.token = b""
         self.joined: set[int] = set()
         self.end: End | None = None
-        self.record: journal.Record | None = None
-        self.error: MigdError | None = None
         self._pending: Inbound | None = None
-        self._loop = asyncio.get_running_loop()
 
     def _wake(self) -> None:
         self.bus.wake.set()
 
-    # --- the loop ------------------------------------------------------------------------
+    # --- the loop (migd.driver), and what is the destination's own in it -----------------
 
-    async def run(self) -> None:
-        acts = self.m.handle(Event.START, self._loop.time()) if self.m.phase is Phase.SETUP \
-            else ENTRY[(Role.DESTINATION, self.m.phase)]
-        while True:
-            event = await self._carry_out(acts)
-            if event is None:
-                if self.m.finished or self.m.phase is Phase.LOADED:
-                    return
-                acts = ENTRY[(Role.DESTINATION, self.m.phase)]
-                continue
-            acts = self.m.handle(event, self._loop.time())
+    def _first_acts(self) -> tuple[Act, ...]:
+        if self.m.phase is Phase.SETUP:
+            return self.m.handle(Event.START, self._loop.time())
+        return super()._first_acts()
 
-    async def _carry_out(self, acts: tuple[Act, ...]) -> Event | None:
-        event: Event | None = None
-        try:
-            for act in acts:
-                result = await self._acts[act](self)
-                if result is not None:
-                    event = result
-            return event
-        except BaseException as exc:
-            return self._classify(exc)
+    def _parked(self) -> bool:
+        return self.m.finished or self.m.phase is Phase.LOADED  # device-resume goes on
 
-    def _classify(self, exc: BaseException) -> Event | None:
-        err = as_error(exc)
-        if isinstance(exc, asyncio.CancelledError):
-            asked, self.job.cancel_asked = self.job.cancel_asked, False
-            cancellable = self.m.may_cancel() and not self.job.decided
-            if self.job.abandoned or not (asked or cancellable):
-                raise exc  # the daemon stops: the journal has what the next start needs
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            if not cancellable:
-                # The operator's cancel lost the race to the decision: carry on.
-                log.warning("migration %s: cancel refused in phase %s", self.job.id,
-                            self.m.phase.value)
-                return None
-            self.error = err
-            return Event.CANCEL
-        if not isinstance(exc, Exception):
-            raise exc
+    def _failed(self, err: MigdError) -> Event:
         self.error = err
         if isinstance(err, RemoteError) and self.m.may(Event.PEER_ABORT):
             return Event.PEER_ABORT  # the source says it aborted: that is its decision
@@ -312,6 +277,8 @@ class DestinationDriver:
         job.device = name
         if not 1 <= req.channels <= MAX_CHANNELS:
             raise ProtocolError(f"migrate: channels must be 1..{MAX_CHANNELS}")
+        if not 1 <= req.ack_every <= 1024:
+            raise ProtocolError("migrate: ack_every must be 1..1024")
         if host.find(Role.DESTINATION, req.id) is not job:
             raise ProtocolError(f"migrate: migration {req.id} is already known here")
         self.dev = dev = host.claim(name)
@@ -327,6 +294,7 @@ class DestinationDriver:
         limit = host.stream_limit_factor * dev.state_size() + (64 << 20)
         self.receiver = StreamReceiver(self.bus, dev, host.workers, job.counters,
                                        ep.conn.max_chunk, limit, channels=req.channels)
+        self.receiver.ack_every = req.ack_every
         self._attach_control(ep, self.buffers)
         self._new_token()
         host.incoming[job.mid] = self
@@ -473,30 +441,33 @@ class DestinationDriver:
                       "loaded state. 'migd resolve %s --confirm' starts it, '--resume-source' "
                       "resets it", job.id, job.unresolved, self.device_name, job.id)
             job.unresolved = "reported: " + job.unresolved
-        attempt = 0
-        while True:
-            wanted = (Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT, Event.RESUMED)
-            for item in self._drain(*wanted):
-                return self._event_of(item)
-            if not committed:
-                try:
-                    outcome = await ask(self.host, self.reply_to, self.peer_key,
-                                        Resolve(id=job.mid, decision=""), self.host.idle_timeout)
-                    if outcome.decision in ("commit", "abort"):
-                        log.info("incoming migration %s: the source says %s", job.id,
-                                 outcome.decision)
-                        return (Event.RESOLVED_COMMIT if outcome.decision == "commit"
-                                else Event.RESOLVED_ABORT)
-                    if outcome.decision == "unknown":
-                        job.unresolved = "the source does not know this migration"
-                except MigdError as err:
-                    job.unresolved = f"cannot reach the source: {err.message}"
-                if self.m.phase is Phase.RESOLVING and self.m.deadline is not None \
-                        and self._loop.time() >= self.m.deadline:
-                    return Event.RESOLVE_TIMEOUT
-            attempt += 1
-            self.bus.wake.clear()
-            await wait_event(self.bus.wake, backoff(attempt, slow=self.m.phase is Phase.UNRESOLVED))
+
+        async def ask_source() -> Event | None:
+            if committed:
+                return None  # only the operator: the decision is known, the VF would not start
+            try:
+                outcome = await ask(self.host, self.reply_to, self.peer_key,
+                                    Resolve(id=job.mid, decision=""), self.host.idle_timeout)
+            except MigdError as err:
+                job.unresolved = f"cannot reach the source: {err.message}"
+                return None
+            if outcome.decision in ("commit", "abort"):
+                log.info("incoming migration %s: the source says %s", job.id, outcome.decision)
+                return (Event.RESOLVED_COMMIT if outcome.decision == "commit"
+                        else Event.RESOLVED_ABORT)
+            if outcome.decision == "unknown":
+                job.unresolved = "the source does not know this migration"
+            return None
+
+        return await self._settle(ask_source, Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT,
+                                  Event.RESUMED)
+
+    def _inbound(self, item: Inbound) -> Event:
+        return self._event_of(item)
+
+    async def _pause(self, seconds: float) -> None:
+        self.bus.wake.clear()
+        await wait_event(self.bus.wake, seconds)
 
     async def reset_vf(self) -> None:
         """Before the vote, or on ABORT: wipe whatever was loaded."""
@@ -529,23 +500,12 @@ class DestinationDriver:
 
     # --- the journal --------------------------------------------------------------------------
 
-    def _journal(self, phase: str, quiet: bool = False) -> None:
-        j = self.host.journal
-        if j is None:
-            return
-        if self.record is None:
-            self.record = journal.Record(role="destination", id=self.job.mid, phase=phase,
-                                         device=self.device_name, peer=self.reply_to,
-                                         peer_key=self.peer_key.hex(), resume=self.resume_vf)
-        self.record.phase = phase
-        try:
-            j.write(self.record)
-        except OSError as exc:
-            if not quiet:
-                raise WrongState(f"journal {j.dir}: {exc.strerror}") from None
-            log.error("journal %s: %s", j.dir, exc.strerror)
+    def _new_record(self, phase: str) -> journal.Record:
+        return journal.Record(role="destination", id=self.job.mid, phase=phase,
+                              device=self.device_name, peer=self.reply_to,
+                              peer_key=self.peer_key.hex(), resume=self.resume_vf)
 
-    _acts: dict[Act, Callable[[DestinationDriver], Awaitable[Event | None]]] = {
+    ACTS: ClassVar[dict[Act, Callable[[DestinationDriver], Awaitable[Event | None]]]] = {
         Act.ACCEPT: accept, Act.AWAIT_END: await_end, Act.VERIFY: verify,
         Act.JOURNAL_VOTE: journal_vote, Act.SEND_VOTE: send_vote,
         Act.AWAIT_DECISION: await_decision, Act.JOURNAL_COMMIT: journal_commit,

@@ -2,14 +2,18 @@
 
 Two-phase commit only rules out a forked or lost VF if a vote, a decision and a
 resume survive a crash of the side that made them.  Each migration (each VM on
-the source, for the one decision of all its devices) is one small JSON file in
-``state_dir`` (the unit's ``StateDirectory``, ``/var/lib/migd``), replaced
-atomically: written to a temporary file, fsynced, renamed over the old one, and
-the directory fsynced.  A record therefore reads whole or not at all; a file
-that does not parse, or whose checksum does not match, is damage from outside
-and stops the daemon at start, naming the file (it must not start half
-recovered).  Records of migrations that ended are kept for ``RETENTION`` so a
-peer that was down can still ask how they ended, then pruned.
+the source, for the one decision of all its devices) is one small file in
+``state_dir`` (the unit's ``StateDirectory``, ``/var/lib/migd``): a log of its
+versions, one checksummed JSON line each, the last one current.  The file is
+created atomically (a temporary file, fsynced, renamed into place, the directory
+fsynced); each later version is appended and fdatasynced, one flush, since three
+of them fall inside the switchover's downtime.  A write returns only once it is
+durable, and nothing acts on a version before that: a last line that a crash cut
+short (no newline) was never acted on and is ignored.  Any other line that does
+not parse or whose checksum does not match is damage from outside and stops the
+daemon at start, naming the file (it must not start half recovered).  Records of
+migrations that ended are kept for ``RETENTION`` so a peer that was down can
+still ask how they ended, then pruned.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import ConfigError
@@ -82,6 +87,12 @@ def _checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _safe_name(key: str) -> bool:
     return bool(key) and all(c.isalnum() or c in "-_" for c in key)
 
@@ -129,9 +140,25 @@ class Journal:
                                "the device it names by hand")
         try:
             with open(path, "rb") as f:
-                raw = json.loads(f.read())
+                data = f.read()
         except OSError as exc:
             raise ConfigError(f"journal {path}: {exc.strerror}") from None
+        lines = data.split(b"\n")
+        if lines[-1]:
+            log.warning("journal %s: ignoring a last version that a crash cut short", path)
+        complete = lines[:-1]  # a version is durable only with its newline
+        if not complete:
+            raise bad("no complete version: truncated or overwritten")
+        rec = None
+        for line in complete:
+            rec = Journal._version(line, bad)
+        assert rec is not None
+        return rec
+
+    @staticmethod
+    def _version(line: bytes, bad: Callable[[str], ConfigError]) -> Record:
+        try:
+            raw = json.loads(line)
         except (ValueError, UnicodeDecodeError):
             raise bad("not valid JSON: truncated or overwritten") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -151,25 +178,33 @@ class Journal:
         return rec
 
     def write(self, rec: Record) -> None:
-        """Replace ``rec``'s file atomically and durably (file and directory fsynced)."""
+        """Make ``rec``'s new version durable: a new record's file is created
+        atomically (file and directory fsynced), a known one's version appended and
+        fdatasynced."""
         if not _safe_name(rec.key):
             raise ConfigError(f"journal: bad record key {rec.key!r}")
         rec.updated = time.time()
         body = _body(rec)
-        data = json.dumps({"format": FORMAT, "record": body, "sha256": _checksum(body)},
-                          sort_keys=True).encode()
+        line = json.dumps({"format": FORMAT, "record": body, "sha256": _checksum(body)},
+                          sort_keys=True).encode() + b"\n"
         path = self._path(rec.key)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        os.fsync(self._dirfd)
+        if rec.key in self.records and os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                _write_all(fd, line)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        else:
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            os.fsync(self._dirfd)
         self.records[rec.key] = rec
 
     def get(self, role: str, mid: str) -> Record | None:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
 import transports
 from backends.base import Device
@@ -21,13 +22,13 @@ from backends.states import DeviceState, MigCap
 
 from . import journal
 from .codec import Encoder
+from .driver import Driver
 from .endpoint import Bus, Endpoint, is_link_failure, wait_event
 from .errors import (
     Cancelled,
     MigdError,
     ProtocolError,
     RemoteError,
-    WrongState,
 )
 from .protocol.connection import Connection, Offer
 from .protocol.messages import (
@@ -45,9 +46,9 @@ from .protocol.messages import (
     Resume,
     Resumed,
 )
-from .protocol.migration import ENTRY, Act, Event, Migration, Phase, Role
+from .protocol.migration import Act, Event, Migration, Phase, Role
 from .resolve import ask, backoff, notify_abort
-from .session import Host, Inbound, Job, MigrateOptions, Switchover, as_error
+from .session import Host, Inbound, Job, MigrateOptions, Switchover
 from .stream import StreamSender
 
 log = logging.getLogger("migd.source")
@@ -74,6 +75,24 @@ async def open_channel(host: Host, peer: str, index: int, bus: Bus, timeout: flo
     return ep
 
 
+def reachable(listen: list[str], local: str, host_local: bool = False) -> list[str]:
+    """This daemon's listen addresses as the peer can dial them: a wildcard host
+    (0.0.0.0, ::) becomes the address this end of the migration's link has, and a
+    host-local one (rdma+shm) only for a peer on this host."""
+    out = []
+    for url in listen:
+        name, address = transports.REGISTRY.split(url)
+        if name == "rdma+shm" and not host_local:
+            continue
+        host, sep, port = address.rpartition(":")
+        if sep and host.strip("[]") in ("0.0.0.0", "::", ""):
+            if not local:
+                continue
+            address = f"[{local}]:{port}" if ":" in local else f"{local}:{port}"
+        out.append(transports.REGISTRY.url(name, address))
+    return out
+
+
 async def run_source(host: Host, job: Job, opts: MigrateOptions,
                      vm: Switchover | None = None) -> None:
     """Migrate ``opts.device`` to ``opts.peer``; with ``vm``, together with the VM's
@@ -82,21 +101,20 @@ async def run_source(host: Host, job: Job, opts: MigrateOptions,
     await SourceDriver(host, job, opts, vm).run()
 
 
-class SourceDriver:
+class SourceDriver(Driver):
+    role = Role.SOURCE
+
     def __init__(self, host: Host, job: Job, opts: MigrateOptions,
                  group: Switchover | None = None, phase: Phase = Phase.SETUP) -> None:
-        self.host = host
-        self.job = job
-        self.opts = opts
-        self.group = group
         skip = set()
         if group is None:
             skip.add(Phase.VM_BARRIER)
         if not opts.pause_before_switchover:
             skip.add(Phase.PAUSED)
-        self.m = job.machine = Migration(Role.SOURCE, host.policy(opts.max_resumes,
-                                                                  opts.resume_timeout),
-                                         frozenset(skip), phase)
+        super().__init__(host, job, Migration(Role.SOURCE, host.policy(
+            opts.max_resumes, opts.resume_timeout), frozenset(skip), phase))
+        self.opts = opts
+        self.group = group
         job.wake = self._wake
         self.dev: Device | None = None
         self.claimed = False
@@ -106,15 +124,12 @@ class SourceDriver:
         self.peer_key = b""
         self.limit = 0
         self.token = b""
-        self.record: journal.Record | None = None
         self.initial_offset: int | None = None  # where the initial bytes ended, once sent
         self.initial_loaded = False
         self.end_sent = False
         self.t_stop: float | None = None
-        self.error: MigdError | None = None
         self.dest_running = False
         self._notice: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
 
     def _wake(self) -> None:
         self.bus.wake.set()
@@ -134,59 +149,27 @@ class SourceDriver:
     def control(self) -> Endpoint:
         return self.eps[0]
 
-    # --- the loop ------------------------------------------------------------------------
+    # --- the loop (migd.driver), and what is the source's own in it -----------------------
 
-    async def run(self) -> None:
-        acts = ENTRY[(Role.SOURCE, self.m.phase)]
-        while True:
-            event = await self._carry_out(acts)
-            if event is None:
-                if not self.m.finished:
-                    continue  # a cancel the table refused: carry on where we were
-                return
-            if self.job.decided and event in (Event.FAIL, Event.CANCEL) \
-                    and self.m.phase is Phase.DECIDING:
-                event = Event.DECIDED  # the VM's decision was taken: this device follows it
-            came_from = self.m.phase
-            acts = self.m.handle(event, self._loop.time())
-            if self.m.phase is Phase.RECONNECTING and came_from is not Phase.RECONNECTING:
-                log.warning("migration %s: %s; resuming (%d of %d)", self.job.id,
-                            self.error.message if self.error else "link lost", self.m.resumes,
-                            self.m.policy.max_resumes)
+    def _step(self, event: Event) -> tuple[Act, ...]:
+        if self.job.decided and event in (Event.FAIL, Event.CANCEL) \
+                and self.m.phase is Phase.DECIDING:
+            event = Event.DECIDED  # the VM's decision was taken: this device follows it
+        came_from = self.m.phase
+        acts = self.m.handle(event, self._loop.time())
+        if self.m.phase is Phase.RECONNECTING and came_from is not Phase.RECONNECTING:
+            log.warning("migration %s: %s; resuming (%d of %d)", self.job.id,
+                        self.error.message if self.error else "link lost", self.m.resumes,
+                        self.m.policy.max_resumes)
+        return acts
 
-    async def _carry_out(self, acts: tuple[Act, ...]) -> Event | None:
-        event: Event | None = None
-        try:
-            for act in acts:
-                result = await self._acts[act](self)
-                if result is not None:
-                    event = result
-            return event
-        except BaseException as exc:
-            return self._classify(exc)
+    def _cancelled(self, err: MigdError) -> Event:
+        if self.group is not None and self.group.error is not None:
+            self.error = self.group.error  # a sibling failed, not an operator's cancel
+            return Event.FAIL
+        return super()._cancelled(err)
 
-    def _classify(self, exc: BaseException) -> Event | None:
-        err = as_error(exc)
-        if isinstance(exc, asyncio.CancelledError):
-            asked, self.job.cancel_asked = self.job.cancel_asked, False
-            cancellable = self.m.may_cancel() and not self.job.decided
-            if self.job.abandoned or not (asked or cancellable):
-                raise exc  # the daemon stops: the journal has what the next start needs
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            if not cancellable:
-                # The operator's cancel lost the race to the decision: carry on.
-                log.warning("migration %s: cancel refused in phase %s", self.job.id,
-                            self.m.phase.value)
-                return None
-            if self.group is not None and self.group.error is not None:
-                self.error = self.group.error  # a sibling failed, not an operator's cancel
-                return Event.FAIL
-            self.error = err
-            return Event.CANCEL
-        if not isinstance(exc, Exception):
-            raise exc
+    def _failed(self, err: MigdError) -> Event:
         said = self.control.bus.error if self.eps else None
         if is_link_failure(err) and isinstance(said, RemoteError):
             err = said  # the peer said why before its link went: that is the failure
@@ -229,7 +212,10 @@ class SourceDriver:
             compat=dev.compat(), state_size=dev.state_size(), precopy=precopy,
             resume=opts.resume, channels=opts.channels,
             source_address=host.addresses.get(opts.device, ""), vm=opts.vm,
-            reply_to=host.listen, resumable=opts.max_resumes > 0))
+            reply_to=reachable(host.listen, ep.channel.local,
+                               host_local=ep.channel.transport == "rdma+shm"),
+            resumable=opts.max_resumes > 0,
+            ack_every=StreamSender.ack_every(dev, opts.max_resumes > 0)))
         accept = await ep.expect(Accept, opts.timeout)
         self.limit, self.token = accept.limit, accept.token
         self.eps += await self._join(self.token, self.bus)
@@ -330,7 +316,7 @@ class SourceDriver:
         log.info("migration %s: paused before switchover; 'migd migrate-continue %s' goes on",
                  self.job.id, self.job.id)
         while True:
-            if self._inbox(Event.CONTINUE):
+            if self._take(Event.CONTINUE):
                 return Event.CONTINUE
             bus = self.control.bus
             bus.check()
@@ -339,24 +325,12 @@ class SourceDriver:
             if not bus.wake.is_set():
                 await self._ping()
 
-    def _inbox(self, *wanted: Event) -> Event | None:
-        """Take the first of ``wanted`` from the inbox (others wait their turn)."""
-        keep: list[Inbound | Event] = []
-        found = None
-        while not self.job.inbox.empty():
-            item = self.job.inbox.get_nowait()
-            what = item.what if isinstance(item, Inbound) else item
-            if found is None and what in wanted:
-                found = what
-            else:
-                keep.append(item)
-        for item in keep:
-            self.job.inbox.put_nowait(item)
-        return found
-
     async def stop_vf(self) -> None:
-        assert self.sender is not None
+        assert self.sender is not None and self.dev is not None
         if self.t_stop is None:
+            # While the VF still runs: the destination accepts what stop-copy will send.
+            room = self.limit - self.sender.announced
+            await self.sender.reserve(min(self.dev.stop_copy_size(), max(0, room)))
             self.t_stop = time.monotonic()
         await self._arc(DeviceState.STOP_COPY)
         self.sender.downtime_phase = True
@@ -459,33 +433,35 @@ class SourceDriver:
             job.unresolved = "reported: " + job.unresolved
         for e in self.eps:
             e.channel.close()
-        attempt = 0
-        while True:
-            settled = self._inbox(Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT)
-            if settled is not None:
-                log.warning("migration %s settled by the operator: %s", job.id, settled.value)
-                if settled is Event.RESOLVED_ABORT:
-                    job.decided = False  # the operator overrides it: the source VF runs
-                return settled
+
+        async def ask_destination() -> Event | None:
             try:
                 outcome = await ask(self.host, [self.opts.peer], self.peer_key,
                                     Resolve(id=job.mid, decision="commit"), self.opts.timeout)
-                if outcome.decision == "commit":
-                    log.info("migration %s: the destination confirms COMMIT", job.id)
-                    return Event.RESOLVED_COMMIT
-                if outcome.decision != "pending":
-                    job.unresolved = (f"the destination answers {outcome.decision!r} to this "
-                                      "source's COMMIT")
-                    if self.m.phase is Phase.RESOLVING:
-                        return Event.RESOLVE_TIMEOUT
             except MigdError as err:
                 job.unresolved = f"cannot reach the destination: {err.message}"
-            if self.m.phase is Phase.RESOLVING and self.m.deadline is not None \
-                    and self._loop.time() >= self.m.deadline:
-                return Event.RESOLVE_TIMEOUT
-            attempt += 1
-            self.bus.wake.clear()
-            await wait_event(self.bus.wake, backoff(attempt, slow=self.m.phase is Phase.UNRESOLVED))
+                return None
+            if outcome.decision == "commit":
+                log.info("migration %s: the destination confirms COMMIT", job.id)
+                return Event.RESOLVED_COMMIT
+            if outcome.decision != "pending":
+                job.unresolved = (f"the destination answers {outcome.decision!r} to this "
+                                  "source's COMMIT")
+                if self.m.phase is Phase.RESOLVING:
+                    return Event.RESOLVE_TIMEOUT
+            return None
+
+        return await self._settle(ask_destination, Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT)
+
+    def _inbound(self, item: Inbound) -> Event:
+        log.warning("migration %s settled by the operator: %s", self.job.id, item.what.value)
+        if item.what is Event.RESOLVED_ABORT:
+            self.job.decided = False  # the operator overrides it: the source VF runs
+        return item.what
+
+    async def _pause(self, seconds: float) -> None:
+        self.bus.wake.clear()
+        await wait_event(self.bus.wake, seconds)
 
     async def rollback(self) -> None:
         """Before the decision: the VF runs again with its state intact; the peer is told."""
@@ -537,22 +513,11 @@ class SourceDriver:
 
     # --- the journal -------------------------------------------------------------------------
 
-    def _journal(self, phase: str, quiet: bool = False) -> None:
-        j = self.host.journal
-        if j is None:
-            return
-        if self.record is None:
-            self.record = journal.Record(
-                role="source", id=self.job.mid, phase=phase, device=self.opts.device,
-                peer=[self.opts.peer], peer_key=self.peer_key.hex(),
-                group=self.group.id if self.group is not None else "")
-        self.record.phase = phase
-        try:
-            j.write(self.record)
-        except OSError as exc:
-            if not quiet:
-                raise WrongState(f"journal {j.dir}: {exc.strerror}") from None
-            log.error("journal %s: %s", j.dir, exc.strerror)
+    def _new_record(self, phase: str) -> journal.Record:
+        return journal.Record(role="source", id=self.job.mid, phase=phase,
+                              device=self.opts.device, peer=[self.opts.peer],
+                              peer_key=self.peer_key.hex(),
+                              group=self.group.id if self.group is not None else "")
 
     def _journal_group(self, phase: str) -> None:
         j = self.host.journal
@@ -562,7 +527,7 @@ class SourceDriver:
         j.write(journal.Record(role="group", id=self.group.id, phase=phase,
                                members=[m.mid for m in self.group.jobs]))
 
-    _acts: dict[Act, Callable[[SourceDriver], Awaitable[Event | None]]] = {
+    ACTS: ClassVar[dict[Act, Callable[[SourceDriver], Awaitable[Event | None]]]] = {
         Act.CONNECT: connect, Act.ITERATE: iterate, Act.AWAIT_INITIAL: await_initial,
         Act.REACH_P2P: reach_p2p, Act.AWAIT_CONTINUE: await_continue, Act.STOP_VF: stop_vf,
         Act.SEND_REST: send_rest, Act.AWAIT_VOTE: await_vote, Act.DECIDE: decide,

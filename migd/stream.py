@@ -49,10 +49,13 @@ log = logging.getLogger("migd.stream")
 
 DEFAULT_INFLIGHT = 8
 _DIRECT = (Encoding.RAW, Encoding.SPARSE)
-#: The destination acknowledges its loaded position this often (chunks, bytes): the
-#: source keeps every chunk until then, for a resume.
-ACK_CHUNKS = 8
-ACK_BYTES = 8 << 20
+#: The destination acknowledges its loaded position every this many chunks (the
+#: source asks; a resumed stream starts there).  A source that keeps its chunks in a
+#: pool of buffers asks often; one whose device lends its memory keeps views, which
+#: cost nothing, and asks rarely: each acknowledgement costs both sides a control
+#: message.
+ACK_OFTEN = 8
+ACK_RARELY = 64
 
 
 @dataclass
@@ -185,7 +188,13 @@ class StreamSender:
 
     WINDOW = 16  # chunks per auto-compression decision
     PROBE_EVERY = 4  # raw windows compress one chunk every this many, to keep measuring
-    KEEP = 24  # chunk buffers kept for a resume (non-lending devices)
+    KEEP = 16  # chunk buffers kept for a resume (non-lending devices)
+
+    @staticmethod
+    def ack_every(device: Device, keep: bool) -> int:
+        """How often the destination should acknowledge: often when kept chunks hold
+        pool buffers (the pool must not run dry), rarely otherwise."""
+        return ACK_OFTEN if keep and not device.lends_memory else ACK_RARELY
 
     def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
                  workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT,
@@ -275,6 +284,13 @@ class StreamSender:
         if self._kept:
             return self._kept[0].index, self._kept[0].offset
         return self.index, self.offset
+
+    async def reserve(self, nbytes: int) -> None:
+        """Announce ahead what the stream will need (the stop-copy estimate before the
+        VF stops), so that no announcement round trip falls into the downtime."""
+        more = self.offset + nbytes - self.announced
+        if more > 0:
+            await self.announce(more)
 
     async def announce(self, nbytes: int) -> None:
         """Raise what the destination will accept, and wait until it has: data on
@@ -372,11 +388,11 @@ class StreamSender:
             return buf[:0], None
 
     async def _pooled(self) -> bytearray:
-        """A chunk buffer to read into and keep; waits for acknowledgements if none is free."""
-        if not self._pool and len(self._pool_bufs) < self.KEEP:
-            buf = bytearray(self.chunk)
-            self._pool_bufs.append(buf)
-            return buf
+        """A chunk buffer to read into and keep; waits for acknowledgements if none is free.
+        The pool comes from the daemon's bank the first time (pre-faulted, reused)."""
+        if not self._pool_bufs:
+            self._pool_bufs = self.workers.bank.take((self.chunk,) * self.KEEP)
+            self._pool = list(self._pool_bufs)
         await self.control.bus.wait_until(lambda: bool(self._pool), self.timeout,
                                           "the destination to acknowledge loaded chunks")
         return self._pool.pop()
@@ -597,7 +613,9 @@ class StreamSender:
         self._kept.clear()
         self._resend.clear()
         self._pool.clear()
-        self._pool_bufs.clear()
+        if self._pool_bufs:
+            self.workers.bank.give((self.chunk,) * self.KEEP, self._pool_bufs)
+            self._pool_bufs = []
 
 
 def _join(pieces: list[memoryview], into: memoryview) -> memoryview:
@@ -677,7 +695,9 @@ class StreamReceiver:
         self._writing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._acked = (0, 0)
+        self._acked = 0  # the chunk index last acknowledged
+        #: Chunks between acknowledgements of the loaded position (the source's ask).
+        self.ack_every = ACK_RARELY
         self._bufs: list[bytearray] = []
         self._sizes: tuple[int, ...] = ()
         self._detached = False
@@ -937,10 +957,9 @@ class StreamReceiver:
         self.next_index += 1
         self.written += n
         self.counters.transferred = self.written
-        index, offset = self._acked
-        if self.next_index >= index + ACK_CHUNKS or self.written >= offset + ACK_BYTES:
+        if self.next_index >= self._acked + self.ack_every:
             # Also what a resumed stream starts from: the source keeps chunks until then.
-            self._acked = (self.next_index, self.written)
+            self._acked = self.next_index
             self.control.post_control(Ack(index=self.next_index, offset=self.written))
         if self.initial_target is not None and self.written >= self.initial_target:
             self.initial_target = None
@@ -1013,7 +1032,7 @@ class StreamReceiver:
         """Take a new set of ``channels`` (attach each) that continues at the loaded position."""
         self._detached = False
         self._rebind(bus, channels)
-        self._acked = (self.next_index, self.written)
+        self._acked = self.next_index
         self._have.set()
 
     async def close(self) -> None:

@@ -89,6 +89,9 @@ class Placement(abc.ABC):
 
 class Channel(abc.ABC):
     peer: str = "?"
+    #: This end's IP address on an IP transport ("" otherwise): how the peer reaches
+    #: this host when it listens on a wildcard address.
+    local: str = ""
     #: The registry name of the transport it runs on.
     transport: str = "?"
     #: Seconds senders spent waiting for the link to take more (a full socket).

@@ -48,6 +48,7 @@ class TcpChannel(Channel):
         try:
             host, port = sock.getpeername()[:2]
             self.peer = f"{host}:{port}"
+            self.local = sock.getsockname()[0]
         except OSError:
             self.peer = "?"
 

@@ -77,6 +77,8 @@ class Migrate(Message):
     reply_to: list[str] = dataclasses.field(default_factory=list)
     #: Whether the source resumes a broken stream (it keeps what was not acknowledged).
     resumable: bool = True
+    #: Acknowledge the loaded position every this many chunks (1..1024).
+    ack_every: int = 64
 
 
 @dataclasses.dataclass(frozen=True)

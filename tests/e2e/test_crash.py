@@ -90,3 +90,53 @@ def test_killed_and_restarted_at_every_fault_point(tmp_path: Any, victim: str, p
             assert dst["sha256"] == ZERO and dst["state"] == "RUNNING"
         assert not src["busy"] and not dst["busy"]
         assert os.listdir(f"{wd}/{dead.name}.state")  # the journal the restart read
+
+
+@pytest.mark.parametrize("victim, point", [("source", "after-decision"),
+                                           ("destination", "after-go")])
+def test_a_whole_vm_has_one_decision_across_a_crash(tmp_path: Any, victim: str,
+                                                    point: str) -> None:
+    """Two VFs of one VM; the decision for both is one journal record, so a crash
+    between it and the go to each device ends with both on the destination."""
+    wd = str(tmp_path)
+    fault = {"MIGD_FAULT": f"{victim}:{point}"}
+    quick = ["--resolve-timeout", "20", "--resume-timeout", "20", "--idle-timeout", "5"]
+    names = ["vf0", "vf1"]
+    with local_pair([f"{n}:sim:size={SIZE},seed={i},dir={wd}/src-vf" for i, n in enumerate(names)],
+                    [f"{n}:sim:size={SIZE},content=zero,dir={wd}/dst-vf" for n in names],
+                    src_extra=quick, dst_extra=quick, workdir=wd,
+                    src_env=fault if victim == "source" else None,
+                    dst_env=fault if victim == "destination" else None) as p:
+        before = {n: p.src.call("device-digest", device=n)["sha256"] for n in names}
+        vm = p.src.call("migrate", devices=names, peer=p.dst.address, precopy=False,
+                        channels=1, timeout=3, vm="guest")["id"]
+        dead = p.src if victim == "source" else p.dst
+        assert dead.proc.wait(30) == EXIT, dead.log()[-2000:]
+        dead.restart()
+        for d in (p.src, p.dst):
+            deadline = time.monotonic() + 30
+            while not all(j["status"] in SETTLED and j["phase"] != "resolving"
+                          for j in d.call("query-migrate")):
+                assert time.monotonic() < deadline, d.call("query-migrate")
+                time.sleep(0.05)
+        for n in names:
+            src = p.src.call("device-digest", device=n)
+            dst = p.dst.call("device-digest", device=n)
+            assert src["state"] == "STOP" and dst["state"] == "RUNNING", (vm, src, dst)
+            assert dst["sha256"] == before[n]
+        assert all(j["status"] == "completed" for j in p.dst.call("query-migrate"))
+
+
+def test_a_damaged_journal_stops_the_start_naming_the_file(tmp_path: Any) -> None:
+    from migd.errors import ConfigError
+    from migd.harness import start_daemon, write_identity
+
+    wd = str(tmp_path)
+    me = write_identity(wd, "d")
+    state = tmp_path / "d.state"
+    state.mkdir()
+    (state / "source-abc.json").write_text('{"format": 1, "record": {"role": "sou')
+    with pytest.raises(ConfigError) as info:
+        start_daemon(wd, "d", [f"vf0:sim:size={SIZE}"], [me.public], wait=30)
+    assert f"journal {state}/source-abc.json is damaged" in info.value.message
+    assert "will not start half recovered" in info.value.message

@@ -164,6 +164,7 @@ def test_prometheus_endpoint(tmp_path: pathlib.Path) -> None:
             assert 'migd_state_bytes_total{direction="received"}' in text
             assert "migd_setup_seconds_count 1.0" in text  # downtime is the source's to measure
             assert "migd_active_migrations 0.0" in text
+            assert "migd_unresolved_migrations 0.0" in text
         finally:
             d.stop()
 

@@ -15,8 +15,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from typing import Any
 
+import pytest
+
+from migd.control import ControlError
 from migd.faults import EXIT
 from migd.harness import DaemonProc, Pair, local_pair
 
@@ -156,12 +160,22 @@ def test_device_reset_discards_a_loaded_stopped_vf() -> None:
 QUICK = ["--resolve-timeout", "2", "--resume-timeout", "5", "--idle-timeout", "3"]
 
 
+def scrape(d: DaemonProc, metric: str) -> str:
+    address = d.call("query-stats")["metrics_address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text: str = resp.read().decode()
+    return next(line for line in text.splitlines() if line.startswith(metric + " "))
+
+
 def test_a_source_that_cannot_deliver_its_commit_is_unresolved_until_an_operator_decides(
-        ) -> None:
+        tmp_path: Any) -> None:
     """The destination dies with COMMIT in flight and stays down: the source keeps its
-    VF stopped and says so; the operator resumes it (having made sure the destination
-    VF does not run), and a destination that comes back later resets."""
-    with local_pair([SRC], [DST], src_extra=QUICK, dst_extra=QUICK,
+    VF stopped and says so (status, event, log, metric); the operator resumes it
+    (having made sure the destination VF does not run), and a destination that comes
+    back later resets."""
+    conf = tmp_path / "src.toml"
+    conf.write_text('metrics = "127.0.0.1:0"\n')
+    with local_pair([SRC], [DST], src_extra=[*QUICK, "--config", str(conf)], dst_extra=QUICK,
                     dst_env={"MIGD_FAULT": "destination:after-go"}) as p:
         before = device(p.src)["sha256"]
         events = Events(p.src)
@@ -177,6 +191,7 @@ def test_a_source_that_cannot_deliver_its_commit_is_unresolved_until_an_operator
         assert "unresolved" in events.statuses()
         events.close()
         assert "UNRESOLVED" in p.src.log()
+        assert scrape(p.src, "migd_unresolved_migrations") == "migd_unresolved_migrations 1.0"
         # Cancel is no way out once decided.
         r = migd("cancel", final["id"], "--control", p.src.control)
         assert r.returncode == 2 and "past the point" in r.stderr
@@ -185,6 +200,7 @@ def test_a_source_that_cannot_deliver_its_commit_is_unresolved_until_an_operator
         wait_status(p.src, "failed")
         s = device(p.src)
         assert s["state"] == "RUNNING" and s["sha256"] == before and not s["busy"]
+        assert scrape(p.src, "migd_unresolved_migrations") == "migd_unresolved_migrations 0.0"
         p.dst.restart()  # it voted before it died: it asks, hears ABORT, resets
         incoming = wait_status(p.dst, "failed", timeout=30)
         assert incoming["recovered"]
@@ -220,3 +236,37 @@ def test_a_destination_that_voted_and_lost_its_source_is_confirmed_by_the_operat
         s = wait_status(p.src, "completed")
         assert s["recovered"]
         assert device(p.src)["state"] == "STOP" and device(p.dst)["state"] == "RUNNING"
+
+
+def test_the_new_commands_refuse_bad_requests_clearly() -> None:
+    with local_pair([SRC], [DST]) as p:
+        with p.src.client() as c:
+            cases: list[tuple[str, dict[str, Any], str]] = [
+                ("migrate-continue", {}, "'id' must be a migration id"),
+                ("migrate-continue", {"id": 5}, "'id' must be a migration id"),
+                ("migrate-continue", {"id": "nope"}, "no migration with id 'nope'"),
+                ("resolve", {"id": "nope", "decision": "commit"}, "no migration with id"),
+                ("device-resume", {"device": ["vf0"]}, "no device named"),
+                ("device-reset", {"device": "vf9"}, "no device named 'vf9'"),
+                ("migrate", {"device": "vf0", "peer": p.dst.address,
+                             "pause-before-switchover": "yes"}, "must be true or false"),
+                ("migrate", {"device": "vf0", "peer": p.dst.address, "max-resumes": -1},
+                 "'max-resumes' must be a whole number from 0 to 100"),
+                ("migrate", {"device": "vf0", "peer": p.dst.address, "resume-timeout": 0},
+                 "'resume-timeout' must be a positive number"),
+            ]
+            for cmd, args, why in cases:
+                with pytest.raises(ControlError, match=why):
+                    c.call(cmd, **args)
+            done = c.migrate_follow({"device": "vf0", "peer": p.dst.address})
+            assert done["status"] == "completed"
+            for cmd, args, why in [
+                ("migrate-continue", {"id": done["id"]}, "not paused in pre-switchover"),
+                ("resolve", {"id": done["id"], "decision": "commit"},
+                 "only an unresolved .* migration is settled by hand"),
+                ("resolve", {"id": done["id"], "decision": "maybe"},
+                 "'decision' must be 'commit'"),
+            ]:
+                with pytest.raises(ControlError, match=why):
+                    c.call(cmd, **args)
+        assert "Traceback" not in p.src.log()

@@ -40,12 +40,27 @@ def test_a_write_that_never_completed_is_not_a_record(tmp_path: pathlib.Path) ->
     assert not (tmp_path / "source-other.json.tmp").exists()
 
 
+def test_a_version_a_crash_cut_short_was_never_written(tmp_path: pathlib.Path) -> None:
+    j = Journal(str(tmp_path))
+    r = rec()
+    j.write(r)
+    r.phase = journal.COMMIT
+    j.write(r)  # appended: one flush
+    path = tmp_path / "source-abc123.json"
+    assert path.read_bytes().count(b"\n") == 2
+    with open(path, "ab") as f:
+        f.write(b'{"format": 1, "record": {"phase": "completed"')  # torn, no newline
+    (again,) = Journal(str(tmp_path)).load()
+    assert again.phase == journal.COMMIT
+
+
 @pytest.mark.parametrize("damage, why", [
-    (lambda p: p.write_bytes(p.read_bytes()[:40]), "not valid JSON"),
-    (lambda p: p.write_bytes(b"\xff\xfe garbage"), "not valid JSON"),
+    (lambda p: p.write_bytes(p.read_bytes()[:40]), "no complete version"),
+    (lambda p: p.write_bytes(p.read_bytes()[:40] + b"\n"), "not valid JSON"),
+    (lambda p: p.write_bytes(b"\xff\xfe garbage\n"), "not valid JSON"),
     (lambda p: p.write_text(p.read_text().replace('"active"', '"commit"')), "checksum mismatch"),
-    (lambda p: p.write_text(json.dumps({"format": 9})), "unknown format"),
-    (lambda p: p.write_text(json.dumps([1, 2])), "unknown format"),
+    (lambda p: p.write_text(json.dumps({"format": 9}) + "\n"), "unknown format"),
+    (lambda p: p.write_text(json.dumps([1, 2]) + "\n"), "unknown format"),
 ])
 def test_a_damaged_record_stops_the_start_naming_the_file(tmp_path: pathlib.Path, damage: object,
                                                           why: str) -> None:

@@ -349,3 +349,15 @@ async def test_a_broken_link_is_resumed_byte_exact(ids: dict[str, Identity], tru
         src_dev, dst_dev = r.src.devices["vf0"], r.dst.devices["vf0"]
         assert dst_dev.digest() == src_dev.digest()
         assert dst_dev.state == S.RUNNING and src_dev.state == S.STOP
+
+
+def test_the_source_says_where_it_can_be_reached() -> None:
+    from migd.source import reachable
+
+    listen = ["tcp://0.0.0.0:7707", "rdma+tcp://[::]:7708", "tcp://10.1.2.3:7709",
+              "rdma+shm:///run/migd/rdma.sock"]
+    assert reachable(listen, "192.0.2.7") == [
+        "tcp://192.0.2.7:7707", "rdma+tcp://192.0.2.7:7708", "tcp://10.1.2.3:7709"]
+    assert reachable(listen, "2001:db8::1")[1] == "rdma+tcp://[2001:db8::1]:7708"
+    assert reachable(listen, "", host_local=True) == ["tcp://10.1.2.3:7709",
+                                                      "rdma+shm:///run/migd/rdma.sock"]

@@ -220,10 +220,14 @@ class RdmaTransport(Transport):
         return self._channel(sock, where)
 
     def _channel(self, sock: socket.socket, peer: str) -> RdmaChannel:
+        local = ""
         if self.provider == "tcp":
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return RdmaChannel(QueuePair(sock, asyncio.get_running_loop(), self.provider), peer)
+                local = sock.getsockname()[0]
+        channel = RdmaChannel(QueuePair(sock, asyncio.get_running_loop(), self.provider), peer)
+        channel.local = local
+        return channel
 
     async def listen(self, address: str, handler: ChannelHandler) -> Listener:
         shm = self.provider == "shm"
