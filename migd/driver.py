@@ -23,6 +23,9 @@ from .session import Host, Inbound, Job, as_error
 
 log = logging.getLogger("migd.driver")
 
+#: What must survive a crash of the whole host: what the other side's VF depends on.
+DURABLE = (journal.VOTED, journal.COMMIT)
+
 
 class Driver:
     role: ClassVar[Role]
@@ -155,8 +158,9 @@ class Driver:
         raise NotImplementedError
 
     def _journal(self, phase: str, quiet: bool = False) -> None:
-        """Make this migration's ``phase`` durable; ``quiet``: log a failure instead
-        (for records that only report, like the end of a migration)."""
+        """Write this migration's ``phase``: durably for a vote or a decision
+        (:data:`DURABLE`), else for daemon crashes only (see Journal.write);
+        ``quiet``: log a failure instead of raising (records that only report)."""
         j = self.host.journal
         if j is None:
             return
@@ -164,7 +168,7 @@ class Driver:
             self.record = self._new_record(phase)
         self.record.phase = phase
         try:
-            j.write(self.record)
+            j.write(self.record, durable=phase in DURABLE)
         except OSError as exc:
             if not quiet:
                 raise WrongState(f"journal {j.dir}: {exc.strerror}") from None

@@ -177,10 +177,16 @@ class Journal:
             raise bad(f"role {rec.role!r} / phase {rec.phase!r}")
         return rec
 
-    def write(self, rec: Record) -> None:
-        """Make ``rec``'s new version durable: a new record's file is created
-        atomically (file and directory fsynced), a known one's version appended and
-        fdatasynced."""
+    def write(self, rec: Record, durable: bool = True) -> None:
+        """Write ``rec``'s new version: a new record's file is created atomically (file
+        and directory fsynced), a known one's version appended (and fdatasynced).
+
+        ``durable=False`` skips the flushes: the version survives a crash of the
+        daemon (the page cache has it) but maybe not of the host.  That is enough
+        where the host's crash takes the VF's state with it anyway, so a lost
+        version changes nothing: that a migration started (source) or began loading
+        (destination), that it ended or rolled back.  Votes and decisions are
+        durable: the other host's VF may depend on them."""
         if not _safe_name(rec.key):
             raise ConfigError(f"journal: bad record key {rec.key!r}")
         rec.updated = time.time()
@@ -192,7 +198,8 @@ class Journal:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             try:
                 _write_all(fd, line)
-                os.fdatasync(fd)
+                if durable:
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
         else:
@@ -200,11 +207,13 @@ class Journal:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, line)
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            os.fsync(self._dirfd)
+            if durable:
+                os.fsync(self._dirfd)
         self.records[rec.key] = rec
 
     def get(self, role: str, mid: str) -> Record | None:

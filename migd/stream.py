@@ -54,7 +54,7 @@ _DIRECT = (Encoding.RAW, Encoding.SPARSE)
 #: pool of buffers asks often; one whose device lends its memory keeps views, which
 #: cost nothing, and asks rarely: each acknowledgement costs both sides a control
 #: message.
-ACK_OFTEN = 8
+ACK_OFTEN = 12
 ACK_RARELY = 64
 
 
@@ -183,12 +183,13 @@ class StreamSender:
     With ``keep`` the sender keeps every chunk until the destination acknowledges
     it as loaded, so that a broken stream can be resumed (:meth:`rebind`) from
     the destination's position.  A device that lends its memory costs nothing to
-    keep (views); others are read into a pool of ``KEEP`` chunk buffers, and the
-    sender waits for acknowledgements when it runs out."""
+    keep (views); others are read into a pool of chunk buffers, and the sender
+    waits for acknowledgements when it runs out.  The pool holds what may be in
+    flight (``inflight``) plus two acknowledgement intervals, so that it never
+    runs dry for want of an acknowledgement that cannot come."""
 
     WINDOW = 16  # chunks per auto-compression decision
     PROBE_EVERY = 4  # raw windows compress one chunk every this many, to keep measuring
-    KEEP = 16  # chunk buffers kept for a resume (non-lending devices)
 
     @staticmethod
     def ack_every(device: Device, keep: bool) -> int:
@@ -213,6 +214,7 @@ class StreamSender:
         #: rest is folded in from ``_kept`` at the end).
         self.digest = hashlib.sha256()
         self.keep = keep
+        self._keep_n = inflight + 2 * ACK_OFTEN
         #: How far frames went out (were handed to a channel): acks cannot go past it.
         self._out_index = self._out_offset = 0
         self._kept: collections.deque[_Kept] = collections.deque()
@@ -391,7 +393,7 @@ class StreamSender:
         """A chunk buffer to read into and keep; waits for acknowledgements if none is free.
         The pool comes from the daemon's bank the first time (pre-faulted, reused)."""
         if not self._pool_bufs:
-            self._pool_bufs = self.workers.bank.take((self.chunk,) * self.KEEP)
+            self._pool_bufs = self.workers.bank.take((self.chunk,) * self._keep_n)
             self._pool = list(self._pool_bufs)
         await self.control.bus.wait_until(lambda: bool(self._pool), self.timeout,
                                           "the destination to acknowledge loaded chunks")
@@ -614,7 +616,7 @@ class StreamSender:
         self._resend.clear()
         self._pool.clear()
         if self._pool_bufs:
-            self.workers.bank.give((self.chunk,) * self.KEEP, self._pool_bufs)
+            self.workers.bank.give((self.chunk,) * self._keep_n, self._pool_bufs)
             self._pool_bufs = []
 
 
