@@ -320,7 +320,10 @@ class Daemon:
         if self._watchdog is not None:
             self._watchdog.cancel()
         self._close_listeners()
-        running = [j for j in self.jobs.values() if not j.finished and not j.done.is_set()]
+        # (A migration waiting for its outcome does not finish by waiting: the journal
+        # has it.)
+        running = [j for j in self.jobs.values() if not j.finished and not j.done.is_set()
+                   and j.machine.phase not in (Phase.RESOLVING, Phase.UNRESOLVED)]
         if running:
             log.info("waiting for %d running migration(s)", len(running))
             with contextlib.suppress(TimeoutError):

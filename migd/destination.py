@@ -170,9 +170,11 @@ class DestinationDriver(Driver):
 
     def __init__(self, host: Host, job: Job, req: Migrate | None, ep: Endpoint | None,
                  buffers: _Buffers | None, phase: Phase = Phase.SETUP) -> None:
+        # The source counts its resumes; here each outage only has its time limit.
         resumable = req is not None and req.resumable
         super().__init__(host, job, Migration(Role.DESTINATION,
-                                              host.policy(5 if resumable else 0), phase=phase))
+                                              host.policy(1000 if resumable else 0),
+                                              phase=phase))
         self.req = req
         self.ep = ep
         self.buffers = buffers

@@ -11,7 +11,6 @@ on any failure and the destination resets; after it, neither acts on its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -24,6 +23,7 @@ from backends.states import MigCap
 
 from .codec import DEFAULT_COMPRESSION, CompressMode, parse_compress
 from .crypto import DEFAULT_CIPHER, ENCRYPTING
+from .endpoint import wait_event
 from .errors import Cancelled, ConfigError, DeviceBusy, MigdError, UnknownDevice, WrongState
 from .faults import Faults
 from .identity import AuthorizedKeys, Identity
@@ -386,9 +386,8 @@ class Switchover:
         while len(self._reached[phase]) < self.size:
             self._check()
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 5.0)
-            if idle is not None:
+            await wait_event(self._changed, 5.0)
+            if idle is not None and not self._changed.is_set():
                 await idle()
         self._check()
 

@@ -391,10 +391,12 @@ class StreamSender:
 
     async def _pooled(self) -> bytearray:
         """A chunk buffer to read into and keep; waits for acknowledgements if none is free.
-        The pool comes from the daemon's bank the first time (pre-faulted, reused)."""
-        if not self._pool_bufs:
-            self._pool_bufs = self.workers.bank.take((self.chunk,) * self._keep_n)
-            self._pool = list(self._pool_bufs)
+        Buffers come from the daemon's bank (pre-faulted, reused) as they are needed: a
+        176-byte device never takes more than one."""
+        if not self._pool and len(self._pool_bufs) < self._keep_n:
+            (buf,) = self.workers.bank.take((self.chunk,))
+            self._pool_bufs.append(buf)
+            return buf
         await self.control.bus.wait_until(lambda: bool(self._pool), self.timeout,
                                           "the destination to acknowledge loaded chunks")
         return self._pool.pop()
@@ -615,9 +617,9 @@ class StreamSender:
         self._kept.clear()
         self._resend.clear()
         self._pool.clear()
-        if self._pool_bufs:
-            self.workers.bank.give((self.chunk,) * self._keep_n, self._pool_bufs)
-            self._pool_bufs = []
+        for buf in self._pool_bufs:
+            self.workers.bank.give((self.chunk,), [buf])
+        self._pool_bufs = []
 
 
 def _join(pieces: list[memoryview], into: memoryview) -> memoryview:
