@@ -12,7 +12,7 @@ import pytest
 import backends
 from backends.sim import SimDevice
 from backends.states import DeviceState
-from migd.errors import ConfigError, DeviceError
+from migd.errors import ConfigError, DeviceError, WrongState
 from migd.identity import AuthorizedKeys, Identity
 from migd.session import (
     Host,
@@ -45,15 +45,19 @@ async def vm_rig(ids: dict[str, Identity], trust: AuthorizedKeys,
         yield src, dst, address
 
 
-async def migrate_vm(src: Host, address: str) -> VmJob:
+def start_vm(src: Host, address: str, pause: bool = False) -> VmJob:
     check_vm(src, NAMES)
     sw = Switchover(len(NAMES))
     jobs = [Job("source", n) for n in NAMES]
     sw.jobs = jobs
     for j in jobs:
-        j.task = asyncio.create_task(
-            run_source(src, j, MigrateOptions(address, j.device, timeout=10), sw))
-    vm = VmJob("guest", address, jobs)
+        j.task = asyncio.create_task(run_source(src, j, MigrateOptions(
+            address, j.device, timeout=10, pause_before_switchover=pause), sw))
+    return VmJob("guest", address, jobs)
+
+
+async def migrate_vm(src: Host, address: str) -> VmJob:
+    vm = start_vm(src, address)
     await asyncio.wait_for(vm.watch(), 60)
     await asyncio.sleep(0.2)  # let the destination finish its side
     return vm
@@ -81,6 +85,29 @@ async def test_three_vfs_switch_over_together(ids: dict[str, Identity],
         p2p = [i for i, (_, s) in enumerate(order) if s == S.PRE_COPY_P2P]
         stops = [i for i, (_, s) in enumerate(order) if s == S.STOP_COPY]
         assert len(p2p) == 3 and len(stops) == 3 and max(p2p) < min(stops)
+
+
+async def test_a_vm_pauses_before_switchover_with_every_device_in_p2p(
+        ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
+    async with vm_rig(ids, trust) as (src, dst, address):
+        vm = start_vm(src, address, pause=True)
+        for _ in range(1000):
+            if vm.status() == "pre-switchover" and all(j.phase == "pre-switchover"
+                                                       for j in vm.jobs):
+                break
+            await asyncio.sleep(0.01)
+        assert vm.status() == "pre-switchover"
+        await asyncio.sleep(0.1)  # it stays there
+        # Paused: no device stopped, every one is in its P2P state (no DMA initiated).
+        assert {sim(src, n).state for n in NAMES} == {S.PRE_COPY_P2P}
+        assert vm.status() == "pre-switchover"
+        vm.resume_switchover()
+        await asyncio.wait_for(vm.watch(), 60)
+        assert vm.query()["status"] == "completed"
+        for n in NAMES:
+            assert sim(dst, n).digest() == sim(src, n).digest()
+        with pytest.raises(WrongState, match="not paused in pre-switchover"):
+            vm.resume_switchover()
 
 
 @pytest.mark.parametrize("side", ["source", "destination"])
