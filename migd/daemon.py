@@ -703,9 +703,7 @@ class Daemon:
         if decision not in ("commit", "abort"):
             raise ConfigError("resolve: 'decision' must be 'commit' (--confirm) or 'abort' "
                               "(--resume-source)")
-        jobs = job.jobs if isinstance(job, VmJob) else [job]
-        for j in jobs:
-            j.settle(decision)
+        job.settle(decision)
         log.warning("migration %s settled by the operator: %s", job.id, decision)
         return {"id": job.id, "decision": decision}
 

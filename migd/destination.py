@@ -98,6 +98,7 @@ async def serve_connection(host: Host, channel: Channel,
     else:
         job = Job("destination", first.device, peer=f"{_peer_name(ep)}@{channel.peer}",
                   mid=first.id, id=first.id)
+        job.task = asyncio.current_task()
         await DestinationDriver(host, job, first, ep, buffers).run()
 
 
@@ -161,7 +162,8 @@ async def _resume(host: Host, ep: Endpoint, buffers: _Buffers, msg: Resume) -> N
     except MigdError as err:
         await _refuse(ep, err, "resume")
         return
-    drv.token = b""  # spent: a second resume with it is refused
+    # (The token stays good until the resume completes: a resume that fails midway may
+    # be tried again with it.  A completed one issues a new token.)
     job.deliver(Inbound(Event.RESUMED, (ep, buffers, msg)))
 
 
@@ -207,7 +209,9 @@ class DestinationDriver(Driver):
 
     def _failed(self, err: MigdError) -> Event:
         self.error = err
-        if isinstance(err, RemoteError) and self.m.may(Event.PEER_ABORT):
+        if isinstance(err, RemoteError) and self.m.may(Event.PEER_ABORT) \
+                and not self.job.committed:
+            self.job.decision = "abort"
             return Event.PEER_ABORT  # the source says it aborted: that is its decision
         if is_link_failure(err) and self.m.may(Event.LINK_DOWN):
             return Event.LINK_DOWN
@@ -325,7 +329,14 @@ class DestinationDriver(Driver):
 
     async def verify(self) -> Event:
         assert self.receiver is not None and self.end is not None
-        await self.receiver.finish(self.end, self.host.idle_timeout)
+        # The last chunks may be lost with a link that is half open: a resume then
+        # arrives on a new connection, and is taken rather than waited out.
+        if not await self.receiver.finish(self.end, self.host.idle_timeout,
+                                          stop=lambda: not self.job.inbox.empty()):
+            item = self._take(Event.RESUMED, Event.RESOLVED_ABORT)
+            if item is not None:
+                return self._event_of(item)
+            raise ProtocolError("interrupted while verifying")
         self.host.faults.hit("destination", "after-end")
         # RESUMING -> STOP is where the device itself validates what it loaded.
         await self._arc(DeviceState.STOP)
@@ -344,13 +355,15 @@ class DestinationDriver(Driver):
         item = await self._wait(Go, self.host.idle_timeout, "the source's decision",
                                 Event.RESUMED, Event.RESOLVED_COMMIT, Event.RESOLVED_ABORT)
         if isinstance(item, Go):
+            self.job.decision = "commit"
             self.host.faults.hit("destination", "after-go")
             return Event.GO
         return self._event_of(item)
 
     async def journal_commit(self) -> None:
+        # It holds from now, whether or not the write makes it: the source stops for good.
+        self.job.decision = "commit"
         self._journal(journal.COMMIT)
-        self.job.committed = True
         self.host.faults.hit("destination", "after-decision")
 
     async def start_vf(self) -> Event:
@@ -435,14 +448,9 @@ class DestinationDriver(Driver):
         job = self.job
         await self._detach()
         committed = self.job.committed
-        if self.m.phase is Phase.UNRESOLVED and not job.unresolved.startswith("reported"):
-            if committed:
-                job.unresolved = (f"committed, but the VF did not start: "
-                                  f"{self.error.message if self.error else '?'}")
-            log.error("incoming migration %s UNRESOLVED: %s; the VF %s stays stopped with the "
-                      "loaded state. 'migd resolve %s --confirm' starts it, '--resume-source' "
-                      "resets it", job.id, job.unresolved, self.device_name, job.id)
-            job.unresolved = "reported: " + job.unresolved
+        if committed and self.m.phase is Phase.UNRESOLVED:
+            job.unresolved = (f"committed, but the VF did not start: "
+                              f"{self.error.message if self.error else '?'}")
 
         async def ask_source() -> Event | None:
             if committed:
@@ -467,6 +475,18 @@ class DestinationDriver(Driver):
     def _inbound(self, item: Inbound) -> Event:
         return self._event_of(item)
 
+    def _report_unresolved(self) -> None:
+        job = self.job
+        if job.committed:
+            job.unresolved = (f"committed, but the VF did not start: "
+                              f"{self.error.message if self.error else '?'}")
+            hint = "'migd resolve %s --confirm' (or device-resume) tries again"
+        else:
+            hint = ("'migd resolve %s --confirm' starts it, '--resume-source' resets it (once "
+                    "the source VF is known to run, or stay stopped)")
+        log.error("incoming migration %s UNRESOLVED: %s; the VF %s stays stopped with the "
+                  "loaded state. " + hint, job.id, job.unresolved, self.device_name, job.id)
+
     async def _pause(self, seconds: float) -> None:
         self.bus.wake.clear()
         await wait_event(self.bus.wake, seconds)
@@ -475,12 +495,17 @@ class DestinationDriver(Driver):
         """Before the vote, or on ABORT: wipe whatever was loaded."""
         job, dev = self.job, self.dev
         err = self.error or MigdError("aborted")
+        job.decision = "abort"
+        reset = True
         if dev is not None:
             try:
                 await self._loop.run_in_executor(self.host.workers.io, dev.reset)
             except Exception as exc:
+                # It does not run the guest either way; the journal keeps saying what it
+                # held, so the next start tries the reset again.
+                reset = False
                 log.error("incoming migration %s: reset of %s failed: %s", job.id, dev.name, exc)
-        if self.record is not None:
+        if self.record is not None and reset:
             self.record.reason = err.message
             self._journal(journal.RESET, quiet=True)
         if self.ep is not None:
@@ -536,7 +561,7 @@ def recovered_destination(host: Host, rec: journal.Record, dev: Device) -> tuple
     drv.peer_key = bytes.fromhex(rec.peer_key)
     drv.reply_to = list(rec.peer)
     drv.resume_vf = rec.resume
-    job.committed = rec.phase == journal.COMMIT
+    job.decision = "commit" if rec.phase == journal.COMMIT else ""
     host.incoming[job.mid] = drv
     return job, drv
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from . import journal
-from .errors import MigdError, WrongState
+from .errors import IllegalTransition, JournalFailed, MigdError
 from .protocol.migration import ENTRY, Act, Event, Migration, Phase, Role
 from .resolve import backoff
 from .session import Host, Inbound, Job, as_error
@@ -44,6 +44,9 @@ class Driver:
 
     async def run(self) -> None:
         acts = self._first_acts()
+        if self.m.phase is Phase.UNRESOLVED:  # taken up so after a restart
+            self.job.reported = True
+            self._report_unresolved()
         while True:
             event = await self._carry_out(acts)
             if event is None:
@@ -51,7 +54,23 @@ class Driver:
                     return
                 acts = self._rest  # a cancel the table refused: carry on where it was
                 continue
-            acts = self._step(event)
+            try:
+                acts = self._step(event)
+            except IllegalTransition as exc:
+                # A bug, not a peer: never end silently with a VF held.  Report it and
+                # leave the rest to an operator (the journal has the facts).
+                log.critical("migration %s: %s; holding it for an operator", self.job.id, exc)
+                self.job.unresolved = f"internal error: {exc.message}"
+                self.job.stuck = True
+                return
+            if self.m.phase is Phase.UNRESOLVED and not self.job.reported:
+                self.job.reported = True
+                self._report_unresolved()
+            elif self.m.phase is not Phase.UNRESOLVED:
+                self.job.reported = False
+
+    def _report_unresolved(self) -> None:
+        log.error("migration %s UNRESOLVED: %s", self.job.id, self.job.unresolved or "?")
 
     def _first_acts(self) -> tuple[Act, ...]:
         return ENTRY[(self.role, self.m.phase)]
@@ -171,5 +190,5 @@ class Driver:
             j.write(self.record, durable=phase in DURABLE)
         except OSError as exc:
             if not quiet:
-                raise WrongState(f"journal {j.dir}: {exc.strerror}") from None
+                raise JournalFailed(f"journal {j.dir}: {exc.strerror}") from None
             log.error("journal %s: %s", j.dir, exc.strerror)

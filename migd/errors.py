@@ -42,6 +42,13 @@ class WrongState(MigdError):
     name = "wrong-state"
 
 
+class JournalFailed(MigdError):
+    """A vote or a decision could not be made durable (it may be on disk anyway)."""
+
+    code = 4
+    name = "journal-failed"
+
+
 # --- device / backend --------------------------------------------------------
 
 

@@ -94,10 +94,13 @@ class AuthorizedKeys:
     @classmethod
     def load(cls, path: str) -> AuthorizedKeys:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except OSError as exc:
             raise ConfigError(f"authorized keys {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"authorized keys {path}: not UTF-8 text (byte {exc.start}): "
+                              "one 'migd-ed25519 BASE64 comment' a line") from None
         keys: dict[bytes, str] = {}
         for no, line in enumerate(lines, 1):
             line = line.strip()

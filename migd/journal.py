@@ -7,11 +7,13 @@ the source, for the one decision of all its devices) is one small file in
 versions, one checksummed JSON line each, the last one current.  The file is
 created atomically (a temporary file, fsynced, renamed into place, the directory
 fsynced); each later version is appended and fdatasynced, one flush, since three
-of them fall inside the switchover's downtime.  A write returns only once it is
-durable, and nothing acts on a version before that: a last line that a crash cut
-short (no newline) was never acted on and is ignored.  Any other line that does
-not parse or whose checksum does not match is damage from outside and stops the
-daemon at start, naming the file (it must not start half recovered).  Records of
+of them fall inside the switchover's downtime.  A durable write returns only once it is
+on disk, and nothing acts on a version before that: a last line that a crash cut
+short (no newline) was never acted on and is cut off.  A file with no complete
+line can only be one created without flushes (see :meth:`Journal.write`) that a
+host crash left empty, and is removed.  Any other line that does not parse or
+whose checksum does not match is damage from outside and stops the daemon at
+start, naming the file (it must not start half recovered).  Records of
 migrations that ended are kept for ``RETENTION`` so a peer that was down can
 still ask how they ended, then pruned.
 """
@@ -44,7 +46,8 @@ PHASES = {"source": (ACTIVE, COMMIT, COMPLETED, ABORTED),
           "destination": (LOADING, VOTED, COMMIT, COMPLETED, RESET),
           "group": (ACTIVE, COMMIT, ABORTED)}
 OPEN = {"source": (ACTIVE, COMMIT), "destination": (LOADING, VOTED, COMMIT),
-        "group": (ACTIVE, COMMIT)}
+        # A VM's record holds its decision; it is kept while any of its devices' is open.
+        "group": ()}
 
 
 @dataclasses.dataclass
@@ -108,6 +111,9 @@ class Journal:
         except OSError as exc:
             raise ConfigError(f"state_dir {directory}: {exc.strerror}") from None
         self.records: dict[str, Record] = {}
+        #: Records whose file was created without flushes: the first durable version
+        #: also makes the file itself and its name durable.
+        self._shaky: set[str] = set()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -127,13 +133,19 @@ class Journal:
             if not name.endswith(".json"):
                 continue
             rec = self._read(path)
+            if rec is None:
+                # Created without flushes and cut short by a crash of the host: only
+                # records whose loss changes nothing are written that way.
+                log.warning("journal %s: removing a record a host crash left unwritten", path)
+                os.unlink(path)
+                continue
             if rec.key + ".json" != name:
                 raise ConfigError(f"journal {path}: record {rec.key!r} in the wrong file")
             self.records[rec.key] = rec
         return list(self.records.values())
 
     @staticmethod
-    def _read(path: str) -> Record:
+    def _read(path: str) -> Record | None:
         def bad(why: str) -> ConfigError:
             return ConfigError(f"journal {path} is damaged ({why}); migd will not start "
                                "half recovered: restore it, or move it away after checking "
@@ -144,15 +156,19 @@ class Journal:
         except OSError as exc:
             raise ConfigError(f"journal {path}: {exc.strerror}") from None
         lines = data.split(b"\n")
-        if lines[-1]:
-            log.warning("journal %s: ignoring a last version that a crash cut short", path)
-        complete = lines[:-1]  # a version is durable only with its newline
+        complete = lines[:-1]  # a version is written only with its newline
         if not complete:
-            raise bad("no complete version: truncated or overwritten")
+            return None
         rec = None
         for line in complete:
             rec = Journal._version(line, bad)
-        assert rec is not None
+        if lines[-1]:
+            # A version a crash cut short was never acted on: cut it off, so that the
+            # next one is not appended to it.
+            log.warning("journal %s: dropping a last version that a crash cut short", path)
+            with open(path, "r+b") as torn:
+                torn.truncate(len(data) - len(lines[-1]))
+                os.fsync(torn.fileno())
         return rec
 
     @staticmethod
@@ -197,8 +213,17 @@ class Journal:
         if rec.key in self.records and os.path.exists(path):
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             try:
-                _write_all(fd, line)
-                if durable:
+                size = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, line)
+                except OSError:
+                    os.ftruncate(fd, size)  # no half version for the next to follow
+                    raise
+                if durable and rec.key in self._shaky:
+                    os.fsync(fd)
+                    os.fsync(self._dirfd)
+                    self._shaky.discard(rec.key)
+                elif durable:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
@@ -214,6 +239,9 @@ class Journal:
             os.replace(tmp, path)
             if durable:
                 os.fsync(self._dirfd)
+                self._shaky.discard(rec.key)
+            else:
+                self._shaky.add(rec.key)
         self.records[rec.key] = rec
 
     def get(self, role: str, mid: str) -> Record | None:

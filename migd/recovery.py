@@ -69,7 +69,7 @@ def recover(host: Host) -> list[Coroutine[Any, Any, None]]:
             elif rec.open:
                 assert dev is not None
                 host.busy.add(rec.device)
-                job = _history(host, rec, Phase.ROLLED_BACK, None)
+                job = _history(host, rec, Phase.ROLLING_BACK, None)  # "pending" to the peer
                 job.done.clear()
                 runs.append(_settle_undecided(host, rec, dev, job))
             else:
@@ -81,10 +81,13 @@ def recover(host: Host) -> list[Coroutine[Any, Any, None]]:
                 try:
                     dev.reset()
                 except MigdError as err:
+                    # Not running the guest either way; the next start tries again.
                     log.error("recovery: reset of %s failed: %s", rec.device, err.message)
+                    _history(host, rec, Phase.RESET, err)
+                    continue
                 rec.reason = "migd restarted before the stream was complete: the VF was reset"
                 rec.phase = journal.RESET
-                j.write(rec)
+                j.write(rec, durable=False)
                 log.warning("recovery: incoming migration %s had not voted: %s reset", rec.id,
                             rec.device)
                 _history(host, rec, Phase.RESET, MigdError(rec.reason))
@@ -130,14 +133,16 @@ def _hold_stopped(rec: journal.Record, dev: Any) -> None:
 
 
 async def _settle_undecided(host: Host, rec: journal.Record, dev: Any, job: Job) -> None:
-    """No decision was journaled: abort, and resume the VF with its state.  Only if the
-    destination says it runs the guest already (its operator confirmed it while this
-    host was down) does the VF stay stopped: never both."""
+    """No decision was journaled: abort, and resume the VF with its state, then tell the
+    destination.  Unless the destination says it runs the guest already (its operator
+    confirmed it while this host was down): then the VF stays stopped.  And if the VF
+    will not resume, nobody is told ABORT (the destination may hold the only copy): the
+    migration is unresolved, for an operator."""
     assert host.journal is not None
     answer = "unreachable"
-    try:
+    try:  # a question only: it changes nothing at the destination
         out = await ask(host, rec.peer, bytes.fromhex(rec.peer_key),
-                        Resolve(id=rec.id, decision="abort"), min(host.idle_timeout, 3.0))
+                        Resolve(id=rec.id, decision="ask"), min(host.idle_timeout, 3.0))
         answer = out.decision
     except MigdError as err:
         log.info("recovery: destination of %s not reached (%s): aborting", rec.id, err.message)
@@ -146,26 +151,43 @@ async def _settle_undecided(host: Host, rec: journal.Record, dev: Any, job: Job)
         rec.reason = ("the destination runs the guest (its operator confirmed it while this "
                       "host was down): the source VF stays stopped")
         job.machine = Migration(Role.SOURCE, phase=Phase.DONE)
-        job.decided = True
+        job.decision = "commit"
         _hold_stopped(rec, dev)
         log.warning("recovery: migration %s: %s", rec.id, rec.reason)
-    else:
-        try:
-            dev.recover()
-        except MigdError as err:
-            log.error("recovery: could not bring %s back to RUNNING: %s", rec.device,
-                      err.message)
-        rec.phase = journal.ABORTED
-        rec.reason = "migd restarted before the decision: the source VF was resumed"
-        job.error = MigdError("migd restarted before the switchover was decided: the source "
-                              "VF runs again with its state")
-        log.warning("recovery: migration %s was not decided: %s runs again (%s)", rec.id,
-                    rec.device, dev.state.name)
-    host.journal.write(rec)
+        host.journal.write(rec, durable=False)
+        host.busy.discard(rec.device)
+        job.done.set()
+        return
+    try:
+        dev.set_state(DeviceState.RUNNING)
+    except MigdError as err:
+        log.error("recovery: %s would not resume (%s): the destination may hold the only "
+                  "copy; it is not told to abort", rec.device, err.message)
+        stuck, drv = recovered_source(host, rec, dev, phase=Phase.UNRESOLVED)
+        stuck.unresolved = (f"after a restart the source VF did not come back to RUNNING "
+                            f"({err.message}); the destination was not told to abort")
+        del host.jobs[job.id]
+        host.register(stuck)
+        job.done.set()
+        await _run(stuck, drv)
+        return
+    job.decision = "abort"
+    job.machine = Migration(Role.SOURCE, phase=Phase.ROLLED_BACK)
+    job.error = MigdError("migd restarted before the switchover was decided: the source VF "
+                          "runs again with its state")
+    rec.phase = journal.ABORTED
+    rec.reason = "migd restarted before the decision: the source VF was resumed"
+    host.journal.write(rec, durable=False)
     host.busy.discard(rec.device)
     job.done.set()
-    if answer not in ("commit", "abort"):
-        await notify_abort(host, rec.peer, bytes.fromhex(rec.peer_key), rec.id)
+    log.warning("recovery: migration %s was not decided: %s runs again (%s)", rec.id,
+                rec.device, dev.state.name)
+    await notify_abort(host, rec.peer, bytes.fromhex(rec.peer_key), rec.id)
+
+
+async def _run(job: Job, drv: Any) -> None:
+    job.task = asyncio.current_task()
+    await drv.run()
 
 
 def _history(host: Host, rec: journal.Record, phase: Phase, error: MigdError | None) -> Job:
@@ -174,7 +196,10 @@ def _history(host: Host, rec: journal.Record, phase: Phase, error: MigdError | N
     job.recovered = True
     job.error = error
     job.peer_key = bytes.fromhex(rec.peer_key) if rec.peer_key else b""
-    job.decided = rec.role == "source" and phase is Phase.DONE
+    if phase in (Phase.DONE, Phase.LOADED):
+        job.decision = "commit"
+    elif phase in (Phase.ROLLED_BACK, Phase.RESET):
+        job.decision = "abort"
     job.done.set()
     host.register(job)
     return job

@@ -16,7 +16,7 @@ import random
 from . import journal
 from .endpoint import Bus, Endpoint
 from .errors import MigdError, ProtocolError, TransportError
-from .protocol.messages import Outcome, Resolve
+from .protocol.messages import OUTCOMES, Outcome, Resolve
 from .protocol.migration import Event, Phase, Role
 from .session import Host, Inbound, Job
 
@@ -57,9 +57,13 @@ async def ask(host: Host, addresses: list[str], peer_key: bytes, request: Resolv
             outcome = await ep.expect(Outcome, timeout)
             if outcome.id != request.id:
                 raise ProtocolError(f"outcome for {outcome.id!r}, asked for {request.id!r}")
+            if outcome.decision not in OUTCOMES:
+                raise ProtocolError(f"outcome {outcome.decision!r}")
             return outcome
         except MigdError as err:
             last = err
+        except Exception as exc:  # out of descriptors, say: it is asked again later
+            last = TransportError(f"{address}: {exc.__class__.__name__}: {exc}")
         finally:
             if ep is not None:
                 ep.channel.close()
@@ -81,10 +85,15 @@ async def answer(host: Host, ep: Endpoint, req: Resolve) -> None:
     ep.channel.close()
 
 
+#: What a resolve request says.  "": a destination asks its source.  "ask": a source
+#: asks its destination and changes nothing there.  "commit" / "abort": a source tells
+#: its destination how it decided.
+REQUESTS = ("", "ask", "commit", "abort")
+
+
 async def _outcome(host: Host, asker: bytes, req: Resolve) -> str:
-    if req.decision not in ("", "commit", "abort"):
+    if req.decision not in REQUESTS:
         raise ProtocolError(f"resolve: unknown decision {req.decision!r}")
-    # A destination asks the source (no decision); a source tells the destination.
     role = Role.SOURCE if req.decision == "" else Role.DESTINATION
     job = host.find(role, req.id)
     key = _peer_key(host, role, req.id, job)
@@ -111,13 +120,14 @@ def _peer_key(host: Host, role: Role, mid: str, job: Job | None) -> bytes | None
 
 
 def _source_outcome(host: Host, mid: str, job: Job | None) -> str:
+    """What this source holds to: its decision, as long as it is one."""
     if job is not None:
-        if job.machine.phase is Phase.ROLLED_BACK:
-            return "abort"  # (also after an operator's --resume-source)
-        if job.decided:
+        if job.decision == "abort" and job.machine.phase is Phase.ROLLED_BACK:
+            return "abort"  # its VF runs again
+        if job.decision == "commit" and not job.stuck:
             return "commit"
-        if not job.recovered:
-            return "pending"
+        if not job.recovered or job.machine.phase in (Phase.ROLLING_BACK, Phase.UNRESOLVED):
+            return "pending"  # still deciding, or stuck: an operator decides
     rec = host.journal.get("source", mid) if host.journal is not None else None
     if rec is None:
         return "unknown"
@@ -125,29 +135,22 @@ def _source_outcome(host: Host, mid: str, job: Job | None) -> str:
     if rec.phase in (journal.COMMIT, journal.COMPLETED) or (
             group is not None and group.phase == journal.COMMIT):
         return "commit"
-    return "abort"
+    return "abort" if rec.phase == journal.ABORTED else "pending"
 
 
 async def _destination_outcome(host: Host, req: Resolve, job: Job | None) -> str:
+    """The destination's answer: the decision it holds to, once it has one (a told
+    decision is taken only if it has none yet, so that answers never contradict)."""
     if job is not None:
         m = job.machine
-        if job.committed or m.phase in (Phase.COMMITTING, Phase.DONE, Phase.LOADED):
-            return "commit"
-        if m.phase is Phase.RESET:
-            return "abort"
+        if job.decision or req.decision == "ask" or m.phase is Phase.RESET:
+            return await _settled(job) if job.decision else _state_of(job)
         event = Event.RESOLVED_COMMIT if req.decision == "commit" else Event.RESOLVED_ABORT
         if not m.may(event):
-            return "pending"
+            return _state_of(job)
+        job.decision = req.decision  # from now on this is its answer, whatever else comes
         job.deliver(Inbound(event))
-        if req.decision == "abort":
-            return "abort"
-        # Answer once the COMMIT took effect here, so the source can stop asking.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SETTLE_WAIT
-        while m.phase not in (Phase.COMMITTING, Phase.DONE, Phase.LOADED) \
-                and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        return "commit" if m.phase in (Phase.COMMITTING, Phase.DONE, Phase.LOADED) else "pending"
+        return await _settled(job)
     rec = host.journal.get("destination", req.id) if host.journal is not None else None
     if rec is None:
         return "unknown"
@@ -156,6 +159,24 @@ async def _destination_outcome(host: Host, req: Resolve, job: Job | None) -> str
     if rec.phase == journal.RESET:
         return "abort"
     return "pending"
+
+
+def _state_of(job: Job) -> str:
+    if job.machine.phase in (Phase.COMMITTING, Phase.DONE, Phase.LOADED):
+        return "commit"
+    return "abort" if job.machine.phase is Phase.RESET else "pending"
+
+
+async def _settled(job: Job) -> str:
+    """``job``'s decision once it took effect: an abort only when the VF is reset (so
+    the source resumes only then), a commit at once (the source stays stopped)."""
+    if job.decision == "commit":
+        return "commit"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_WAIT
+    while job.machine.phase is not Phase.RESET and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    return "abort" if job.machine.phase is Phase.RESET else "pending"
 
 
 async def notify_abort(host: Host, addresses: list[str], peer_key: bytes, mid: str,

@@ -24,7 +24,15 @@ from backends.states import MigCap
 from .codec import DEFAULT_COMPRESSION, CompressMode, parse_compress
 from .crypto import DEFAULT_CIPHER, ENCRYPTING
 from .endpoint import wait_event
-from .errors import Cancelled, ConfigError, DeviceBusy, MigdError, UnknownDevice, WrongState
+from .errors import (
+    Cancelled,
+    ConfigError,
+    DeviceBusy,
+    JournalFailed,
+    MigdError,
+    UnknownDevice,
+    WrongState,
+)
 from .faults import Faults
 from .identity import AuthorizedKeys, Identity
 from .journal import Journal
@@ -116,16 +124,22 @@ class Job:
     unresolved: str = ""
     #: Whether the job was taken up from the journal after a daemon restart.
     recovered: bool = False
-    #: Source: COMMIT is journaled for it (alone, or for its whole VM).
-    decided: bool = False
+    #: The outcome this side holds to, once it has one: "commit" (source: COMMIT journaled
+    #: for it or its VM; destination: go, the source's or the operator's COMMIT accepted)
+    #: or "abort" (a rollback or reset under way or done, an operator's abort).  Answers
+    #: to the peer come from it, so that two answers never contradict each other.
+    decision: str = ""
+    #: The reason was logged at ERROR since the migration became unresolved.
+    reported: bool = False
+    #: Its driver stopped on an internal error: reported unresolved, held for an operator.
+    stuck: bool = False
     #: The peer's identity key: only it may resume or resolve this migration.
     peer_key: bytes = b""
     #: The daemon stops without settling it (the journal has it).
     abandoned: bool = False
     #: The operator cancelled it (a cancel from anywhere else ends the driver at once).
     cancel_asked: bool = False
-    #: Destination: COMMIT is journaled here (whether or not the VF started).
-    committed: bool = False
+
     task: asyncio.Task[None] | None = None
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     #: Events from outside the driver's own link: the operator (continue, resolve),
@@ -141,6 +155,8 @@ class Job:
     @property
     def status(self) -> Status:
         m = self.machine
+        if self.stuck:
+            return Status.UNRESOLVED
         st = m.status()
         if st.value in FINAL_STATUSES and not self.done.is_set() and m.history:
             # Final only once the device is free again: "failed" means it can be
@@ -151,6 +167,16 @@ class Job:
     @property
     def phase(self) -> str:
         return self.machine.phase.value
+
+    @property
+    def decided(self) -> bool:
+        """Source: COMMIT is its decision: its VF must never run again on its own."""
+        return self.decision == "commit"
+
+    @property
+    def committed(self) -> bool:
+        """Destination: it holds to COMMIT (heard, journaled or being journaled)."""
+        return self.decision == "commit"
 
     @property
     def finished(self) -> bool:
@@ -204,13 +230,14 @@ class Job:
             out["downtime"] = self.downtime_ms
         if self.expected_downtime_ms is not None and self.status == Status.ACTIVE:
             out["expected-downtime"] = self.expected_downtime_ms
-        if self.unresolved and self.status is Status.UNRESOLVED:
-            out["unresolved-reason"] = self.unresolved
+        if self.status is Status.UNRESOLVED:
+            out["unresolved-reason"] = self.unresolved or "?"
         if self.error is not None:
             out["error-desc"] = self.error.message
             out["error-class"] = self.error.name
-            if self.machine.phase in (Phase.ROLLED_BACK, Phase.RESET) and self.machine.history:
-                out["failed-phase"] = self.machine.history[-1][0].value
+            before = [p for p, _ in self.machine.history if p is not Phase.ROLLING_BACK]
+            if self.machine.phase in (Phase.ROLLED_BACK, Phase.RESET) and before:
+                out["failed-phase"] = before[-1].value
         return out
 
     def finish(self, error: MigdError | None = None) -> None:
@@ -247,11 +274,21 @@ class Job:
                              "paused in pre-switchover")
         self.deliver(Event.CONTINUE)
 
-    def settle(self, decision: str) -> None:
-        """The operator's decision for a migration whose outcome is not known here."""
+    def check_settle(self, decision: str) -> None:
+        """Whether the operator may settle it so (WrongState naming why not)."""
         if self.machine.phase not in (Phase.RESOLVING, Phase.UNRESOLVED):
             raise WrongState(f"migration {self.id} is {self.status.value}/{self.phase}: only an "
                              "unresolved (or resolving) migration is settled by hand")
+        if self.role == Role.DESTINATION.value and self.committed and decision == "abort":
+            raise WrongState(f"migration {self.id} committed here: this VF holds the only copy "
+                             "of the state (the source's is stopped for good); resetting it "
+                             "would lose the guest's device")
+
+    def settle(self, decision: str) -> None:
+        """The operator's decision for a migration whose outcome is not known here.  It
+        holds from now on: what the peer is told agrees with it."""
+        self.check_settle(decision)
+        self.decision = decision
         self.deliver(Event.RESOLVED_COMMIT if decision == "commit" else Event.RESOLVED_ABORT)
 
 
@@ -409,17 +446,33 @@ class Switchover:
         for the VM, then :meth:`commit`)."""
         return self.decision.vote(member)
 
-    def commit(self) -> None:
-        """COMMIT is journaled for the VM: from now on no device may roll back."""
-        self.decision.commit()
+    def committing(self) -> None:
+        """The VM's COMMIT is about to be journaled: from now on no device may roll
+        back on its own (the write may reach the disk even if it reports a failure)."""
         for j in self.jobs:
-            j.decided = True
+            j.decision = "commit"
+
+    def commit(self) -> None:
+        """COMMIT is journaled for the VM: every device may send go."""
+        self.decision.commit()
         self._wake()
 
-    async def decided(self) -> None:
+    def stuck(self, err: MigdError) -> None:
+        """The VM's decision could not be written: every device waits for an operator."""
+        self.decision.decision = "stuck"
+        self.error = err
+        self._wake()
+
+    async def decided(self, idle: Callable[[], Any] | None = None) -> None:
+        """Wait for the VM's decision (keepalives from ``idle`` meanwhile)."""
         while self.decision.decision is None:
             self._changed.clear()
-            await self._changed.wait()
+            await wait_event(self._changed, 5.0)
+            if idle is not None and not self._changed.is_set():
+                await idle()
+        if self.decision.decision == "stuck":
+            raise JournalFailed(self.error.message if self.error else "the VM's decision "
+                                "could not be written")
         self._check()
 
 
@@ -477,6 +530,16 @@ class VmJob:
 
     def cancel(self) -> bool:
         return any([j.cancel() for j in self.jobs])
+
+    def settle(self, decision: str) -> None:
+        """The operator settles every device of the VM, or none."""
+        for j in self.jobs:
+            j.check_settle(decision)
+        if decision == "abort" and any(j.machine.phase is Phase.DONE for j in self.jobs):
+            raise WrongState(f"VM migration {self.id}: a device's destination already runs; "
+                             "its siblings must not resume here")
+        for j in self.jobs:
+            j.settle(decision)
 
     def resume_switchover(self) -> None:
         if not any(j.machine.phase is Phase.PAUSED for j in self.jobs):

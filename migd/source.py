@@ -11,6 +11,7 @@ business, not this module's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from .driver import Driver
 from .endpoint import Bus, Endpoint, is_link_failure, wait_event
 from .errors import (
     Cancelled,
+    JournalFailed,
     MigdError,
     ProtocolError,
     RemoteError,
@@ -350,17 +352,31 @@ class SourceDriver(Driver):
         return Event.VOTED
 
     async def decide(self) -> Event:
-        """The one decision: COMMIT, journaled before anyone acts on it."""
+        """The one decision: COMMIT, journaled before anyone acts on it.  It holds from
+        the moment the write starts (a write that reports failure may still be on
+        disk): a failed write leaves the VF stopped and the outcome to an operator."""
         group = self.group
-        if group is None:
-            self._journal(journal.COMMIT)
-            self.job.decided = True
-        elif group.vote(group.member(self.job)):
-            # The last vote of the VM: one record decides for every device, atomically.
-            self._journal_group(journal.COMMIT)
-            group.commit()
-        else:
-            await group.decided()
+        try:
+            if group is None:
+                self.job.decision = "commit"
+                self._journal(journal.COMMIT)
+            elif group.vote(group.member(self.job)):
+                # The last vote of the VM: one record decides for every device, atomically.
+                group.committing()
+                try:
+                    self._journal_group(journal.COMMIT)
+                except OSError as exc:
+                    raise JournalFailed(f"journal: {exc.strerror}") from None
+                group.commit()
+            else:
+                await group.decided(self._ping)
+        except JournalFailed as err:
+            if group is not None:
+                group.stuck(err)
+            self.error = err
+            self.job.unresolved = (f"the COMMIT decision could not be written ({err.message}); "
+                                   "it may be on disk: neither go nor abort was sent")
+            return Event.STUCK
         self.host.faults.hit("source", "after-decision")
         log.info("migration %s: decided COMMIT", self.job.id)
         return Event.DECIDED
@@ -423,18 +439,20 @@ class SourceDriver(Driver):
                  ", the destination had voted" if resumed.voted else "")
         return Event.RECONNECTED_VOTED if resumed.voted else Event.RECONNECTED
 
+    def _report_unresolved(self) -> None:
+        log.error("migration %s UNRESOLVED: %s; the source VF stays stopped. 'migd resolve "
+                  "%s --confirm' once the destination VF runs, or '--resume-source' once it "
+                  "is reset", self.job.id, self.job.unresolved, self.job.id)
+
     async def resolve(self) -> Event:
         """After COMMIT: make sure the destination heard it (it commits on hearing)."""
         job = self.job
-        if self.m.phase is Phase.UNRESOLVED and not job.unresolved.startswith("reported"):
-            log.error("migration %s UNRESOLVED: %s; the source VF stays stopped. 'migd resolve "
-                      "%s --confirm' once the destination VF runs, or '--resume-source' once it "
-                      "is reset", job.id, job.unresolved, job.id)
-            job.unresolved = "reported: " + job.unresolved
         for e in self.eps:
             e.channel.close()
 
         async def ask_destination() -> Event | None:
+            if not job.decided:
+                return None  # stuck without a decision: only an operator settles it
             try:
                 outcome = await ask(self.host, [self.opts.peer], self.peer_key,
                                     Resolve(id=job.mid, decision="commit"), self.opts.timeout)
@@ -455,29 +473,36 @@ class SourceDriver(Driver):
 
     def _inbound(self, item: Inbound) -> Event:
         log.warning("migration %s settled by the operator: %s", self.job.id, item.what.value)
-        if item.what is Event.RESOLVED_ABORT:
-            self.job.decided = False  # the operator overrides it: the source VF runs
         return item.what
 
     async def _pause(self, seconds: float) -> None:
         self.bus.wake.clear()
         await wait_event(self.bus.wake, seconds)
 
-    async def rollback(self) -> None:
-        """Before the decision: the VF runs again with its state intact; the peer is told."""
+    async def rollback(self) -> Event:
+        """Before the decision: the VF runs again with its state intact, then the peer is
+        told.  A VF that will not run again is never reset here while the destination
+        may hold the only complete copy (the end record went out): then nobody is told
+        ABORT, and the migration is unresolved for an operator."""
         job, dev = self.job, self.dev
         err = self.error or MigdError("interrupted")
         if self.group is not None:
             self.group.fail(job, err)
-        if dev is not None and self.claimed:
-            try:
-                await self._loop.run_in_executor(self.host.workers.io, dev.recover)
-            except Exception as exc:
-                log.error("migration %s: could not bring %s back to RUNNING: %s", job.id,
-                          dev.name, exc)
-        cancelled = isinstance(err, Cancelled)
         if self.sender is not None:
             await self.sender.stop()
+        if dev is not None and self.claimed:
+            try:
+                await self._loop.run_in_executor(self.host.workers.io, dev.set_state,
+                                                 DeviceState.RUNNING)
+            except MigdError as exc:
+                if self.end_sent or job.decided:
+                    return self._stuck_rollback(exc)
+                log.error("migration %s: %s would not resume (%s); resetting it", job.id,
+                          dev.name, exc.message)  # the destination has no complete copy
+                with contextlib.suppress(Exception):
+                    await self._loop.run_in_executor(self.host.workers.io, dev.reset)
+        job.decision = "abort"
+        cancelled = isinstance(err, Cancelled)
         if self.eps:
             if not cancelled:
                 err = await self.control.peer_reason(err)
@@ -498,6 +523,16 @@ class SourceDriver(Driver):
         log.warning("migration %s %s: %s (source device %s)", job.id,
                     "cancelled" if cancelled else "failed", err.message,
                     dev.state.name if dev else "-")
+        return Event.ROLLED
+
+    def _stuck_rollback(self, exc: MigdError) -> Event:
+        for e in self.eps:
+            e.channel.close()
+        self.job.decision = ""
+        self.job.unresolved = (f"the source VF did not come back to RUNNING ({exc.message}); "
+                               "the destination may hold the only complete copy, so it was "
+                               "not told to abort")
+        return Event.STUCK
 
     async def finish(self) -> None:
         if self.sender is not None:
@@ -537,14 +572,16 @@ class SourceDriver(Driver):
     }
 
 
-def recovered_source(host: Host, rec: journal.Record, dev: Device) -> tuple[Job, SourceDriver]:
+def recovered_source(host: Host, rec: journal.Record, dev: Device,
+                     phase: Phase = Phase.RESOLVING) -> tuple[Job, SourceDriver]:
     """A source migration decided COMMIT before the daemon stopped: its VF stays
-    stopped; the destination must hear the decision."""
+    stopped; the destination must hear the decision.  (``UNRESOLVED``: undecided, but
+    its VF would not resume: an operator settles it.)"""
     job = Job("source", rec.device, peer=rec.peer[0] if rec.peer else "", id=rec.id)
     job.recovered = True
-    job.decided = True
+    job.decision = "commit" if phase is Phase.RESOLVING else ""
     opts = MigrateOptions(peer=job.peer, device=rec.device)
-    drv = SourceDriver(host, job, opts, phase=Phase.RESOLVING)
+    drv = SourceDriver(host, job, opts, phase=phase)
     drv.m.deadline = asyncio.get_running_loop().time() + host.resolve_timeout
     drv.dev, drv.claimed, drv.record = dev, True, rec
     drv.peer_key = job.peer_key = bytes.fromhex(rec.peer_key)

@@ -22,6 +22,7 @@ import concurrent.futures
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.base import Device
@@ -359,6 +360,7 @@ class StreamSender:
         """The next up to ``len(buf)`` bytes of the device's stream: lent by the
         device when ``lend`` and it can (no copy), else read into ``buf``; and what
         to keep of them for a resume.  Empty: nothing for now, or the end."""
+        pooled: bytearray | None = None
         try:
             if self.device.lends_memory:
                 views = self.device.read_views(len(buf))
@@ -371,7 +373,6 @@ class StreamSender:
                     buf[n : n + len(v)] = v
                     n += len(v)
                 return buf[:n], keep
-            pooled = None
             if self.keep:
                 pooled = await self._pooled()
                 if lend:  # read straight into the kept buffer: no copy for keeping it
@@ -382,11 +383,16 @@ class StreamSender:
                 n = self.device.read_into(buf)
             keep = None
             if pooled is not None:
-                if not lend:
-                    pooled[:n] = buf[:n]
-                keep = _Kept(self.index, self.offset, [memoryview(pooled)[:n]], pooled)
+                if n == 0:
+                    self._pool.append(pooled)  # nothing read into it: free again
+                else:
+                    if not lend:
+                        pooled[:n] = buf[:n]
+                    keep = _Kept(self.index, self.offset, [memoryview(pooled)[:n]], pooled)
             return buf[:n], keep
         except NoDataNow:
+            if pooled is not None:
+                self._pool.append(pooled)
             return buf[:0], None
 
     async def _pooled(self) -> bytearray:
@@ -1006,13 +1012,18 @@ class StreamReceiver:
         else:
             self.initial_target = msg.offset
 
-    async def finish(self, end: End, timeout: float) -> None:
-        """Wait for every chunk to arrive and be loaded, then check the end record."""
+    async def finish(self, end: End, timeout: float,
+                     stop: Callable[[], bool] = lambda: False) -> bool:
+        """Wait for every chunk to arrive and be loaded, then check the end record.
+        False: ``stop`` said to give up waiting first."""
         check_end(end, self.announced, self.arrived_chunks)
         # Chunks on other channels may still be in flight behind the end record.
-        await self.bus.wait_until(lambda: self.next_index >= end.chunks, timeout,
+        await self.bus.wait_until(lambda: self.next_index >= end.chunks or stop(), timeout,
                                   f"chunks {self.next_index}..{end.chunks - 1}")
+        if self.next_index < end.chunks:
+            return False
         check_complete(end, self.written, self.next_index, self.digest.digest())
+        return True
 
     # --- a broken link and a resumed stream -------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import socket
 import stat
@@ -13,6 +15,8 @@ from collections.abc import Callable
 from migd.errors import ConfigError, TransportError
 
 from .base import Channel, ChannelHandler, Listener
+
+log = logging.getLogger("migd.transports")
 
 
 def parse_address(address: str, default_port: int = 7707) -> tuple[str, int]:
@@ -102,12 +106,52 @@ class SocketListener(Listener):
         self._tasks: set[asyncio.Task[None]] = set()
         self._task = asyncio.create_task(self._accept())
 
+    #: Out of a resource the kernel will have again soon: wait this long, go on.
+    SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+    SHORTAGE_PAUSE = 0.1
+
+    @property
+    def alive(self) -> bool:
+        """Still accepting (a listener that stopped makes a deaf daemon)."""
+        return not self._task.done()
+
     async def _accept(self) -> None:
+        """Accept until closed, whatever accept() says: a burst of connections that
+        runs the daemon out of file descriptors must not end the loop, or the
+        hypervisor silently leaves the migration pool."""
         loop = asyncio.get_running_loop()
+        short_since: float | None = None
         while True:
-            conn, addr = await loop.sock_accept(self._sock)
-            peer = self._path or f"{addr[0]}:{addr[1]}"
-            t = asyncio.create_task(self._handler(self._make(conn, peer)))
+            try:
+                conn, addr = await loop.sock_accept(self._sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL) and self._sock.fileno() < 0:
+                    return  # closed under us
+                now = loop.time()
+                if short_since is None:
+                    short_since = now
+                    log.error("listener %s: accept failed: %s; pausing and going on (said "
+                              "once per burst)", self.address, exc.strerror or exc)
+                await asyncio.sleep(self.SHORTAGE_PAUSE if exc.errno in self.SHORTAGE else 0.01)
+                continue
+            except Exception:
+                log.exception("listener %s: accept failed; going on", self.address)
+                await asyncio.sleep(0.01)
+                continue
+            if short_since is not None:
+                log.warning("listener %s: accepting again after %.1fs", self.address,
+                            loop.time() - short_since)
+                short_since = None
+            try:
+                peer = self._path or f"{addr[0]}:{addr[1]}"
+                t = asyncio.create_task(self._handler(self._make(conn, peer)))
+            except Exception:
+                log.exception("listener %s: could not take a connection; going on",
+                              self.address)
+                conn.close()
+                continue
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 

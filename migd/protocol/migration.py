@@ -84,6 +84,7 @@ class Phase(enum.Enum):
     UNRESOLVED = "unresolved"  # could not learn the outcome: the VF stays stopped
     DONE = "done"  # source: its VF stays stopped for good; destination: its VF runs
     LOADED = "loaded"  # destination: committed, the VF loaded and left stopped
+    ROLLING_BACK = "rolling-back"  # source: bringing its VF back to RUNNING
     ROLLED_BACK = "rolled-back"  # source: its VF runs again, state intact
     RESET = "reset"  # destination: its VF was reset, nothing of the state kept
 
@@ -115,6 +116,9 @@ class Event(enum.Enum):
     RESOLVE_TIMEOUT = "resolve-timeout"  # nobody could tell in time
     FAIL = "fail"  # a local failure, or the peer's error before the decision
     CANCEL = "cancel"  # the operator
+    ROLLED = "rolled"  # source: its VF runs again with its state
+    STUCK = "stuck"  # nothing is safe to do alone (a VF will not resume, a decision's write
+    #                  failed): an operator decides
 
 
 class Act(enum.Enum):
@@ -180,11 +184,14 @@ ENTRY: dict[tuple[Role, Phase], tuple[Act, ...]] = {
     (S, P.RECONNECTING): (A.RECONNECT,),
     (S, P.RESOLVING): (A.RESOLVE,),
     (S, P.UNRESOLVED): (A.RESOLVE,),  # keeps asking, slower, until someone knows
-    (S, P.DONE): (A.JOURNAL_DONE, A.FINISH),
-    (S, P.ROLLED_BACK): (A.ROLLBACK, A.FINISH),
+    # (STOP_FOR_GOOD again: a DECIDED whose go failed went on through RESOLVING.)
+    (S, P.DONE): (A.STOP_FOR_GOOD, A.JOURNAL_DONE, A.FINISH),
+    (S, P.ROLLING_BACK): (A.ROLLBACK,),
+    (S, P.ROLLED_BACK): (A.FINISH,),
     (D, P.LOADING): (A.AWAIT_END,),
-    (D, P.VERIFYING): (A.VERIFY,),
-    (D, P.VOTED): (A.JOURNAL_VOTE, A.SEND_VOTE, A.AWAIT_DECISION),
+    # The vote is journaled while still VERIFYING: if that write fails, nothing voted.
+    (D, P.VERIFYING): (A.VERIFY, A.JOURNAL_VOTE),
+    (D, P.VOTED): (A.SEND_VOTE, A.AWAIT_DECISION),
     (D, P.COMMITTING): (A.JOURNAL_COMMIT, A.START_VF),
     (D, P.DETACHED): (A.AWAIT_RESUME,),
     (D, P.RESOLVING): (A.RESOLVE,),
@@ -235,7 +242,7 @@ RESUME_AT: dict[Phase, Phase] = {
 #: Destination phases before its vote, in which it may reset on its own.
 DEST_UNVOTED = (P.SETUP, P.LOADING, P.VERIFYING, P.DETACHED)
 #: Phases in which the source's VF is stopped (status ``device``).
-STOPPED = (P.STOP_COPY, P.VOTING, P.DECIDING, P.DECIDED, P.RESOLVING)
+STOPPED = (P.STOP_COPY, P.VOTING, P.DECIDING, P.DECIDED, P.RESOLVING, P.ROLLING_BACK)
 TERMINAL = frozenset({P.DONE, P.LOADED, P.ROLLED_BACK, P.RESET})
 
 
@@ -253,26 +260,36 @@ def _build() -> dict[tuple[Role, Phase, Event], Step]:
     go(D, P.SETUP, E.START, P.LOADING, (A.ACCEPT, A.AWAIT_END))
     # -- source: before the decision it may roll back on its own ---------------------------
     for phase in SOURCE_UNDECIDED:
-        go(S, phase, E.FAIL, P.ROLLED_BACK)
-        go(S, phase, E.CANCEL, P.ROLLED_BACK)
-    go(S, P.SETUP, E.LINK_DOWN, P.ROLLED_BACK)  # nothing to resume before accept
+        go(S, phase, E.FAIL, P.ROLLING_BACK)
+        go(S, phase, E.CANCEL, P.ROLLING_BACK)
+    go(S, P.SETUP, E.LINK_DOWN, P.ROLLING_BACK)  # nothing to resume before accept
+    go(S, P.ROLLING_BACK, E.ROLLED, P.ROLLED_BACK)
+    # Its VF will not run again, and the destination may hold the only copy: no ABORT.
+    go(S, P.ROLLING_BACK, E.STUCK, P.UNRESOLVED)
+    # The decision's write failed: it may be on disk, so neither go nor abort.
+    go(S, P.DECIDING, E.STUCK, P.UNRESOLVED)
     for phase in SOURCE_RESUMABLE:
         go(S, phase, E.LINK_DOWN, P.RECONNECTING)
     go(S, P.RECONNECTING, E.LINK_DOWN, P.RECONNECTING)  # that attempt failed too: again
     # RECONNECTED goes back to where the link broke (RESUME_AT), with that phase's acts.
     go(S, P.RECONNECTING, E.RECONNECTED, P.RECONNECTING, ())
     go(S, P.RECONNECTING, E.RECONNECTED_VOTED, P.DECIDING)
-    go(S, P.RECONNECTING, E.RESUME_TIMEOUT, P.ROLLED_BACK)
+    go(S, P.RECONNECTING, E.RESUME_TIMEOUT, P.ROLLING_BACK)
     # -- source: after the decision it keeps its VF stopped, whatever happens ----------------
     for phase in (P.DECIDED, P.RESOLVING, P.UNRESOLVED):
         go(S, phase, E.CANCEL, phase, ())  # refused: too late to cancel
         go(S, phase, E.RESOLVED_COMMIT, P.DONE)
         # Only the operator, having reset the destination VF, says ABORT after a COMMIT.
-        go(S, phase, E.RESOLVED_ABORT, P.ROLLED_BACK)
+        go(S, phase, E.RESOLVED_ABORT, P.ROLLING_BACK)
     go(S, P.DECIDED, E.LINK_DOWN, P.RESOLVING)
     go(S, P.DECIDED, E.FAIL, P.RESOLVING)
     go(S, P.RESOLVING, E.RESOLVE_TIMEOUT, P.UNRESOLVED)
     go(S, P.UNRESOLVED, E.RESOLVE_TIMEOUT, P.UNRESOLVED, ())
+    for role in (S, D):
+        for phase in (P.RESOLVING, P.UNRESOLVED):
+            # Whatever goes wrong while asking, it keeps asking: never a silent end.
+            go(role, phase, E.FAIL, phase)
+            go(role, phase, E.LINK_DOWN, phase)
     # -- destination: before its vote it may reset on its own --------------------------------
     for phase in DEST_UNVOTED:
         go(D, phase, E.FAIL, P.RESET)
@@ -299,8 +316,6 @@ def _build() -> dict[tuple[Role, Phase, Event], Step]:
     go(D, P.VOTED, E.FAIL, P.RESOLVING)  # never a reset without hearing ABORT
     go(D, P.RESOLVING, E.RESOLVE_TIMEOUT, P.UNRESOLVED)
     go(D, P.UNRESOLVED, E.RESOLVE_TIMEOUT, P.UNRESOLVED, ())
-    for phase in (P.RESOLVING, P.UNRESOLVED):
-        go(D, phase, E.LINK_DOWN, phase, ())
     # Committed, but the VF would not start: reported; the operator's resolve --confirm
     # (or device-resume) tries again.
     go(D, P.COMMITTING, E.FAIL, P.UNRESOLVED)
@@ -356,8 +371,9 @@ class Migration:
 
     @property
     def decided(self) -> bool:
-        """The source's COMMIT is journaled: its VF must never run again on its own."""
-        return self.role is S and self.phase in (P.DECIDED, P.RESOLVING, P.UNRESOLVED, P.DONE)
+        """The source's COMMIT is journaled (it may also be stuck unresolved without one:
+        ``Job.decided`` says which)."""
+        return self.role is S and self.phase in (P.DECIDED, P.RESOLVING, P.DONE)
 
     @property
     def voted(self) -> bool:
@@ -374,6 +390,11 @@ class Migration:
 
     def status(self, phase: Phase | None = None) -> Status:
         ph = self.phase if phase is None else phase
+        if ph is P.ROLLING_BACK:
+            if self.cancelled:
+                return Status.CANCELLING
+            before = [p for p, _ in self.history if p is not P.ROLLING_BACK]
+            return self.status(before[-1]) if before else Status.SETUP
         if ph in (P.ROLLED_BACK, P.RESET):
             return Status.CANCELLED if self.cancelled else Status.FAILED
         if ph in (P.DONE, P.LOADED):
@@ -494,7 +515,7 @@ class GroupDecision:
     def __init__(self, members: int) -> None:
         self.members = members
         self._votes: set[int] = set()
-        self.decision: str | None = None  # "commit" / "abort"
+        self.decision: str | None = None  # "commit" / "abort" / "stuck" (its write failed)
 
     @property
     def complete(self) -> bool:
@@ -515,7 +536,7 @@ class GroupDecision:
 
     def fail(self) -> bool:
         """A member failed before the decision: ABORT for all.  False if too late."""
-        if self.decision == "commit":
+        if self.decision in ("commit", "stuck") or self.complete:
             return False
         self.decision = "abort"
         return True

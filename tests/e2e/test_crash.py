@@ -135,7 +135,7 @@ def test_a_damaged_journal_stops_the_start_naming_the_file(tmp_path: Any) -> Non
     me = write_identity(wd, "d")
     state = tmp_path / "d.state"
     state.mkdir()
-    (state / "source-abc.json").write_text('{"format": 1, "record": {"role": "sou')
+    (state / "source-abc.json").write_text('{"format": 1, "record": {"role": "sou"}}\n')
     with pytest.raises(ConfigError) as info:
         start_daemon(wd, "d", [f"vf0:sim:size={SIZE}"], [me.public], wait=30)
     assert f"journal {state}/source-abc.json is damaged" in info.value.message

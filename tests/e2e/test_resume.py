@@ -60,7 +60,10 @@ def test_a_cut_link_is_resumed_byte_exact(phase: str, cut: str, seed: int) -> No
 
 
 def test_when_the_resumes_run_out_the_source_runs_on() -> None:
-    with local_pair([f"vf0:sim:size={BIG}"], [f"vf0:sim:size={BIG},content=zero"]) as p:
+    # (The source tells the destination through the proxy, which the test closes at
+    # once: the destination may only learn by waiting out its resume timeout.)
+    with local_pair([f"vf0:sim:size={BIG}"], [f"vf0:sim:size={BIG},content=zero"],
+                    dst_extra=["--resume-timeout", "3"]) as p:
         before = device(p.src)["sha256"]
         proxy = Proxy(p.dst.address, cut_at(3), target=set(range(100)))  # every connection
         try:

@@ -50,12 +50,37 @@ def test_a_version_a_crash_cut_short_was_never_written(tmp_path: pathlib.Path) -
     assert path.read_bytes().count(b"\n") == 2
     with open(path, "ab") as f:
         f.write(b'{"format": 1, "record": {"phase": "completed"')  # torn, no newline
-    (again,) = Journal(str(tmp_path)).load()
-    assert again.phase == journal.COMMIT
+    again = Journal(str(tmp_path))
+    (loaded,) = again.load()
+    assert loaded.phase == journal.COMMIT
+    # The torn tail is cut off, so the next version is not glued to it.
+    assert path.read_bytes().endswith(b"\n") and path.read_bytes().count(b"\n") == 2
+    loaded.phase = journal.COMPLETED
+    again.write(loaded)
+    assert Journal(str(tmp_path)).load()[0].phase == journal.COMPLETED
+
+
+def test_a_record_a_host_crash_left_empty_is_dropped(tmp_path: pathlib.Path) -> None:
+    # Only records written without flushes (a migration started, began loading) can be
+    # left empty or torn before their first newline; their loss changes nothing.
+    (tmp_path / "destination-xyz.json").write_bytes(b"")
+    (tmp_path / "source-abc.json").write_bytes(b'{"format": 1, "rec')
+    assert Journal(str(tmp_path)).load() == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_record_created_lightly_is_flushed_whole_by_its_first_vote(
+        tmp_path: pathlib.Path) -> None:
+    j = Journal(str(tmp_path))
+    r = rec(journal.LOADING, "destination", "xyz")
+    j.write(r, durable=False)
+    assert "destination-xyz" in j._shaky
+    r.phase = journal.VOTED
+    j.write(r)  # durable: the file and its name too, not only the new line
+    assert "destination-xyz" not in j._shaky
 
 
 @pytest.mark.parametrize("damage, why", [
-    (lambda p: p.write_bytes(p.read_bytes()[:40]), "no complete version"),
     (lambda p: p.write_bytes(p.read_bytes()[:40] + b"\n"), "not valid JSON"),
     (lambda p: p.write_bytes(b"\xff\xfe garbage\n"), "not valid JSON"),
     (lambda p: p.write_text(p.read_text().replace('"active"', '"commit"')), "checksum mismatch"),

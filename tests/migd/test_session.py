@@ -361,3 +361,27 @@ def test_the_source_says_where_it_can_be_reached() -> None:
     assert reachable(listen, "2001:db8::1")[1] == "rdma+tcp://[2001:db8::1]:7708"
     assert reachable(listen, "", host_local=True) == ["tcp://10.1.2.3:7709",
                                                       "rdma+shm:///run/migd/rdma.sock"]
+
+
+async def test_a_source_vf_that_will_not_resume_is_reported_not_abandoned(
+        ids: dict[str, Identity], trust: AuthorizedKeys) -> None:
+    """The destination's device rejects the stream after the source sent all of it; the
+    source's VF then fails to resume.  It is neither reset (that would lose its state)
+    nor reported failed: it is unresolved, for an operator."""
+    async with rig(ids, trust, {"size": "4M"}, {"size": "4M", "content": "zero"}) as r:
+        fail_at(r.dev(r.dst), (S.RESUMING, S.STOP))
+        fail_at(r.dev(r.src), (S.STOP, S.RUNNING_P2P))
+        opts = MigrateOptions(peer=r.address, device="vf0", timeout=5, precopy=False)
+        job = Job("source", "vf0")
+        task = job.task = asyncio.create_task(run_source(r.src, job, opts))
+        for _ in range(500):
+            if job.status.value == "unresolved":
+                break
+            await asyncio.sleep(0.01)
+        q = job.query()
+        assert q["status"] == "unresolved", q
+        assert "did not come back to RUNNING" in q["unresolved-reason"]
+        assert r.dev(r.src).state != S.RUNNING and "vf0" in r.src.busy
+        job.abandon()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

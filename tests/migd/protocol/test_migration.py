@@ -101,9 +101,14 @@ def test_optional_phases_are_skipped_unless_used() -> None:
 def test_before_its_decision_the_source_may_roll_back_after_it_never() -> None:
     for phase in SOURCE_UNDECIDED:
         for event in (Event.FAIL, Event.CANCEL):
-            assert TABLE[(S, phase, event)].next is Phase.ROLLED_BACK
+            assert TABLE[(S, phase, event)].next is Phase.ROLLING_BACK
+    # Rolled back only once the VF runs again; a VF that will not is nobody's to reset.
+    assert TABLE[(S, Phase.ROLLING_BACK, Event.ROLLED)].next is Phase.ROLLED_BACK
+    assert TABLE[(S, Phase.ROLLING_BACK, Event.STUCK)].next is Phase.UNRESOLVED
+    # A decision whose write failed may be on disk: neither go nor a rollback.
+    assert TABLE[(S, Phase.DECIDING, Event.STUCK)].next is Phase.UNRESOLVED
     reach_rollback = {(p, e) for (r, p, e), step in TABLE.items()
-                      if r is S and step.next is Phase.ROLLED_BACK}
+                      if r is S and step.next is Phase.ROLLING_BACK}
     for phase in (Phase.DECIDED, Phase.RESOLVING, Phase.UNRESOLVED):
         # Only an operator's ABORT (having reset the destination) rolls it back.
         assert {e for p, e in reach_rollback if p is phase} == {Event.RESOLVED_ABORT}
@@ -142,10 +147,12 @@ def test_resumes_are_counted_and_bounded_in_number_and_time() -> None:
     m.handle(Event.RECONNECTED, 106.0)
     m.handle(Event.LINK_DOWN, 200.0)
     assert m.resumes == 2 and m.phase is Phase.RECONNECTING
-    assert m.handle(Event.LINK_DOWN, 210.5) == (Act.ROLLBACK, Act.FINISH)  # out of time
+    assert m.handle(Event.LINK_DOWN, 210.5) == (Act.ROLLBACK,)  # out of time
+    assert m.status() is Status.DEVICE  # rolling back: as it was (the VF was stopped)
+    assert m.handle(Event.ROLLED, 211.0) == (Act.FINISH,)
     assert m.status() is Status.FAILED and m.finished
     spent = Migration(S, Policy(max_resumes=0), phase=Phase.PRECOPY)
-    assert spent.handle(Event.LINK_DOWN, 0.0) == (Act.ROLLBACK, Act.FINISH)
+    assert spent.handle(Event.LINK_DOWN, 0.0) == (Act.ROLLBACK,)
     d = Migration(D, Policy(max_resumes=1, resume_timeout=5.0), phase=Phase.LOADING)
     assert d.handle(Event.LINK_DOWN, 0.0) == (Act.AWAIT_RESUME,)
     assert d.handle(Event.RESUME_TIMEOUT, 5.0) == (Act.RESET_VF, Act.FINISH)
@@ -154,7 +161,23 @@ def test_resumes_are_counted_and_bounded_in_number_and_time() -> None:
 def test_a_cancel_is_reported_as_cancelled() -> None:
     m = Migration(S, phase=Phase.PRECOPY)
     m.handle(Event.CANCEL, 0.0)
-    assert m.status() is Status.CANCELLED and m.cancelled
+    assert m.status() is Status.CANCELLING and m.cancelled
+    m.handle(Event.ROLLED, 0.0)
+    assert m.status() is Status.CANCELLED
+
+
+def test_asking_for_an_outcome_never_ends_on_an_error() -> None:
+    for role in (S, D):
+        for phase in (Phase.RESOLVING, Phase.UNRESOLVED):
+            for event in (Event.FAIL, Event.LINK_DOWN):
+                m = Migration(role, phase=phase)
+                assert m.handle(event, 0.0) == (Act.RESOLVE,) and m.phase is phase
+
+
+def test_a_vote_whose_write_failed_was_no_vote() -> None:
+    m = Migration(D, phase=Phase.VERIFYING)
+    assert ENTRY[(D, Phase.VERIFYING)] == (Act.VERIFY, Act.JOURNAL_VOTE)
+    assert m.handle(Event.FAIL, 0.0) == (Act.RESET_VF, Act.FINISH)
 
 
 def test_the_group_decides_once_for_every_device() -> None:
