@@ -5,38 +5,66 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import transports
 
 from . import __version__
-from .codec import COMPRESSIONS, DEFAULT_COMPRESSION, parse_compress
+from .codec import COMPRESSIONS, DEFAULT_COMPRESSION
 from .config import DEFAULT_PATH
 from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
-from .units import human_bytes, human_rate, parse_size
+from .units import human_bytes, human_rate
 
 DEFAULT_CONTROL = os.path.join(os.environ.get("RUNTIME_DIRECTORY", "/run/migd"), "migd.sock")
 
 
-def _add_migrate_knobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compress", default=DEFAULT_COMPRESSION,
+def _add_migrate_knobs(p: argparse.ArgumentParser, explicit: bool = False) -> None:
+    """The knobs of a migration.  ``migd migrate`` sends only those given, so that the
+    daemon's ``[defaults]`` apply to the rest; a benchmark states every one."""
+    def d(value: Any) -> Any:
+        return value if explicit else None
+
+    p.add_argument("--compress", default=d(DEFAULT_COMPRESSION),
                    help=f"{' | '.join(COMPRESSIONS)}, zstd and auto take :LEVEL "
-                        f"(default {DEFAULT_COMPRESSION})")
-    p.add_argument("--max-bandwidth", default="0", metavar="BYTES_PER_SEC",
+                        f"(default: the daemon's, {DEFAULT_COMPRESSION} unless configured)")
+    p.add_argument("--max-bandwidth", default=d("0"), metavar="BYTES_PER_SEC",
                    help="cap on wire bytes per second, like QEMU's max-bandwidth (0: none)")
     p.add_argument("--cipher", choices=sorted(CIPHERS),
                    help="default: the transport's (aes-256-gcm; none, still authenticated, "
                         "over rdma+shm)")
-    p.add_argument("--chunk-size", default="1M", help="chunk size (default 1M)")
+    p.add_argument("--chunk-size", default=d("1M"), help="chunk size (default 1M)")
     p.add_argument("--no-precopy", action="store_true", help="stop the device at once")
-    p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
-                   help="switch over once the rest fits this many ms (default 300)")
-    p.add_argument("--max-iterations", type=int, default=30)
-    p.add_argument("--channels", type=int, default=2, metavar="N",
+    p.add_argument("--downtime-limit", type=_int("--downtime-limit"), default=d(300),
+                   metavar="MS", help="switch over once the rest fits this many ms (default 300)")
+    p.add_argument("--max-iterations", type=_int("--max-iterations"), default=d(30))
+    p.add_argument("--channels", type=_int("--channels"), default=d(2), metavar="N",
                    help="parallel connections, like QEMU's multifd-channels (default 2)")
+
+
+def _int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a whole number") from None
+    return parse
+
+
+def _seconds_flag(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{flag}: must be a positive number of seconds")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,17 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a device this host offers, e.g. vf0:sim:size=64M,dirty-rate=4M "
                         "(replaces the file's devices)")
     s.add_argument("--transport", help="transport of addresses that name none (default tcp)")
-    s.add_argument("--idle-timeout", type=float)
-    s.add_argument("--resume-timeout", type=float, metavar="SECONDS",
+    s.add_argument("--idle-timeout", type=_seconds_flag("--idle-timeout"))
+    s.add_argument("--resume-timeout", type=_seconds_flag("--resume-timeout"), metavar="SECONDS",
                    help="how long an incoming migration whose link broke waits for its source "
                         "to resume it (default 60)")
-    s.add_argument("--resolve-timeout", type=float, metavar="SECONDS",
+    s.add_argument("--resolve-timeout", type=_seconds_flag("--resolve-timeout"),
+                   metavar="SECONDS",
                    help="how long to ask a peer how a switchover ended before reporting it "
                         "unresolved (default 60)")
     s.add_argument("--state-dir", help="the journal of votes and decisions (default "
                                        "$STATE_DIRECTORY or /var/lib/migd)")
     s.add_argument("--address-file", help="write the bound listen address here once ready")
     s.add_argument("--log-level")
+    s.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any top-level key of the configuration file, as written there "
+                        "(e.g. -o max_migrations=4 -o handshake_timeout=5), repeatable")
 
     m = sub.add_parser("migrate", help="migrate a device, or all VFs of a VM together, to a peer")
     m.add_argument("device", nargs="+",
@@ -82,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pause-before-switchover", action="store_true",
                    help="pre-copy, then wait in status pre-switchover (VF still running) "
                         "until 'migd migrate-continue ID' (QEMU's capability of that name)")
-    m.add_argument("--max-resumes", type=int, metavar="N",
+    m.add_argument("--max-resumes", type=_int("--max-resumes"), metavar="N",
                    help="resume a broken stream up to N times (default 5; 0: fail at once)")
-    m.add_argument("--resume-timeout", type=float, metavar="SECONDS",
+    m.add_argument("--resume-timeout", type=_seconds_flag("--resume-timeout"),
+                   metavar="SECONDS",
                    help="time to repair each broken stream (default: the daemon's, 60)")
     m.add_argument("--detach", action="store_true",
                    help="print the migration id and return; follow with 'migd status ID'")
@@ -155,8 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--matrix-chunk-sizes", default="1M")
     b.add_argument("--matrix-out", default="bench/results/matrix.json")
     b.add_argument("--json", action="store_true")
-    _add_migrate_knobs(b)
+    _add_migrate_knobs(b, explicit=True)
 
+    k = sub.add_parser("soak", help="migrations through a link that damages each one, "
+                                    "and a count of how they ended")
+    k.add_argument("--trials", type=_int("--trials"), default=500)
+    k.add_argument("--seed", type=_int("--seed"), default=1)
+    k.add_argument("--state-size", default="2M")
+    k.add_argument("--json", action="store_true", help="every trial as JSON")
     d = sub.add_parser("demo", help="two local daemons, one simulated VF migrated between them")
     d.add_argument("--state-size", default="256M")
     d.add_argument("--dirty-rate", default="8M")
@@ -192,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args)
+        if args.cmd == "soak":
+            from .soak import main as soak
+
+            return soak(args.trials, args.seed, args.state_size, args.json)
         if args.cmd == "demo":
             from .bench import run_demo
 
@@ -207,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from .config import Config
+    from .config import Config, override
     from .config import load as load_config
+    from .config import parse as parse_config
     from .daemon import parse_device, serve
 
     path = args.config or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
@@ -219,8 +263,11 @@ def _serve(args: argparse.Namespace) -> int:
         for key in ("control", "identity", "authorized_keys", "transport",
                     "idle_timeout", "log_level", "state_dir", "resume_timeout",
                     "resolve_timeout"):
-            if getattr(args, key) is not None:
-                setattr(cfg, key, getattr(args, key))
+            if getattr(args, key) is not None:  # checked as the file's key is
+                flag = "--" + key.replace("_", "-")
+                setattr(cfg, key, getattr(parse_config({key: getattr(args, key)}, flag), key))
+        for item in args.option:
+            override(cfg, item)
         if args.listen:
             cfg.listen = tuple(args.listen)
         cfg.transport = transports.REGISTRY.check([cfg.transport])[0]
@@ -248,22 +295,30 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, Any]:
-    parse_compress(args.compress)  # fail here, with the flag's name, not in the daemon
-    out = {
-        "device": device, "peer": peer, "compress": args.compress,
-        "chunk-size": parse_size(args.chunk_size, "--chunk-size"),
-        "precopy": not args.no_precopy, "downtime-limit": args.downtime_limit,
-        "max-iterations": args.max_iterations, "channels": args.channels,
-        "max-bandwidth": parse_size(args.max_bandwidth, "--max-bandwidth"),
-    }
-    if args.cipher:
-        out["cipher"] = args.cipher
+    """The request for what the flags say, and only that: what they leave out is the
+    daemon's ``[defaults]``.  Checked here against the daemon's own schema, so that a
+    bad value is refused before anything starts."""
+    from . import schema
+    from .config import Config
+
+    out: dict[str, Any] = {"device": device, "peer": peer}
+    for attr, key in (("compress", "compress"), ("cipher", "cipher"),
+                      ("chunk_size", "chunk-size"), ("downtime_limit", "downtime-limit"),
+                      ("max_iterations", "max-iterations"), ("channels", "channels"),
+                      ("max_bandwidth", "max-bandwidth"), ("max_resumes", "max-resumes"),
+                      ("resume_timeout", "resume-timeout")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = value
+    if args.no_precopy:
+        out["precopy"] = False
     if getattr(args, "pause_before_switchover", False):
         out["pause-before-switchover"] = True
-    if getattr(args, "max_resumes", None) is not None:
-        out["max-resumes"] = args.max_resumes
-    if getattr(args, "resume_timeout", None) is not None:
-        out["resume-timeout"] = args.resume_timeout
+    checked = schema.parse("migrate", {k: v for k, v in out.items() if k != "device" or v},
+                           Config())
+    for key in ("chunk-size", "max-bandwidth"):  # sizes go as bytes
+        if key in out:
+            out[key] = checked[key]
     return out
 
 

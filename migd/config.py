@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 from collections.abc import Callable
 from typing import Any
 
 import transports
 
-from .codec import DEFAULT_COMPRESSION, parse_compress
+from . import schema
+from .codec import DEFAULT_COMPRESSION
 from .crypto import CIPHERS
 from .errors import ConfigError
 from .protocol.frames import DEFAULT_CHUNK
-from .units import parse_size
+from .schema import PCI_ADDRESS
 
 DEFAULT_PATH = "/etc/migd/migd.toml"
-PCI_ADDRESS = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 
 
 @dataclasses.dataclass
@@ -76,6 +75,19 @@ class Config:
     resolve_timeout: float = 60.0
     log_level: str = "info"
     metrics: str = ""
+    #: A peer must prove its identity and say what it wants within this many seconds
+    #: of connecting, however its bytes trickle in.
+    handshake_timeout: float = 10.0
+    #: Connections not yet authenticated, in all and from one address; when full,
+    #: the oldest is dropped for the newcomer (``migd.admission.Gate``).
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_host: int = 8
+    #: VFs migrating at once, out and (as many) in; outgoing requests beyond it
+    #: wait in a queue of up to ``max_queued``, incoming ones are refused as busy.
+    max_migrations: int = 8
+    max_queued: int = 64
+    #: Stream buffers all migrations together may reserve (each its worst case).
+    buffer_budget: int = 512 << 20
     defaults: Defaults = dataclasses.field(default_factory=Defaults)
     devices: list[DeviceConfig] = dataclasses.field(default_factory=list)
 
@@ -90,20 +102,6 @@ def _positive_float(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1e9:
         raise TypeError("a positive number of seconds")
     return float(v)
-
-
-def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise TypeError(f"a whole number from {lo} to {hi}")
-        return v
-    return check
-
-
-def _size(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | str):
-        raise TypeError("a size (bytes, or a string like \"1M\")")
-    return parse_size(v)
 
 
 def _ciphers(v: Any) -> tuple[str, ...]:
@@ -129,15 +127,6 @@ def _transport(v: Any) -> str:
     return transports.REGISTRY.check([_str(v)])[0]
 
 
-def _cipher(v: Any) -> str:
-    return "" if v == "" else _ciphers([v])[0]
-
-
-def _compress(v: Any) -> str:
-    parse_compress(_str(v))
-    return str(v)
-
-
 def _log_level(v: Any) -> str:
     if v not in ("debug", "info", "warning", "error"):
         raise TypeError("one of debug, info, warning, error")
@@ -150,31 +139,56 @@ TOP: dict[str, Callable[[Any], Any]] = {
     "idle_timeout": _positive_float, "stop_timeout": _positive_float, "log_level": _log_level,
     "metrics": _str, "state_dir": _str, "resume_timeout": _positive_float,
     "resolve_timeout": _positive_float,
+    "handshake_timeout": schema.seconds(0.1, 3600),
+    "max_unauthenticated": schema.whole(1, 65536),
+    "max_unauthenticated_per_host": schema.whole(1, 65536),
+    "max_migrations": schema.whole(1, 1024), "max_queued": schema.whole(0, 65536),
+    "buffer_budget": schema.size(16 << 20, 1 << 40),
 }
+#: A migration's knobs: the same checks as a request's (``migd.schema.MIGRATE``).
 DEFAULTS: dict[str, Callable[[Any], Any]] = {
-    "channels": _int_range(1, 16), "compress": _compress, "cipher": _cipher,
-    "max_bandwidth": _size, "downtime_limit": _int_range(0, 3_600_000),
-    "chunk_size": lambda v: _checked_chunk(_size(v)), "max_resumes": _int_range(0, 100),
+    key: schema.MIGRATE[key.replace("_", "-")].check
+    for key in ("channels", "compress", "cipher", "max_bandwidth", "downtime_limit",
+                "chunk_size", "max_resumes")
 }
 
 
-def _checked_chunk(n: int) -> int:
-    if not 4096 <= n <= 16 << 20:
-        raise TypeError("a chunk size from 4K to 16M")
-    return n
+def override(cfg: Config, item: str) -> None:
+    """``KEY=VALUE`` from the command line (``migd serve -o``), checked as the same
+    key in the file would be; VALUE is TOML (a bare word is taken as a string)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or key not in TOP:
+        raise ConfigError(f"-o {item!r}: expected KEY=VALUE with KEY one of "
+                          f"{', '.join(sorted(TOP))}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    parsed = parse({key: value}, f"-o {key}")
+    setattr(cfg, key, getattr(parsed, key))
 
 
 def load(path: str) -> Config:
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read((1 << 20) + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return loads(data, path)
+
+
+def loads(data: bytes, path: str = "<config>") -> Config:
+    """The configuration in ``data`` (a file's bytes), or ConfigError naming ``path``."""
+    if len(data) > 1 << 20:
+        raise ConfigError(f"{path}: larger than 1 MiB: not a configuration file")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): TOML files are UTF-8") \
             from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(raw, path)
 
 

@@ -17,6 +17,7 @@ import grp
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -29,10 +30,13 @@ import backends
 import transports
 from backends.base import Device
 from backends.states import DeviceState
+from transports.sockets import same_file
 
+from . import schema
+from .admission import Admission, Gate
 from .codec import parse_compress
-from .config import PCI_ADDRESS, Config, DeviceConfig
-from .crypto import CIPHERS, ENCRYPTING
+from .config import Config, DeviceConfig
+from .crypto import ENCRYPTING
 from .destination import resume_loaded, serve_connection
 from .errors import ConfigError, MigdError, WrongState
 from .faults import Faults
@@ -42,7 +46,9 @@ from .metrics import Metrics
 from .notify import Notifier
 from .protocol.migration import Phase, Role
 from .recovery import recover
+from .schema import PCI_ADDRESS
 from .session import (
+    MAX_CHANNELS,
     Host,
     Job,
     MigrateOptions,
@@ -52,8 +58,7 @@ from .session import (
     check_vm,
 )
 from .source import run_source
-from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
-from .units import parse_size
+from .stream import DEFAULT_INFLIGHT, Workers, rx_sizes, sender_buffers, tx_sizes
 
 log = logging.getLogger("migd.daemon")
 
@@ -79,27 +84,6 @@ def _status_of(job: Job | VmJob) -> str:
     return job.status() if isinstance(job, VmJob) else job.status.value
 
 
-def _flag(args: dict[str, Any], key: str, default: bool) -> bool:
-    value = args.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"'{key}' must be true or false")
-    return value
-
-
-def _whole(args: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = args.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"'{key}' must be a whole number from {lo} to {hi}")
-    return value
-
-
-def _seconds(args: dict[str, Any], key: str, default: float) -> float:
-    value = args.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
-        raise ConfigError(f"'{key}' must be a positive number of seconds")
-    return float(value)
-
-
 class MemorySampler:
     """Peak anonymous RSS of this process: the daemon's own memory, not device memory
     (which is a file mapping and counts as RssFile/RssShmem)."""
@@ -112,23 +96,50 @@ class MemorySampler:
         self._thread.start()
 
     _PAGE = os.sysconf("SC_PAGE_SIZE")
+    #: Held open: a sample must not need a descriptor when a flood took them all.
+    _STATM = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
 
     @classmethod
     def current(cls) -> int:
         # statm: resident - shared(file + shmem) = anonymous resident memory.
-        with open("/proc/self/statm") as f:
-            fields = f.read().split()
+        fields = os.pread(cls._STATM, 256, 0).split()
         return (int(fields[1]) - int(fields[2])) * cls._PAGE
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
-            self.peak = max(self.peak, self.current())
+            try:
+                self.peak = max(self.peak, self.current())
+            except OSError:  # (never expected; a sampler must not end the daemon's log)
+                continue
 
     def reset(self) -> None:
         self.peak = self.current()
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def file_limit_needed(cfg: Config) -> int:
+    """Descriptors the configured caps may hold at once: the strangers, every
+    channel of each migration both ways, control clients, devices and the rest."""
+    return (cfg.max_unauthenticated + 2 * cfg.max_migrations * (MAX_CHANNELS + 1)
+            + 4 * len(cfg.devices) + 128)
+
+
+def check_file_limit(cfg: Config) -> None:
+    """Raise the soft descriptor limit towards what the caps need (as far as the
+    hard limit allows); say so if it stays below.  Running short is survivable
+    (listeners pause and go on), but the unit's LimitNOFILE should cover it."""
+    need = file_limit_needed(cfg)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        if soft < need:
+            log.warning("the file descriptor limit (%d) is below what max_unauthenticated and "
+                        "max_migrations need (%d): raise LimitNOFILE", soft, need)
 
 
 class Daemon:
@@ -155,12 +166,18 @@ class Daemon:
             for d in devices.values():
                 d.close()
             raise
-        self.host = Host(identity=identity, authorized=authorized, workers=Workers(),
+        self.host = Host(identity=identity, authorized=authorized,
+                         workers=Workers(bank_limit=cfg.buffer_budget),
                          devices=devices, transport=cfg.transport,
                          ciphers=cfg.ciphers or ENCRYPTING, idle_timeout=cfg.idle_timeout,
                          addresses={d.name: d.address for d in cfg.devices if d.address},
                          journal=state, resume_timeout=cfg.resume_timeout,
-                         resolve_timeout=cfg.resolve_timeout, faults=faults)
+                         resolve_timeout=cfg.resolve_timeout, faults=faults,
+                         handshake_timeout=cfg.handshake_timeout,
+                         gate=Gate(cfg.max_unauthenticated, cfg.max_unauthenticated_per_host),
+                         claims=Gate(cfg.max_unauthenticated, cfg.max_unauthenticated),
+                         admission=Admission(cfg.max_migrations, cfg.max_queued,
+                                             cfg.buffer_budget))
         self.jobs: dict[str, Job] = self.host.jobs
         self.vm_jobs: dict[str, VmJob] = {}
         self._recovered: list[asyncio.Task[None]] = []
@@ -175,6 +192,9 @@ class Daemon:
                                lambda: sum(j.status.value == "unresolved"
                                            for j in self.jobs.values()))
         self.host.on_finish = self.metrics.finished
+        #: How incoming handshakes ended (query-stats; the metric has them too).
+        self.handshakes = dict.fromkeys(("ok", "refused", "timeout", "dropped"), 0)
+        self.host.on_handshake = self._handshake
         self.notify = Notifier()
         self._stopping = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
@@ -182,6 +202,7 @@ class Daemon:
         #: (transport, listener) per listen address.
         self._listeners: list[tuple[str, transports.Listener]] = []
         self._control: asyncio.AbstractServer | None = None
+        self._control_inode = 0
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "migrate": self._cmd_migrate,
             "migrate-continue": self._cmd_continue,
@@ -206,6 +227,7 @@ class Daemon:
         # The journal first, before any work is accepted: VFs that a previous daemon
         # left stopped or half loaded are settled (or held for resolution) now.
         runs = recover(self.host)
+        check_file_limit(self.cfg)
         for address in self.cfg.listen:
             await self._listen(address)
         self.host.listen = self.addresses
@@ -217,6 +239,7 @@ class Daemon:
                                                         limit=MAX_REQUEST)
         self._control_gid = self._group_id(self.cfg.control_group)
         os.chmod(path, 0o660)
+        self._control_inode = os.stat(path).st_ino
         if self._control_gid is not None:
             os.chown(path, -1, self._control_gid)
         if self.cfg.metrics:
@@ -272,8 +295,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.notify.ready(self._status())
-        if self.notify.enabled:
-            self._watchdog = loop.create_task(self._ping(self.notify.watchdog_interval))
+        self._watchdog = loop.create_task(self._ping(self.notify.watchdog_interval))
         await self._stopping.wait()
         self.notify.stopping()
         await self.shutdown()
@@ -287,12 +309,29 @@ class Daemon:
 
     async def _ping(self, watchdog: float | None) -> None:
         """STATUS= every second, and WATCHDOG=1 from the event loop itself (a wedged
-        loop stops the pings) when systemd asked for it."""
+        loop stops the pings) when systemd asked for it, as long as every listener
+        and the control socket accept: a deaf daemon is restarted, not kept."""
+        reported = False
         while True:
-            if watchdog:
+            deaf = self.deaf()
+            if deaf and not reported:
+                log.critical("not accepting on %s: stopping the watchdog pings so that "
+                             "systemd restarts this daemon", ", ".join(deaf))
+            reported = bool(deaf)
+            if watchdog and not deaf:
                 self.notify.watchdog()
-            self.notify.status(self._status())
+            self.notify.status(f"NOT ACCEPTING on {', '.join(deaf)}" if deaf
+                               else self._status())
             await asyncio.sleep(min(watchdog or 1.0, 1.0))
+
+    def deaf(self) -> list[str]:
+        """What should accept and does not (a listener ended, a socket file gone)."""
+        out = [transports.REGISTRY.url(name, listener.address)
+               for name, listener in self._listeners if not listener.alive]
+        if self._control is not None and (not self._control.is_serving() or not same_file(
+                self.cfg.control, self._control_inode)):
+            out.append(f"control socket {self.cfg.control}")
+        return out
 
     def reload(self) -> None:
         """SIGHUP: re-read authorized keys, migration defaults and the log level.
@@ -431,33 +470,21 @@ class Daemon:
         await writer.drain()
 
     async def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> None:
-        rid = None
+        req = schema.request(line, self.cfg)
+        rid, cmd, args = req.id, req.command, req.args
         try:
-            try:
-                req = json.loads(line)
-            except ValueError:
-                raise ConfigError("request is not valid JSON") from None
-            if not isinstance(req, dict):
-                raise ConfigError("request must be a JSON object")
-            rid = req.get("id")
-            cmd = req.get("execute")
-            args = req.get("arguments", {})
-            if not isinstance(args, dict):
-                raise ConfigError("'arguments' must be an object")
+            if req.error is not None:
+                raise req.error
             if cmd == "subscribe":  # the event stream: this connection is for events now
                 await self._reply(writer, rid, {})
-                await self._events(writer, float(args.get("interval", 0.1)))
+                await self._events(writer, args["interval"])
                 return
-            handler = self._commands.get(cmd) if isinstance(cmd, str) else None
-            if handler is None:
-                raise ConfigError(f"unknown command {cmd!r}; commands: "
-                                  f"{', '.join([*self._commands, 'subscribe'])}")
-            if cmd == "migrate" and args.get("follow"):
+            if cmd == "migrate" and args["follow"]:
                 job = await self._start(args)
                 await self._reply(writer, rid, {"id": job.id})
-                await self._follow(job, writer, float(args.get("interval", 0.25)))
+                await self._follow(job, writer, args["interval"])
                 return
-            await self._reply(writer, rid, await handler(args))
+            await self._reply(writer, rid, await self._commands[cmd](args))
         except MigdError as exc:
             await self._reply(writer, rid, error=exc)
 
@@ -489,29 +516,33 @@ class Daemon:
     # --- commands ----------------------------------------------------------------------
 
     async def _start(self, args: dict[str, Any]) -> Job | VmJob:
-        """One device, or with ``devices`` all VFs of a VM switching over together."""
-        devices = args.get("devices")
+        """One device, or with ``devices`` all VFs of a VM switching over together.
+        ``args`` are checked (``migd.schema``), every default filled in.  It runs
+        at once or waits its turn (``max_migrations``, the buffer budget)."""
+        if not self._accepting:
+            raise ConfigError("daemon is shutting down")
+        devices = args["devices"]
         if devices is None:
-            return await self._start_migration(args)
-        if (not isinstance(devices, list) or not devices
-                or not all(isinstance(d, str) for d in devices) or len(set(devices)) != len(devices)):
-            raise ConfigError("migrate: 'devices' must be a list of distinct device names")
-        dests = args.get("dest-devices", devices)
-        if not isinstance(dests, list) or len(dests) != len(devices):
-            raise ConfigError("migrate: 'dest-devices' must name one device per device")
-        if "device" in args or "dest-device" in args:
+            if args["device"] is None:
+                raise ConfigError("migrate: give 'device' (one VF) or 'devices' (a VM's VFs)")
+            opts = self._options(args)
+            (job,) = self._launch([opts], None)
+            return job
+        if args["device"] is not None or args["dest-device"] is not None:
             raise ConfigError("migrate: give 'device' or 'devices', not both")
+        if len(set(devices)) != len(devices):
+            raise ConfigError("migrate: 'devices' must be distinct device names")
+        dests = args["dest-devices"] or devices
+        if len(dests) != len(devices):
+            raise ConfigError("migrate: 'dest-devices' must name one device per device")
         for name in devices:
             if name not in self.host.devices:
                 raise ConfigError(f"no device named {name!r} on this host")
         check_vm(self.host, devices)
         switchover = Switchover(len(devices)) if len(devices) > 1 else None
-        base = {k: v for k, v in args.items() if k not in ("devices", "dest-devices", "follow",
-                                                           "interval")}
-        jobs = [await self._start_migration(dict(base, device=d, **{"dest-device": dd}),
-                                            switchover)
-                for d, dd in zip(devices, dests, strict=True)]
-        vm = VmJob(str(args.get("vm", "")), str(args.get("peer")), jobs)
+        jobs = self._launch([self._options(dict(args, device=d, **{"dest-device": dd}))
+                             for d, dd in zip(devices, dests, strict=True)], switchover)
+        vm = VmJob(args["vm"], args["peer"], jobs)
         if switchover is not None:
             switchover.jobs = jobs
             vm.id = switchover.id  # the VM's decision record has this id
@@ -519,55 +550,43 @@ class Daemon:
         self._vm_watchers.add(asyncio.create_task(vm.watch()))
         return vm
 
-    async def _start_migration(self, args: dict[str, Any],
-                               switchover: Switchover | None = None) -> Job:
-        if not self._accepting:
-            raise ConfigError("daemon is shutting down")
-        known = {"device", "peer", "dest-device", "compress", "cipher", "chunk-size", "precopy",
-                 "downtime-limit", "max-iterations", "resume", "timeout", "follow", "interval",
-                 "channels", "max-bandwidth", "vm", "pause-before-switchover", "max-resumes",
-                 "resume-timeout"}
-        unknown = set(args) - known
-        if unknown:
-            raise ConfigError(f"migrate: unknown argument(s) {', '.join(sorted(unknown))}")
-        device, peer = args.get("device"), args.get("peer")
-        if not isinstance(device, str) or not isinstance(peer, str):
-            raise ConfigError("migrate: 'device' and 'peer' are required strings")
-        d = self.cfg.defaults
+    def _options(self, args: dict[str, Any]) -> MigrateOptions:
+        device, peer = args["device"], args["peer"]
         name, _ = transports.REGISTRY.split(peer, self.cfg.transport)
         transport = transports.REGISTRY.create(name)
-        cipher = args.get("cipher") or d.cipher or transport.default_cipher
-        if cipher not in CIPHERS:
-            raise ConfigError(f"cipher {cipher!r} unknown; supported: {', '.join(CIPHERS)}")
+        cipher = args["cipher"] or transport.default_cipher
         if cipher not in transport.accepted_ciphers:
             raise ConfigError(f"cipher {cipher!r} is not allowed on {name} (clear text only "
                               "on a host-local transport, rdma+shm)")
-        try:
-            opts = MigrateOptions(
-                peer=peer, device=device, dest_device=str(args.get("dest-device") or device),
-                compress=parse_compress(str(args.get("compress", d.compress))),
-                ciphers=(cipher,),
-                chunk_size=parse_size(args.get("chunk-size", d.chunk_size), "chunk-size"),
-                precopy=bool(args.get("precopy", True)),
-                downtime_limit_ms=int(args.get("downtime-limit", d.downtime_limit)),
-                max_iterations=int(args.get("max-iterations", 30)),
-                resume=bool(args.get("resume", True)),
-                timeout=float(args.get("timeout", 30.0)),
-                channels=int(args.get("channels", d.channels)),
-                max_bandwidth=parse_size(args.get("max-bandwidth", d.max_bandwidth),
-                                         "max-bandwidth"),
-                vm=str(args.get("vm", "")),
-                pause_before_switchover=_flag(args, "pause-before-switchover", False),
-                max_resumes=_whole(args, "max-resumes", d.max_resumes, 0, 100),
-                resume_timeout=_seconds(args, "resume-timeout", self.cfg.resume_timeout),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"migrate: bad argument: {exc}") from None
+        opts = MigrateOptions(
+            peer=peer, device=device, dest_device=args["dest-device"] or device,
+            compress=parse_compress(args["compress"]), ciphers=(cipher,),
+            chunk_size=args["chunk-size"], precopy=args["precopy"],
+            downtime_limit_ms=args["downtime-limit"], max_iterations=args["max-iterations"],
+            resume=args["resume"], timeout=args["timeout"], channels=args["channels"],
+            max_bandwidth=args["max-bandwidth"], vm=args["vm"],
+            pause_before_switchover=args["pause-before-switchover"],
+            max_resumes=args["max-resumes"], resume_timeout=args["resume-timeout"])
         check_options(opts, self.host)
-        job = Job("source", device, peer=peer)
-        self.host.register(job)
-        job.task = asyncio.create_task(run_source(self.host, job, opts, switchover))
-        return job
+        return opts
+
+    def _launch(self, devices: list[MigrateOptions], switchover: Switchover | None
+                ) -> list[Job]:
+        """Jobs for checked options, admitted together (or queued, or Busy)."""
+        need = max(sender_buffers(o.chunk_size, o.inflight, keep=o.max_resumes > 0)
+                   for o in devices)
+        ticket = self.host.admission.outgoing(len(devices), need)
+        if not ticket.admitted.is_set():
+            log.info("migration of %s queued (position %d): %d running, max_migrations %d",
+                     ", ".join(o.device for o in devices), ticket.position,
+                     self.host.admission.running[True], self.host.admission.max_migrations)
+        jobs = []
+        for opts in devices:
+            job = Job("source", opts.device, peer=opts.peer, ticket=ticket)
+            self.host.register(job)
+            job.task = asyncio.create_task(run_source(self.host, job, opts, switchover))
+            jobs.append(job)
+        return jobs
 
     async def _cmd_migrate(self, args: dict[str, Any]) -> Any:
         job = await self._start(args)
@@ -613,14 +632,24 @@ class Daemon:
         await asyncio.get_running_loop().run_in_executor(None, dump, path)
         return {"device": dev.name, "path": path}
 
+    def _handshake(self, result: str) -> None:
+        self.handshakes[result] += 1
+        self.metrics.handshake(result)
+
     async def _cmd_stats(self, args: dict[str, Any]) -> Any:
         if args.get("reset-peak"):
             self.memory.reset()
         t = os.times()
+        adm, bank = self.host.admission, self.host.workers.bank
         return {"cpu_seconds": t.user + t.system, "mem_peak_bytes": self.memory.peak,
                 "mem_now_bytes": MemorySampler.current(), "pid": os.getpid(),
                 "metrics_address": self.metrics.address,
-                "uptime": time.monotonic()}
+                "uptime": time.monotonic(), "handshakes": dict(self.handshakes),
+                "unauthenticated": len(self.host.gate) + len(self.host.claims),
+                "migrating_out": adm.running[True], "migrating_in": adm.running[False],
+                "queued": adm.queued, "buffers_reserved": adm.reserved,
+                "buffer_budget": adm.budget, "bank_out_bytes": bank.out,
+                "bank_free_bytes": bank.free, "deaf": self.deaf()}
 
     async def _cmd_prepare_incoming(self, args: dict[str, Any]) -> Any:
         """Reserve a free pool VF of ``kind`` for the source VF at ``source-address``."""
@@ -718,8 +747,7 @@ class Daemon:
         """Start a VF an incoming migration committed and left stopped (--stay-stopped)."""
         dev = self._device(args)
         job = self._loaded_job(dev.name)
-        if job is not None and job.machine.phase is Phase.UNRESOLVED \
-                and job.unresolved.startswith("reported: committed"):
+        if job is not None and job.machine.phase is Phase.UNRESOLVED and job.committed:
             job.settle("commit")  # committed, but it would not start: try again
             return {"device": dev.name, "migration": job.id, "state": dev.state.name}
         if job is None or job.machine.phase is not Phase.LOADED or dev.name in self.host.busy:

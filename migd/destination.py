@@ -22,9 +22,12 @@ from backends.states import DeviceState
 from transports.base import Channel
 
 from . import journal
+from .admission import Gate, LogThrottle
 from .driver import Driver
 from .endpoint import Bus, Endpoint, is_link_failure, wait_event
 from .errors import (
+    Busy,
+    HandshakeTimeout,
     IncompatibleDevice,
     MigdError,
     ProtocolError,
@@ -49,7 +52,7 @@ from .protocol.messages import (
 from .protocol.migration import Act, Event, Migration, Phase, Role
 from .resolve import answer, ask
 from .session import MAX_CHANNELS, Host, Inbound, Job, as_error
-from .stream import StreamReceiver
+from .stream import StreamReceiver, receiver_buffers
 
 log = logging.getLogger("migd.destination")
 
@@ -69,26 +72,49 @@ class _Buffers:
 async def serve_connection(host: Host, channel: Channel,
                            ciphers: tuple[str, ...] | None = None) -> None:
     """Authenticate a new connection, then hand it to what its first message asks
-    for.  ``ciphers``: what this listener accepts (default: the host's list)."""
+    for.  ``ciphers``: what this listener accepts (default: the host's list).
+
+    Until the peer proves its identity it is a stranger: it holds a place in the
+    host's gate (the oldest stranger makes room for a newcomer) and has
+    ``handshake_timeout`` seconds in all to authenticate and say what it wants."""
     buffers = _Buffers()
     channel.stall_timeout = host.idle_timeout
     conn = Connection(Role.DESTINATION, host.identity, host.authorized,
                       Offer(ciphers=ciphers or host.ciphers, max_chunk=host.max_chunk),
                       data_buffers=buffers, payloads_inline=channel.placement is None)
     ep = Endpoint(channel, conn)
+    _enter(host.gate, ep, _address_of(channel.peer))
+    limit = host.handshake_timeout
+    deadline = asyncio.get_running_loop().call_later(
+        limit, ep.fail, HandshakeTimeout(f"no handshake and request within {limit:g}s"))
     try:
+        # A HELLO naming an authorized key moves it to the second pool: strangers
+        # can no longer crowd it out while it proves the key.
+        await ep.bus.wait_until(lambda: bool(conn.claimed) or ep.established is not None,
+                                host.idle_timeout, "the handshake")
+        host.gate.leave(ep)
+        _enter(host.claims, ep, conn.claimed)
         await ep.handshake(host.idle_timeout)
+        host.claims.leave(ep)
         first = await ep.next_control(host.idle_timeout)
         if not isinstance(first, Migrate | Join | Resume | Resolve):
             raise ProtocolError(f"expected 'migrate', 'join', 'resume' or 'resolve', peer sent "
                                 f"{first.T!r}")
     except BaseException as exc:
         err = as_error(exc)
-        log.warning("connection from %s refused: %s", channel.peer, err.message)
+        result = ("timeout" if isinstance(err, HandshakeTimeout) else
+                  "dropped" if isinstance(err, Busy) and ep.established is None else "refused")
+        host.on_handshake(result)
+        _refused(channel.peer, err)
         await ep.abort(err)
         if not isinstance(exc, Exception):
             raise
         return
+    finally:
+        deadline.cancel()
+        host.gate.leave(ep)
+        host.claims.leave(ep)
+    host.on_handshake("ok")
     if isinstance(first, Join):
         await _join(host, ep, buffers, first)
     elif isinstance(first, Resume):
@@ -100,6 +126,30 @@ async def serve_connection(host: Host, channel: Channel,
                   mid=first.id, id=first.id)
         job.task = asyncio.current_task()
         await DestinationDriver(host, job, first, ep, buffers).run()
+
+
+def _enter(gate: Gate[Endpoint], ep: Endpoint, key: str) -> None:
+    for old in gate.enter(ep, key):
+        if old.established is None:
+            old.fail(Busy("too many connections waiting to authenticate: the oldest is "
+                          "dropped"))
+
+
+_REFUSALS = LogThrottle()
+
+
+def _refused(peer: str, err: MigdError) -> None:
+    say, skipped = _REFUSALS.allow(time.monotonic())
+    if skipped:
+        log.warning("%d more refused connections not logged", skipped)
+    if say:
+        log.warning("connection from %s refused: %s", peer, err.message)
+
+
+def _address_of(peer: str) -> str:
+    """The peer's host, for the per-host limit (``ip:port`` -> ``ip``)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
 
 def _peer_name(ep: Endpoint) -> str:
@@ -149,7 +199,10 @@ async def _resume(host: Host, ep: Endpoint, buffers: _Buffers, msg: Resume) -> N
     drv = host.incoming.get(msg.id)
     try:
         if drv is None or job is None:
-            ended = job.status.value if job is not None else "unknown here"
+            # Why it ended here is what the source's operator needs (its own side
+            # only saw the connection go).
+            ended = "unknown here" if job is None else job.status.value + (
+                f": {job.error.message}" if job.error is not None else "")
             raise ProtocolError(f"resume: migration {msg.id} cannot be resumed ({ended})")
         if ep.established.peer_key != drv.peer_key:
             raise ProtocolError("resume: authenticated as another peer than the migration's")
@@ -287,6 +340,7 @@ class DestinationDriver(Driver):
             raise ProtocolError("migrate: ack_every must be 1..1024")
         if host.find(Role.DESTINATION, req.id) is not job:
             raise ProtocolError(f"migrate: migration {req.id} is already known here")
+        job.ticket = host.admission.incoming(receiver_buffers(ep.conn.max_chunk, req.channels))
         self.dev = dev = host.claim(name)
         self.device_name = name
         if req.kind != dev.kind:

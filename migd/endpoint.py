@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from transports import sockets
 from transports.base import Channel
 
 from .errors import (
@@ -119,6 +120,8 @@ class Endpoint:
         self.bus.last_rx = self._loop.time()
         self.conn.buffer_updated(n)
         self._dispatch()
+        if self.established is None and self.conn.claimed:
+            self.poke()  # (the handshake's first step: see migd.destination)
         if self.conn.blocked:
             self.channel.pause_reading()
 
@@ -129,6 +132,8 @@ class Endpoint:
     def connection_lost(self, exc: BaseException | None) -> None:
         if isinstance(exc, MigdError):
             self.fail(exc)
+        elif isinstance(exc, OSError):
+            self.fail(sockets.lost(self.channel.peer, "receive from", exc))
         else:
             self.fail(LinkLost(f"connection to {self.channel.peer} lost: {exc}"))
 

@@ -49,6 +49,14 @@ class JournalFailed(MigdError):
     name = "journal-failed"
 
 
+class Busy(MigdError):
+    """This host is at a limit it enforces (``max_migrations``, its queue, the
+    buffer budget, unauthenticated connections): nothing was started; try later."""
+
+    code = 5
+    name = "busy"
+
+
 # --- device / backend --------------------------------------------------------
 
 
@@ -208,6 +216,14 @@ class Cancelled(MigdError):
 class MigrationTimeout(MigdError):
     code = 42
     name = "timeout"
+
+
+class HandshakeTimeout(MigrationTimeout):
+    """A peer did not prove its identity and say what it wants in time, however
+    its bytes trickled in (``handshake_timeout``)."""
+
+    code = 44
+    name = "handshake-timeout"
 
 
 class RemoteError(MigdError):

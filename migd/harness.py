@@ -36,6 +36,8 @@ class DaemonProc:
     addresses: list[str] = dataclasses.field(default_factory=list)
     #: How it was started, for :meth:`restart`.
     cmd: list[str] = dataclasses.field(default_factory=list)
+    #: Its file descriptor limit (soft and hard), if set lower than ours.
+    nofile: int | None = None
 
     def address_of(self, transport: str) -> str:
         """Where this daemon listens on ``transport`` (a registry name or alias)."""
@@ -70,7 +72,7 @@ class DaemonProc:
                                    if a.split("://")[0] == _scheme(cmd[i + 1])), cmd[i + 1])
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cmd[cmd.index("--address-file") + 1])
-        self.proc = _spawn(cmd, self.log_path, env, append=True)
+        self.proc = _spawn(cmd, self.log_path, env, append=True, nofile=self.nofile)
         _wait_ready(self, wait)
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -93,8 +95,9 @@ def write_identity(directory: str, name: str) -> Identity:
 def start_daemon(workdir: str, name: str, devices: Sequence[str],
                  authorized: Sequence[bytes], extra: Sequence[str] = (),
                  identity: str | None = None, wait: float = 120.0,
-                 env: dict[str, str] | None = None) -> DaemonProc:
-    """Start ``migd serve`` with a port chosen by the kernel; wait until it answers."""
+                 env: dict[str, str] | None = None, nofile: int | None = None) -> DaemonProc:
+    """Start ``migd serve`` with a port chosen by the kernel; wait until it answers.
+    ``nofile``: its file descriptor limit, soft and hard (the daemon cannot raise it)."""
     auth = os.path.join(workdir, f"{name}.authorized")
     with open(auth, "w") as f:
         for i, pub in enumerate(authorized):
@@ -114,7 +117,8 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
         cmd += ["--device", dev]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(port_file)
-    d = DaemonProc(name, _spawn(cmd, log_path, env), control, "", log_path, cmd=cmd)
+    d = DaemonProc(name, _spawn(cmd, log_path, env, nofile=nofile), control, "", log_path,
+                   cmd=cmd, nofile=nofile)
     _wait_ready(d, wait)
     return d
 
@@ -125,10 +129,15 @@ def _scheme(address: str) -> str:
 
 
 def _spawn(cmd: list[str], log_path: str, env: dict[str, str] | None,
-           append: bool = False) -> subprocess.Popen[bytes]:
+           append: bool = False, nofile: int | None = None) -> subprocess.Popen[bytes]:
+    def limit() -> None:
+        if nofile is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     with open(log_path, "ab" if append else "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, preexec_fn=limit,
                                 env=None if env is None else {**os.environ, **env})
 
 
@@ -162,7 +171,8 @@ def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
                workdir: str | None = None,
                dst_also_trusts: Sequence[bytes] = (), src_also_trusts: Sequence[bytes] = (),
                src_identity: str | None = None, src_env: dict[str, str] | None = None,
-               dst_env: dict[str, str] | None = None) -> Iterator[Pair]:
+               dst_env: dict[str, str] | None = None, dst_nofile: int | None = None
+               ) -> Iterator[Pair]:
     own = workdir is None
     wd = workdir or tempfile.mkdtemp(prefix="migd-pair-")
     procs: list[DaemonProc] = []
@@ -170,7 +180,7 @@ def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
         a = write_identity(wd, "src")
         b = write_identity(wd, "dst")
         dst = start_daemon(wd, "dst", dst_devices, [a.public, *dst_also_trusts], dst_extra,
-                           env=dst_env)
+                           env=dst_env, nofile=dst_nofile)
         procs.append(dst)
         src = start_daemon(wd, "src", src_devices, [b.public, *src_also_trusts], src_extra,
                            identity=src_identity, env=src_env)

@@ -111,7 +111,7 @@ class AuthorizedKeys:
                 raise ConfigError(f"{path}:{no}: expected '{KEY_TYPE} BASE64 [comment]'")
             try:
                 raw = base64.b64decode(parts[1], validate=True)
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # (ValueError: not even ASCII)
                 raise ConfigError(f"{path}:{no}: key is not valid base64") from None
             if len(raw) != 32:
                 raise ConfigError(f"{path}:{no}: an Ed25519 public key is 32 bytes, got {len(raw)}")

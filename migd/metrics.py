@@ -31,6 +31,12 @@ class Metrics:
                                   buckets=buckets, registry=r)
         self.setup = Histogram("migd_setup_seconds", "Connect, authenticate and accept",
                                buckets=buckets, registry=r)
+        self.handshakes = Counter(
+            "migd_handshakes", "Incoming connections by how their handshake ended: ok, "
+            "refused (failed authentication or protocol), timeout (handshake_timeout), "
+            "dropped (max_unauthenticated)", ["result"], registry=r)
+        for result in ("ok", "refused", "timeout", "dropped"):
+            self.handshakes.labels(result)
         self.active = Gauge("migd_active_migrations", "Migrations running now", registry=r)
         self.active.set_function(lambda: float(active()))
         self.unresolved = Gauge("migd_unresolved_migrations",
@@ -58,6 +64,9 @@ class Metrics:
         shutdown = getattr(self._server, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+    def handshake(self, result: str) -> None:
+        self.handshakes.labels(result).inc()
 
     def finished(self, job: Job) -> None:
         status = job.status.value

@@ -21,6 +21,7 @@ from typing import Any
 from backends.base import Device
 from backends.states import MigCap
 
+from .admission import Admission, Gate, Ticket
 from .codec import DEFAULT_COMPRESSION, CompressMode, parse_compress
 from .crypto import DEFAULT_CIPHER, ENCRYPTING
 from .endpoint import wait_event
@@ -139,6 +140,8 @@ class Job:
     abandoned: bool = False
     #: The operator cancelled it (a cancel from anywhere else ends the driver at once).
     cancel_asked: bool = False
+    #: Its leave to run on this host (``migd.admission``); None: not counted (recovered).
+    ticket: Ticket | None = None
 
     task: asyncio.Task[None] | None = None
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -157,6 +160,8 @@ class Job:
         m = self.machine
         if self.stuck:
             return Status.UNRESOLVED
+        if self.queued:
+            return Status.QUEUED
         st = m.status()
         if st.value in FINAL_STATUSES and not self.done.is_set() and m.history:
             # Final only once the device is free again: "failed" means it can be
@@ -167,6 +172,12 @@ class Job:
     @property
     def phase(self) -> str:
         return self.machine.phase.value
+
+    @property
+    def queued(self) -> bool:
+        """Waiting for a slot (``max_migrations``, the buffer budget) before it starts."""
+        return (self.ticket is not None and not self.ticket.admitted.is_set()
+                and self.machine.phase is Phase.SETUP and not self.machine.history)
 
     @property
     def decided(self) -> bool:
@@ -232,6 +243,8 @@ class Job:
             out["expected-downtime"] = self.expected_downtime_ms
         if self.status is Status.UNRESOLVED:
             out["unresolved-reason"] = self.unresolved or "?"
+        if self.queued and self.ticket is not None:
+            out["queue-position"] = self.ticket.position
         if self.error is not None:
             out["error-desc"] = self.error.message
             out["error-class"] = self.error.name
@@ -329,6 +342,17 @@ class Host:
     resume_timeout: float = 60.0
     resolve_timeout: float = 60.0
     faults: Faults = dataclasses.field(default_factory=Faults)
+    #: Until a new connection has authenticated and said what it wants.
+    handshake_timeout: float = 10.0
+    #: Connections not yet authenticated (``migd.admission``): strangers, and those
+    #: whose HELLO named an authorized key (by that name).
+    gate: Gate[Any] = dataclasses.field(default_factory=lambda: Gate(64, 8))
+    claims: Gate[Any] = dataclasses.field(default_factory=lambda: Gate(64, 64))
+    #: Migrations and their buffers, both ways.
+    admission: Admission = dataclasses.field(
+        default_factory=lambda: Admission(8, 64, 512 << 20))
+    #: Told how each incoming handshake ended: ok, refused, timeout, dropped (metrics).
+    on_handshake: Callable[[str], None] = lambda result: None
 
     def placed(self, vm: object, address: object) -> str | None:
         """The device reserved for an incoming VF: by VM and address, or by address
@@ -353,6 +377,9 @@ class Host:
         self.jobs[job.id] = job
 
     def finished(self, job: Job) -> None:
+        if job.ticket is not None:
+            ticket, job.ticket = job.ticket, None
+            ticket.leave()  # its slot and buffers go to the next in the queue
         job.done.set()
         if self.on_finish is not None:
             try:
@@ -496,7 +523,7 @@ class VmJob:
                 return final
         if all(s == "completed" for s in states):
             return "completed"
-        order = ["none", "setup", "active", "pre-switchover", "device", "cancelling"]
+        order = ["none", "queued", "setup", "active", "pre-switchover", "device", "cancelling"]
         live = [s for s in states if s in order]
         return min(live, key=order.index) if live else states[0]
 

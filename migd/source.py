@@ -48,7 +48,7 @@ from .protocol.messages import (
     Resume,
     Resumed,
 )
-from .protocol.migration import Act, Event, Migration, Phase, Role
+from .protocol.migration import SOURCE_UNDECIDED, Act, Event, Migration, Phase, Role
 from .resolve import ask, backoff, notify_abort
 from .session import Host, Inbound, Job, MigrateOptions, Switchover
 from .stream import StreamSender
@@ -173,8 +173,21 @@ class SourceDriver(Driver):
 
     def _failed(self, err: MigdError) -> Event:
         said = self.control.bus.error if self.eps else None
-        if is_link_failure(err) and isinstance(said, RemoteError):
-            err = said  # the peer said why before its link went: that is the failure
+        if is_link_failure(err) and (isinstance(said, RemoteError) or (
+                said is not None and is_link_failure(said))):
+            # The peer said why before its link went, or the link's first failure
+            # names the peer (not a send that found the connection closed after it).
+            err = said
+        if (is_link_failure(err) and not isinstance(err, RemoteError)
+                and self.m.phase in SOURCE_UNDECIDED and not self.m.repairs_link(self._loop.time())):
+            # It ends the migration and the peer said nothing: say why it is not
+            # resumed, and where the other half of the story is.
+            why = ("before the destination accepted it" if self.m.phase is Phase.SETUP else
+                   "resumes are off for it" if self.opts.max_resumes == 0 else
+                   f"after {self.m.resumes} resumes" if self.m.may(Event.LINK_DOWN) else
+                   f"not resumable in phase {self.m.phase.value}")
+            err = type(err)(f"{err.message} ({why}; the destination's log says what it saw "
+                            f"of migration {self.job.mid})")
         self.error = err
         if is_link_failure(err) and self.m.may(Event.LINK_DOWN):
             return Event.LINK_DOWN
@@ -193,6 +206,10 @@ class SourceDriver(Driver):
         job.channels = opts.channels
         self.dev = dev = host.claim(opts.device)
         self.claimed = True
+        if job.ticket is not None and not job.ticket.admitted.is_set():
+            await job.ticket.wait()  # queued: the device is held for it meanwhile
+            job.started = time.monotonic()
+            log.info("migration %s: its turn came", job.id)
         job.total = dev.state_size()
         precopy = opts.precopy and bool(dev.caps & MigCap.PRE_COPY)
         if not precopy:
@@ -434,6 +451,7 @@ class SourceDriver(Driver):
         self.bus, self.eps, self.token = self._watch(bus), eps, resumed.token
         self.sender.rebind(eps, resumed.index, resumed.offset, resumed.announced)
         self._handlers()
+        await self.sender.resend()
         log.info("migration %s: resumed at chunk %d (offset %d) on %d channel(s)%s", self.job.id,
                  resumed.index, resumed.offset, len(eps),
                  ", the destination had voted" if resumed.voted else "")

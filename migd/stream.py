@@ -81,10 +81,16 @@ class BufferBank:
     """Pre-faulted buffer sets owned by the daemon and reused by every migration.
 
     Fresh pages are expensive on first touch here; a migration that allocated
-    its buffers would pay that on every run.
+    its buffers would pay that on every run.  What it keeps free is bounded by
+    ``limit`` (with what is given out): a burst of migrations does not leave its
+    peak behind for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        #: Bytes given out and not back yet, and bytes kept free.
+        self.out = 0
+        self.free = 0
         self._free: dict[tuple[int, ...], list[list[bytearray]]] = {}
         self._lock = threading.Lock()
 
@@ -98,29 +104,41 @@ class BufferBank:
         return out
 
     def take(self, sizes: tuple[int, ...]) -> list[bytearray]:
+        n = sum(sizes)
         with self._lock:
+            self.out += n
             free = self._free.get(sizes)
             if free:
+                self.free -= n
                 return free.pop()
         return self._fresh(sizes)
 
     def give(self, sizes: tuple[int, ...], bufs: list[bytearray]) -> None:
+        n = sum(sizes)
         with self._lock:
+            self.out -= n
+            self._keep(sizes, bufs, n)
+
+    def _keep(self, sizes: tuple[int, ...], bufs: list[bytearray], n: int) -> None:
+        if self.limit is None or self.out + self.free + n <= self.limit:
             self._free.setdefault(sizes, []).append(bufs)
+            self.free += n
 
     def prewarm(self, sizes: tuple[int, ...]) -> None:
-        self.give(sizes, self._fresh(sizes))
+        bufs = self._fresh(sizes)
+        with self._lock:
+            self._keep(sizes, bufs, sum(sizes))
 
 
 class Workers:
     """The threads and buffers of one daemon: an ordered device-I/O thread for
     backends whose I/O may block, a codec pool for compression, and the bank."""
 
-    def __init__(self, codec_threads: int = 2) -> None:
+    def __init__(self, codec_threads: int = 2, bank_limit: int | None = None) -> None:
         self.io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migd-io")
         self.codec = concurrent.futures.ThreadPoolExecutor(codec_threads,
                                                            thread_name_prefix="migd-codec")
-        self.bank = BufferBank()
+        self.bank = BufferBank(bank_limit)
 
     def shutdown(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)
@@ -133,6 +151,21 @@ def tx_sizes(chunk: int, inflight: int) -> tuple[int, ...]:
 
 def rx_sizes(chunk: int, inflight: int) -> tuple[int, ...]:
     return (chunk + TAG_SIZE, chunk) * inflight
+
+
+def rx_slots(inflight: int, channels: int) -> int:
+    """Receive slots per channel: every channel keeps at least two in flight."""
+    return max(2, inflight // channels)
+
+
+def sender_buffers(chunk: int, inflight: int = DEFAULT_INFLIGHT, keep: bool = True) -> int:
+    """The most bytes of the bank one device's sender holds (``keep``: with the
+    chunks kept for a resume), what admission reserves for it."""
+    return sum(tx_sizes(chunk, inflight)) + ((inflight + 2 * ACK_OFTEN) * chunk if keep else 0)
+
+
+def receiver_buffers(chunk: int, channels: int, inflight: int = DEFAULT_INFLIGHT) -> int:
+    return sum(rx_sizes(chunk, rx_slots(inflight, channels) * channels))
 
 
 @dataclass(eq=False)
@@ -215,7 +248,7 @@ class StreamSender:
         #: rest is folded in from ``_kept`` at the end).
         self.digest = hashlib.sha256()
         self.keep = keep
-        self._keep_n = inflight + 2 * ACK_OFTEN
+        self._keep_n = inflight + 2 * ACK_OFTEN  # as sender_buffers() reserves
         #: How far frames went out (were handed to a channel): acks cannot go past it.
         self._out_index = self._out_offset = 0
         self._kept: collections.deque[_Kept] = collections.deque()
@@ -305,6 +338,13 @@ class StreamSender:
                                           "the destination to accept the announcement")
 
     # --- a resumed stream ------------------------------------------------------------------
+
+    async def resend(self) -> None:
+        """After a resume: send again, now, what the destination had not loaded.  The
+        phase the source goes back to may only wait (for the initial bytes to load,
+        for the operator), and the destination waits for these very chunks."""
+        if self._resend:
+            await self.send(0)
 
     async def stop(self) -> None:
         """No more frames: the migration rolls back (its peer is told next)."""
@@ -425,7 +465,7 @@ class StreamSender:
 
         Returns the bytes sent; stops early on "no data for now".
         """
-        if budget is not None:
+        if budget:
             await self.announce(budget)
         sent = 0
         while True:
@@ -721,7 +761,7 @@ class StreamReceiver:
         self.endpoints: list[Endpoint | None] = [None] * channels
         if self._bufs:
             self.workers.bank.give(self._sizes, self._bufs)
-        per_channel = max(2, self._inflight // channels)
+        per_channel = rx_slots(self._inflight, channels)
         self._sizes = rx_sizes(self._max_chunk, per_channel * channels)
         self._bufs = self.workers.bank.take(self._sizes)
         self._free: list[collections.deque[_RxSlot]] = [collections.deque() for _ in range(channels)]

@@ -125,6 +125,12 @@ class Channel(abc.ABC):
 class Listener(abc.ABC):
     address: str = ""
 
+    @property
+    def alive(self) -> bool:
+        """Still reachable and accepting: a daemon whose listener is gone is deaf
+        (its watchdog stops, so that systemd restarts it)."""
+        return True
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

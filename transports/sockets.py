@@ -12,7 +12,7 @@ import socket
 import stat
 from collections.abc import Callable
 
-from migd.errors import ConfigError, TransportError
+from migd.errors import ConfigError, LinkLost, TransportError
 
 from .base import Channel, ChannelHandler, Listener
 
@@ -31,6 +31,15 @@ def parse_address(address: str, default_port: int = 7707) -> tuple[str, int]:
     if not 0 <= p <= 65535:
         raise ConfigError(f"address {address!r}: port {p} out of range")
     return host, p
+
+
+def lost(peer: str, doing: str, exc: OSError) -> TransportError:
+    """The error for a connection that failed under us.  A reset or a broken pipe
+    means the other end closed it: say so, so an operator looks at the peer's log
+    (what it saw, if anything) rather than at this host's network."""
+    if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED):
+        return LinkLost(f"peer {peer} closed the connection ({doing}: {exc.strerror})")
+    return TransportError(f"{doing} {peer} failed: {exc.strerror}")
 
 
 async def connect(address: str, timeout: float, label: str, unix: bool = False
@@ -95,6 +104,13 @@ def bind(address: str, label: str, unix: bool = False) -> tuple[socket.socket, s
     return sock, bound
 
 
+def same_file(path: str, inode: int) -> bool:
+    try:
+        return os.stat(path).st_ino == inode
+    except OSError:
+        return False
+
+
 class SocketListener(Listener):
     def __init__(self, sock: socket.socket, bound: str, path: str,
                  make: Callable[[socket.socket, str], Channel], handler: ChannelHandler) -> None:
@@ -104,6 +120,7 @@ class SocketListener(Listener):
         self._make = make
         self._handler = handler
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inode = os.stat(path).st_ino if path else 0
         self._task = asyncio.create_task(self._accept())
 
     #: Out of a resource the kernel will have again soon: wait this long, go on.
@@ -112,8 +129,9 @@ class SocketListener(Listener):
 
     @property
     def alive(self) -> bool:
-        """Still accepting (a listener that stopped makes a deaf daemon)."""
-        return not self._task.done()
+        """Still accepting, and (a Unix socket) its path still leads to it: a socket
+        file removed under a running daemon leaves it deaf to new peers."""
+        return not self._task.done() and (not self._path or same_file(self._path, self._inode))
 
     async def _accept(self) -> None:
         """Accept until closed, whatever accept() says: a burst of connections that

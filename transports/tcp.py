@@ -63,7 +63,7 @@ class TcpChannel(Channel):
                 await self._wait_writable()
                 continue
             except OSError as exc:
-                raise TransportError(f"send to {self.peer} failed: {exc.strerror}") from None
+                raise sockets.lost(self.peer, "send to", exc) from None
             while n:
                 first = len(views[0])
                 if n >= first:

@@ -190,6 +190,10 @@ class Connection:
         self.cipher = ""
         self.max_chunk = self._offer.max_chunk
         self.peer_name = ""
+        #: Destination: the authorized name a well-formed HELLO claimed, not yet
+        #: proven (the AUTH signature proves it): such a connection is no longer
+        #: a stranger to be dropped for newcomers (``migd.admission``).
+        self.claimed = ""
         self._data_buffers = data_buffers or (lambda n: bytearray(n))
         self.payloads_inline = payloads_inline
         # receive state
@@ -490,6 +494,7 @@ class Connection:
         self._reply_core = _pack(core)
         sig = self._identity.sign(b"destination" + self._transcript())
         self._queue_plain(FrameType.HELLO_REPLY, _pack({"core": self._reply_core, "sig": sig}))
+        self.claimed = name
 
     def _on_reply(self, body: bytes) -> None:
         reply = _unpack(body, "HELLO_REPLY")

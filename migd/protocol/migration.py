@@ -43,10 +43,13 @@ class Role(enum.Enum):
 
 
 class Status(enum.Enum):
-    """QEMU's ``query-migrate`` statuses, plus ``unresolved``: a VF is stopped and
-    this side could not learn whether the other side runs it."""
+    """QEMU's ``query-migrate`` statuses, plus ``queued`` (waiting for a slot on
+    this host) and ``unresolved``: a VF is stopped and this side could not learn
+    whether the other side runs it."""
 
     NONE = "none"
+    #: Waiting for its turn on this host (``max_migrations``); not in QEMU's list.
+    QUEUED = "queued"
     SETUP = "setup"
     ACTIVE = "active"
     PRE_SWITCHOVER = "pre-switchover"
@@ -441,6 +444,13 @@ class Migration:
         if nxt in STOPPED:
             self.stopped = True
         return self._skip(acts, now)
+
+    def repairs_link(self, now: float) -> bool:
+        """Whether a link breaking now is repaired (resumed, waited for or resolved)
+        rather than ending the migration."""
+        step = TABLE.get((self.role, self.phase, E.LINK_DOWN))
+        return step is not None and step.next in (P.RECONNECTING, P.DETACHED, P.RESOLVING,
+                                                  P.UNRESOLVED) and not self._resume_spent(now)
 
     def _resume_spent(self, now: float) -> bool:
         """A broken link that may not be resumed: no budget left, or out of time."""

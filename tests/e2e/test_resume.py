@@ -143,6 +143,6 @@ def test_a_resume_is_refused_unless_it_is_the_same_peer_with_the_live_token() ->
         (job,) = wait_finished(p.dst)
         assert job["status"] == "failed"
         refused(resume(p, me, Resume(id=mid, token=resumed.token, channels=1)),
-                "cannot be resumed (failed)")
+                "cannot be resumed (failed: ")
         d = device(p.dst)
         assert d["state"] == "RUNNING" and d["sha256"] == ZERO and not d["busy"]

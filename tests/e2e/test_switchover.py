@@ -242,18 +242,18 @@ def test_the_new_commands_refuse_bad_requests_clearly() -> None:
     with local_pair([SRC], [DST]) as p:
         with p.src.client() as c:
             cases: list[tuple[str, dict[str, Any], str]] = [
-                ("migrate-continue", {}, "'id' must be a migration id"),
-                ("migrate-continue", {"id": 5}, "'id' must be a migration id"),
+                ("migrate-continue", {}, "'id' is required"),
+                ("migrate-continue", {"id": 5}, "'id' must be a string of at most 64"),
                 ("migrate-continue", {"id": "nope"}, "no migration with id 'nope'"),
                 ("resolve", {"id": "nope", "decision": "commit"}, "no migration with id"),
-                ("device-resume", {"device": ["vf0"]}, "no device named"),
+                ("device-resume", {"device": ["vf0"]}, "'device' must be a string"),
                 ("device-reset", {"device": "vf9"}, "no device named 'vf9'"),
                 ("migrate", {"device": "vf0", "peer": p.dst.address,
                              "pause-before-switchover": "yes"}, "must be true or false"),
                 ("migrate", {"device": "vf0", "peer": p.dst.address, "max-resumes": -1},
                  "'max-resumes' must be a whole number from 0 to 100"),
                 ("migrate", {"device": "vf0", "peer": p.dst.address, "resume-timeout": 0},
-                 "'resume-timeout' must be a positive number"),
+                 "'resume-timeout' must be a number of seconds from 0.1"),
             ]
             for cmd, args, why in cases:
                 with pytest.raises(ControlError, match=why):

@@ -102,3 +102,18 @@ def test_opening_in_pieces(name: str) -> None:
         opener.update_into(memoryview(sealed)[: len(joined)], memoryview(bytearray(len(joined))))
         with pytest.raises(IntegrityError, match=f"frame {seq}"):
             opener.finish(tag)
+
+
+def test_an_authorized_keys_file_that_is_not_text_is_named(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "authorized_keys"
+    path.write_bytes(b"migd-ed25519 \xff\xfe\x00garbage\n")
+    with pytest.raises(ConfigError, match=f"authorized keys {path}: not UTF-8 text .byte 13."):
+        AuthorizedKeys.load(str(path))
+
+
+def test_a_key_that_is_not_even_ascii_is_named_not_raised(tmp_path: pathlib.Path) -> None:
+    # found by bench/fuzz.py (authorized_keys): base64 of non-ASCII text raised ValueError
+    path = tmp_path / "authorized_keys"
+    path.write_text("# c\nmigd-ed25519 AAAAAAAAAAAAAAAAAA\u0083\n")
+    with pytest.raises(ConfigError, match=":2: key is not valid base64"):
+        AuthorizedKeys.load(str(path))

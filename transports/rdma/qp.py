@@ -21,8 +21,9 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 
-from migd.errors import MigdError, ProtocolError, RemoteAccessError, TransportError
+from migd.errors import LinkLost, MigdError, ProtocolError, RemoteAccessError, TransportError
 
+from .. import sockets
 from ..base import Credit, wait_stalled
 from . import wire
 from .verbs import (
@@ -91,6 +92,11 @@ class QueuePair:
         self.stall_timeout: float | None = None
         self._sock = sock
         self._fd = sock.fileno()
+        try:
+            name = sock.getpeername()
+            self.peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else name or "local"
+        except OSError:
+            self.peer = "?"
         self._loop = loop
         self._reader = wire.WireReader(None if self.shared else self._place)
         self._stage = memoryview(bytearray(_STAGE))
@@ -236,7 +242,7 @@ class QueuePair:
                     self._sending = (batch, views, fd)
                     return False
                 except OSError as exc:
-                    raise TransportError(f"rdma send failed: {exc.strerror}") from None
+                    raise sockets.lost(self.peer, "rdma send to", exc) from None
                 fd = -1  # the descriptor went with the first byte
                 while n:
                     if n >= len(views[0]):
@@ -328,7 +334,7 @@ class QueuePair:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._fail(TransportError(f"rdma connection lost: {exc.strerror}"))
+                self._fail(sockets.lost(self.peer, "rdma receive from", exc))
                 return
             except MigdError as exc:
                 self._staged = memoryview(b"")
@@ -346,7 +352,8 @@ class QueuePair:
         # No credit can come any more: a writer waiting for one must not wait forever.
         self.credits.fail(TransportError("peer closed the connection"))
         if not self._reader.idle:
-            self._fail(ProtocolError("rdma: connection closed in the middle of a message"))
+            # A link that broke (as a TCP stream cut mid-frame): resumable, not a lie.
+            self._fail(LinkLost("rdma: connection closed in the middle of a message"))
         elif self.on_eof is not None:
             self.on_eof()
 
