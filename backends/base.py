@@ -80,7 +80,7 @@ class Device(abc.ABC):
                     try:
                         self.fail_hook(cur, nxt)
                     except Exception as exc:
-                        self._state = DeviceState.ERROR
+                        self._state = self._state_after_failure(cur, nxt)
                         raise DeviceError(
                             f"{self.name}: arc {cur.name}->{nxt.name} failed: {exc}"
                         ) from exc
@@ -164,9 +164,10 @@ class Device(abc.ABC):
     def _reset(self) -> None: ...
 
     def _state_after_failure(self, cur: DeviceState, nxt: DeviceState) -> DeviceState:
-        """Where a failed arc left the device.  Emulated devices cannot know better
-        than ERROR; a real one is asked (GET), as the kernel documentation says."""
-        return DeviceState.ERROR
+        """Where a failed arc left the device.  The kernel drivers (mlx5, hisi) move
+        their state only once an arc succeeded, so an emulated one stays where it
+        was; a real one is asked (GET), as the kernel documentation says."""
+        return cur
 
     # --- data path -----------------------------------------------------------
 

@@ -6,13 +6,19 @@ the guest: a mailbox, an interrupt-status register, and ``struct acc_vf_data``
 (176 bytes, little-endian), whose first 40 bytes are the match data a target
 checks before loading anything.
 
-Driver behaviour reproduced: stopping is a "pause QM" mailbox command followed
-by polling interrupt status (100 x 100 us, else "device busy"); starting rings
-every queue's doorbell; PRE_COPY offers only the 40 match bytes (dirty bytes
-are always 0) and a read with nothing left returns 0 bytes; STOP_COPY offers
-the full 176 (only 40 if the queue manager is not ready); the target checks the
-match data as soon as 40 bytes arrive (EFAULT on mismatch), so an incompatible
-target fails during pre-copy, before the source stops.
+Driver behaviour reproduced (hisi_acc_vfio_pci.c): stopping is a "pause QM"
+mailbox command followed by polling four interrupt-status registers (each read,
+then up to 100 more reads 100 us apart; any still set is EBUSY, and the device
+stays RUNNING, its queues paused: the driver undoes nothing).  There is no
+"resume QM" command: STOP->RUNNING rings every queue's doorbell, and only when
+the driver's QM state is READY, which a save or a load sets.  PRE_COPY offers
+only the 40 match bytes (dirty bytes are always 0) and a read with nothing left
+returns 0 bytes; STOP_COPY offers the full 176 (only 40 if the queue manager is
+not ready).  The target checks the match data as soon as 40 bytes arrive (EFAULT
+on mismatch), so an incompatible target fails during pre-copy, before the source
+stops; it accepts the V2 layout with major version 1 and the V1 layout (whose
+event-queue DMA addresses it derives again from the context words).
+RESUMING->STOP with exactly the 40 match bytes succeeds and loads nothing.
 """
 
 from __future__ import annotations
@@ -48,10 +54,18 @@ assert (MATCH_SIZE, STATE_SIZE, MATCH.size + REGS.size) == (40, 176, 144)
 
 BAR2_SIZE = 64 << 10
 MIG_BASE = BAR2_SIZE // 2  # the migration half
-MAILBOX, MB_STATUS, INT_STATUS, VF_DATA = 0x0, 0x4, 0x8, 0x100
+MAILBOX, MB_STATUS, VF_DATA = 0x0, 0x4, 0x100
+#: The registers a pause must find clear, in the driver's order (QM_ABNORMAL_INT_STATUS,
+#: QM_IFC_INT_STATUS, QM_IFC_INT_SET_V, the accelerator core's INT_STATUS).
+INT_STATUS = {"abnormal-int-status": 0x8, "ifc-int-status": 0xC, "ifc-int-set": 0x10,
+              "core-int-status": 0x14}
 DOORBELL_STRIDE = 0x100
-MB_PAUSE_QM, MB_RESUME_QM = 1, 2
+MB_PAUSE_QM = 0xE  # QM_MB_CMD_PAUSE_QM; the driver has no command to resume
+MB_STATUS_BAD_CMD = 0x200
 POLL_TRIES, POLL_INTERVAL = 100, 100e-6
+#: struct acc_vf_data: where the event-queue contexts' address words are (DMA
+#: addresses of a V1 image are derived from them: high word 2, low word 1).
+EQC_DW, AEQC_DW = MATCH_SIZE + 6 * 4, MATCH_SIZE + 13 * 4
 
 
 class Bar2:
@@ -77,27 +91,33 @@ class Bar2:
 
 
 class GuestBar2:
-    """The guest's view of BAR2: told it is half its size; the migration half is refused."""
+    """The guest's view of BAR2: told it is half its size.  As the driver does it, an
+    access that starts in the guest's half is clipped at its end; one that starts in
+    the migration half is refused (EINVAL), and so is a mapping that reaches it."""
 
     def __init__(self, bar: Bar2) -> None:
         self._bar = bar
         self.size = MIG_BASE
 
-    def _check(self, off: int, n: int) -> None:
-        if off < 0 or n < 0 or off + n > self.size:
-            raise PermissionError(f"BAR2 access [{off:#x}, +{n}) is beyond the guest's "
-                                  f"{self.size:#x}-byte BAR")
+    def _clip(self, off: int, n: int) -> int:
+        if off < 0 or n < 0 or off >= self.size:
+            raise PermissionError(f"BAR2 access at {off:#x} is beyond the guest's "
+                                  f"{self.size:#x}-byte BAR (EINVAL)")
+        return min(n, self.size - off)
 
     def read(self, off: int, n: int) -> bytes:
-        self._check(off, n)
+        n = self._clip(off, n)
         return bytes(self._bar.mv[off : off + n])
 
-    def write(self, off: int, data: bytes) -> None:
-        self._check(off, len(data))
-        self._bar.mv[off : off + len(data)] = data
+    def write(self, off: int, data: bytes) -> int:
+        n = self._clip(off, len(data))
+        self._bar.mv[off : off + n] = data[:n]
+        return n
 
     def mmap(self, off: int, n: int) -> memoryview:
-        self._check(off, n)
+        if off < 0 or n < 0 or off + n > self.size:
+            raise PermissionError(f"BAR2 mapping [{off:#x}, +{n}) is beyond the guest's "
+                                  f"{self.size:#x}-byte BAR (EINVAL)")
         return self._bar.mv[off : off + n]
 
 
@@ -110,8 +130,11 @@ class _QueueManager:
         self._traffic = traffic
         self._rng = random.Random(dev.dev_id)
         self._ticker = Ticker(f"qm-{dev.name}", 0.002, self._tick)
+        self.paused = False
+        self.polls = 0
 
     def start(self) -> None:
+        self.paused = False
         if self._traffic:
             self._ticker.start()
 
@@ -128,19 +151,24 @@ class _QueueManager:
 
     def mailbox(self, cmd: int) -> None:
         bar = self._dev.bar
-        if cmd == MB_PAUSE_QM:
-            self.stop()
-            # Outstanding interrupts drain over a few polls, unless the hardware is wedged.
-            bar.set_u32(MIG_BASE + INT_STATUS, 0xFFFFFFFF if self._stuck else 3)
-        elif cmd == MB_RESUME_QM:
-            self.start()
+        if cmd != MB_PAUSE_QM:
+            bar.set_u32(MIG_BASE + MB_STATUS, MB_STATUS_BAD_CMD)
+            return
+        self.stop()
+        self.paused = True
+        # Outstanding interrupts drain over a few polls, unless the hardware is wedged
+        # (then the accelerator core's status never clears).
+        for i, off in enumerate(INT_STATUS.values()):
+            bar.set_u32(MIG_BASE + off, 0xFFFFFFFF if self._stuck and i == 3 else 2)
         bar.set_u32(MIG_BASE + MB_STATUS, 0)
 
-    def poll_int_status(self) -> int:
+    def poll(self, register: str) -> int:
         bar = self._dev.bar
-        status = bar.u32(MIG_BASE + INT_STATUS)
-        if status and not self._stuck:
-            bar.set_u32(MIG_BASE + INT_STATUS, status - 1)
+        self.polls += 1
+        off = MIG_BASE + INT_STATUS[register]
+        status = bar.u32(off)
+        if status and status != 0xFFFFFFFF:
+            bar.set_u32(off, status - 1)
         return status
 
 
@@ -169,6 +197,7 @@ class HisiDevice(Device):
         if not 1 <= self.qp_num <= (MIG_BASE // DOORBELL_STRIDE):
             raise ConfigError(f"device {name}: qp-num must be 1..{MIG_BASE // DOORBELL_STRIDE}")
         self.qm_ready = options.get("qm-ready", "yes") == "yes"
+        self._magic, self._major = magic, major
         self.bar = Bar2(options.get("dir") or ("/dev/shm" if os.path.isdir("/dev/shm") else None))
         self._qm = _QueueManager(self, options.get("stuck", "no") == "yes",
                                  options.get("traffic", "no") == "yes")
@@ -186,6 +215,9 @@ class HisiDevice(Device):
         self._loading = False
         self.loads_committed = 0
         self.doorbells_rung = 0
+        #: The driver's own idea of the QM (hisi_acc_vdev->vf_qm_state): not ready
+        #: until a save or a load says otherwise.
+        self.driver_qm_ready = False
         self._qm.start()
 
     def guest(self) -> GuestBar2:
@@ -203,42 +235,82 @@ class HisiDevice(Device):
         if (cur, nxt) == (S.RUNNING, S.PRE_COPY):
             self._out, self._out_pos = self._vf_data()[:MATCH_SIZE], 0
         elif (cur, nxt) == (S.PRE_COPY, S.STOP_COPY):
-            self._out = self._vf_data() if self.qm_ready else self._out[:MATCH_SIZE]
+            self._out = self._save() if self.qm_ready else self._out[:MATCH_SIZE]
+            self.driver_qm_ready = self.qm_ready
         elif (cur, nxt) == (S.STOP, S.STOP_COPY):
-            data = self._vf_data()
+            data = self._save()
             self._out, self._out_pos = (data if self.qm_ready else data[:MATCH_SIZE]), 0
+            self.driver_qm_ready = self.qm_ready
         elif cur in (S.PRE_COPY, S.STOP_COPY) and nxt in (S.RUNNING, S.STOP):
             self._out, self._out_pos = b"", 0
         elif (cur, nxt) == (S.STOP, S.RESUMING):
             self._rx.clear()
             self._loading = True
         elif (cur, nxt) == (S.RESUMING, S.STOP):
-            if len(self._rx) < STATE_SIZE and not (len(self._rx) == MATCH_SIZE and
-                                                   MATCH.unpack(self._rx)[5] == QM_NOT_READY):
-                raise DeviceError(f"{self.name}: loaded {len(self._rx)} of {STATE_SIZE} bytes")
-            # Load the registers; the queue manager is not ready without the rest.
-            base = MIG_BASE + VF_DATA
-            self.bar.mv[base : base + len(self._rx)] = self._rx
-            self.loads_committed += 1
+            self._load()
         if nxt == S.RUNNING and cur in (S.STOP, S.PRE_COPY):
             if cur == S.STOP:
                 self._start()
             self._loading = False
 
+    def _save(self) -> bytes:
+        """The state as this host's driver saves it: its magic and version in the match
+        data (``magic``/``major`` make an older or newer kernel's), the rest as is."""
+        data = bytearray(self._vf_data())
+        fields = list(MATCH.unpack_from(data))
+        fields[0], fields[6], fields[7] = self._magic, self._major, MINOR
+        MATCH.pack_into(data, 0, *fields)
+        return bytes(data)
+
+    def _load(self) -> None:
+        """RESUMING->STOP (vf_qm_load_data): exactly the match data loads nothing."""
+        n = len(self._rx)
+        if n == MATCH_SIZE:
+            self.loads_committed += 1
+            return
+        if n < STATE_SIZE:
+            raise DeviceError(f"{self.name}: EINVAL, loaded {n} of {STATE_SIZE} bytes")
+        data = bytearray(self._rx)
+        if MATCH.unpack_from(data)[0] == MAGIC_V1:
+            # The V1 layout's DMA addresses are derived again from the context words.
+            eqc = struct.unpack_from("<7I", data, EQC_DW)
+            aeqc = struct.unpack_from("<7I", data, AEQC_DW)
+            struct.pack_into("<QQ", data, MATCH_SIZE + REGS.size,
+                             eqc[2] << 32 | eqc[1], aeqc[2] << 32 | aeqc[1])
+        if 0 in DMA.unpack_from(data, MATCH_SIZE + REGS.size):
+            # "resume dma addr is NULL": nothing is loaded, the QM is not ready.
+            self.driver_qm_ready = False
+            self.loads_committed += 1
+            return
+        base = MIG_BASE + VF_DATA
+        self.bar.mv[base : base + STATE_SIZE] = data
+        self.driver_qm_ready = True
+        self.loads_committed += 1
+
     def _pause(self) -> None:
+        """vf_qm_func_stop + hisi_acc_check_int_state: any register still set is EBUSY,
+        and the device stays RUNNING with its queues paused (nothing undoes the pause)."""
         self._qm.mailbox(MB_PAUSE_QM)
-        for _ in range(POLL_TRIES):
-            if not self._qm.poll_int_status():
-                return
-            time.sleep(POLL_INTERVAL)
-        raise DeviceBusy(f"{self.name}: queue manager did not quiesce after pause "
-                         f"({POLL_TRIES} polls of interrupt status)")
+        for register in INT_STATUS:
+            if not self._qm.poll(register):
+                continue
+            for _ in range(POLL_TRIES):
+                time.sleep(POLL_INTERVAL)
+                if not self._qm.poll(register):
+                    break
+            else:
+                raise DeviceBusy(f"{self.name}: EBUSY, queue manager did not quiesce after "
+                                 f"pause ({register} still set after {POLL_TRIES + 1} reads)")
 
     def _start(self) -> None:
-        self._qm.mailbox(MB_RESUME_QM)
+        """hisi_acc_vf_start_device: nothing unless the driver holds the QM ready; then
+        every queue's doorbell is rung, which sets the queues going again."""
+        if not self.driver_qm_ready:
+            return
         for q in range(self.qp_num):
             self.bar.set_u32(q * DOORBELL_STRIDE, 1)  # ring the doorbell
             self.doorbells_rung += 1
+        self._qm.start()
 
     def _reset(self) -> None:
         self._out, self._out_pos = b"", 0
@@ -247,8 +319,10 @@ class HisiDevice(Device):
             base = MIG_BASE + VF_DATA + MATCH_SIZE
             self.bar.mv[base : base + STATE_SIZE - MATCH_SIZE] = bytes(STATE_SIZE - MATCH_SIZE)
             self._loading = False
-        self.bar.set_u32(MIG_BASE + INT_STATUS, 0)
-        self._qm.mailbox(MB_RESUME_QM)
+        for off in INT_STATUS.values():
+            self.bar.set_u32(MIG_BASE + off, 0)
+        self.driver_qm_ready = False
+        self._qm.start()  # a function reset: the guest's driver sets its queues up again
 
     # --- data ------------------------------------------------------------------------
 
@@ -283,9 +357,9 @@ class HisiDevice(Device):
         magic, qp_num, dev_id, que_iso_cfg, _, _, major, _ = MATCH.unpack(data)
         mine = MATCH.unpack(self._vf_data()[:MATCH_SIZE])
         problems = []
-        if magic != MAGIC_V2:
+        if magic not in (MAGIC_V1, MAGIC_V2):
             problems.append(f"magic {magic:#x}")
-        if major != MAJOR:
+        elif magic == MAGIC_V2 and major != MAJOR:  # V1 has no version fields
             problems.append(f"major version {major}")
         if dev_id != mine[2]:
             problems.append(f"dev_id {dev_id:#x} (this VF {mine[2]:#x})")
@@ -320,7 +394,8 @@ class HisiDevice(Device):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(model="hisi-acc-vf", dev_id=self.dev_id, loads_committed=self.loads_committed,
-                 loading=self._loading, doorbells_rung=self.doorbells_rung)
+                 loading=self._loading, doorbells_rung=self.doorbells_rung,
+                 queues="paused" if self._qm.paused else "running")
         return d
 
 

@@ -54,7 +54,9 @@ TAG_FW_DATA = 0
 TAG_STOP_COPY_SIZE = 1
 CHUNK = 8 << 20
 READ_AHEAD = 2
-MAX_RECORD = CHUNK + (64 << 10)
+#: The largest record a loader takes: LOAD_VHCA_STATE's size field is 32 bits (a
+#: device not in chunk mode sends its whole image as one record).
+MAX_LOAD_SIZE = (1 << 32) - 1
 
 SEG = struct.Struct("<QII")
 PF = -1  # requester id of the PF itself; VFs are their vhca_id
@@ -74,6 +76,9 @@ class _Vf:
     initiator_suspended: bool = False
     responder_suspended: bool = False
     tracking: bool = False
+    #: A QUERY asked for cleanup: the next full SAVE without tracking ends the
+    #: tracking session instead of saving (the driver's "pre_copy cleanup").
+    cleanup: bool = False
     #: The image being saved: segments still to emit, as (offset, length) runs.
     pending: collections.deque[tuple[int, int]] = dataclasses.field(
         default_factory=collections.deque)
@@ -125,6 +130,11 @@ class Mlx5Firmware:
         self._next_mkey += 1
         self._mkeys[self._next_mkey] = (requester, memoryview(buf))
         return self._next_mkey
+
+    def unregister_mkey(self, mkey: int) -> None:
+        entry = self._mkeys.pop(mkey, None)
+        if entry is not None:
+            entry[1].release()
 
     def submit(self, requester: int, opcode: int, **args: Any) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -199,12 +209,21 @@ class Mlx5Firmware:
     def _query(vf: _Vf, args: dict[str, Any]) -> dict[str, int]:
         incremental = vf.mem.dirty_count * (PAGE + SEG.size) if vf.tracking else 0
         full = vf.mem.size + -(-vf.mem.size // CHUNK) * SEG.size
+        if args.get("cleanup"):
+            vf.cleanup = True
+        # What is left to hand out: the image being saved, plus what changed while
+        # tracking; with no session, what a full save would give.
+        remaining = (vf.pending_bytes + incremental if vf.tracking
+                     else vf.pending_bytes or full)
         return {"required_umem_size": min(CHUNK, max(full, incremental) or SEG.size),
-                "remaining_total_size": vf.pending_bytes or full,
+                "remaining_total_size": remaining,
                 "incremental_size": incremental}
 
     def _save(self, vf: _Vf, args: dict[str, Any]) -> dict[str, int]:
-        """SAVE_VHCA_STATE in chunk mode: one call fills one host buffer."""
+        """SAVE_VHCA_STATE in chunk mode: one call fills one host buffer.
+
+        A save that is not incremental starts a new full image, whatever an
+        earlier session left unread: each migration session starts afresh."""
         buf = self.dma(PF, int(args["mkey"]))
         size = min(int(args["size"]), len(buf))
         if args.get("incremental"):
@@ -216,16 +235,27 @@ class Mlx5Firmware:
                     vf.pending_bytes += SEG.size + length
             elif not vf.tracking and not vf.pending:
                 return {"actual_size": 0, "remaining": 0}
-        elif not vf.pending:
+        else:
+            vf.pending.clear()
+            vf.pending_bytes = 0
+            if vf.cleanup and not args.get("set_track"):
+                # The end of a pre-copy session: tracking stops, nothing is kept.
+                vf.cleanup = vf.tracking = False
+                vf.mem.stop_tracking()
+                return {"actual_size": 0, "remaining": 0}
             if args.get("set_track"):
                 vf.mem.start_tracking()
                 vf.tracking = True
             elif not vf.responder_suspended:
                 raise AdminError(errno.EINVAL, "full save of a running VF needs tracking")
+            else:
+                vf.tracking = False  # a full image of a stopped VF needs no delta
+                vf.mem.stop_tracking()
             step = CHUNK - SEG.size
             for off in range(0, vf.mem.size, step):
                 vf.pending.append((off, min(step, vf.mem.size - off)))
                 vf.pending_bytes += SEG.size + min(step, vf.mem.size - off)
+        vf.cleanup = False
         pos = 0
         mv = vf.mem.mv
         while vf.pending and pos + SEG.size < size:
@@ -262,7 +292,7 @@ class Mlx5Firmware:
 
     def reset_vf(self, vhca_id: int, wipe: bool) -> None:
         vf = self._vfs[vhca_id]
-        vf.initiator_suspended = vf.responder_suspended = vf.tracking = False
+        vf.initiator_suspended = vf.responder_suspended = vf.tracking = vf.cleanup = False
         vf.pending.clear()
         vf.pending_bytes = 0
         vf.mem.stop_tracking()
@@ -315,8 +345,11 @@ class Mlx5Device(Device):
         # Host buffers the PF DMAs into: two for saving (read-ahead), one for loading.
         self._bufs = [bytearray(CHUNK) for _ in range(READ_AHEAD)]
         self._mkeys = [self.fw.register_mkey(PF, b) for b in self._bufs]
-        self._load_buf = bytearray(MAX_RECORD)
+        # The loading buffer, sized (like the driver's) from the source's
+        # STOP_COPY_SIZE record and the record at hand.
+        self._load_buf = bytearray(0)
         self._load_mkey = self.fw.register_mkey(PF, self._load_buf)
+        self._prep_size = 0
         self._stream: collections.deque[memoryview | bytes] = collections.deque()
         self._buf_order: collections.deque[int] = collections.deque()
         self._save_args: dict[str, bool] = {}
@@ -367,7 +400,7 @@ class Mlx5Device(Device):
             self._cmd(RESUME_VHCA, op_mod=RESUME_INITIATOR)
             if nxt == S.RUNNING:
                 self._loading = False
-        elif arc == (S.RUNNING, S.PRE_COPY):
+        elif arc in ((S.RUNNING, S.PRE_COPY), (S.RUNNING_P2P, S.PRE_COPY_P2P)):
             self._open_stream()
             self._start_image(set_track=True)
         elif arc == (S.STOP, S.STOP_COPY):
@@ -376,13 +409,20 @@ class Mlx5Device(Device):
         elif arc == (S.PRE_COPY_P2P, S.STOP_COPY):
             self._cmd(SUSPEND_VHCA, op_mod=SUSPEND_RESPONDER)
             self._start_image(incremental=True, final=True)
-        elif arc in ((S.PRE_COPY, S.RUNNING), (S.PRE_COPY_P2P, S.RUNNING_P2P),
-                     (S.STOP_COPY, S.STOP)):
+        elif arc in ((S.PRE_COPY, S.RUNNING), (S.PRE_COPY_P2P, S.RUNNING_P2P)):
+            # The driver's pre-copy cleanup: the firmware ends the tracking session,
+            # and the next session starts from a full image.
+            self._cmd(QUERY_VHCA_MIGRATION_STATE, incremental=True, cleanup=True)
+            self._close_stream()
+            self._cmd(SAVE_VHCA_STATE, mkey=self._mkeys[0], size=CHUNK, incremental=False,
+                      set_track=False)
+        elif arc == (S.STOP_COPY, S.STOP):
             self._close_stream()
         elif arc == (S.STOP, S.RESUMING):
             self._rx.clear()
             self._rx_hdr = None
             self._rx_need = REC.size
+            self._prep_size = 0
             self._loading = True
         elif arc == (S.RESUMING, S.STOP):
             if self._rx or self._rx_hdr is not None:
@@ -400,8 +440,11 @@ class Mlx5Device(Device):
 
     def _open_stream(self) -> None:
         self._close_stream()
-        size = self._cmd(QUERY_VHCA_MIGRATION_STATE)["remaining_total_size"]
-        # The target pre-allocates from this; it always goes first.
+        q = self._cmd(QUERY_VHCA_MIGRATION_STATE)
+        # What the driver pre-allocates for stop-copy (in chunk mode: one chunk, or the
+        # whole image when smaller), in pages; the target sizes its buffer from it.
+        size = -(-max(q["required_umem_size"], min(CHUNK, q["remaining_total_size"])) // PAGE)
+        size *= PAGE
         self._stream.append(REC.pack(8, REC_OPTIONAL, TAG_STOP_COPY_SIZE) + struct.pack("<Q", size))
         self._stream_bytes = REC.size + 8
 
@@ -435,7 +478,9 @@ class Mlx5Device(Device):
             i = self._free_bufs.popleft()
             r = self._cmd(SAVE_VHCA_STATE, mkey=self._mkeys[i], size=CHUNK, **self._save_args)
             self._image_remaining = r["remaining"]
+            # The image's further chunks continue it (a full SAVE would start over).
             self._save_args["set_track"] = False
+            self._save_args["incremental"] = True
             if r["actual_size"]:
                 self._stream.append(REC.pack(r["actual_size"], 0, TAG_FW_DATA))
                 self._stream.append(memoryview(self._bufs[i])[: r["actual_size"]])
@@ -475,7 +520,9 @@ class Mlx5Device(Device):
     def precopy_info(self) -> PrecopyInfo:
         with self._lock:
             self._require(*PRECOPY_STATES, op="precopy-info")
-            if self._queued() == 0:
+            # A suspended VF cannot be saved: in PRE_COPY_P2P the driver answers from
+            # what it holds, without asking the firmware.
+            if self._queued() == 0 and self._state == DeviceState.PRE_COPY:
                 # The reader drained everything: only now fetch what changed.
                 self._in_initial = False
                 if self._cmd(QUERY_VHCA_MIGRATION_STATE)["incremental_size"]:
@@ -484,10 +531,8 @@ class Mlx5Device(Device):
             return PrecopyInfo(initial, self._queued() - initial)
 
     def stop_copy_size(self) -> int:
-        q = self._cmd(QUERY_VHCA_MIGRATION_STATE)
-        if self._state in PRECOPY_STATES:
-            return int(self._stream_bytes + q["incremental_size"] + REC.size + SEG.size)
-        return int(q["remaining_total_size"]) + REC.size * (-(-self.mem.size // CHUNK) + 2)
+        """MIG_DATA_SIZE: the firmware's remaining total, in every state."""
+        return int(self._cmd(QUERY_VHCA_MIGRATION_STATE)["remaining_total_size"])
 
     # --- resuming: records in, LOAD per complete FW_DATA record ------------------------------
 
@@ -504,7 +549,7 @@ class Mlx5Device(Device):
                 if self._rx_hdr is None:
                     size, flags, tag = REC.unpack(self._rx)
                     self._rx.clear()
-                    if size > MAX_RECORD:
+                    if size > MAX_LOAD_SIZE:
                         raise DeviceError(f"{self.name}: ENOMEM, record of {size} bytes")
                     if tag not in (TAG_FW_DATA, TAG_STOP_COPY_SIZE) and not flags & REC_OPTIONAL:
                         raise DeviceError(f"{self.name}: EOPNOTSUPP, unknown mandatory record "
@@ -521,17 +566,27 @@ class Mlx5Device(Device):
         assert self._rx_hdr is not None
         size, _, tag = self._rx_hdr
         if tag == TAG_FW_DATA:
+            if len(self._load_buf) < size:
+                self._load_buffer(max(size, self._prep_size))
             self._load_buf[:size] = self._rx
             try:
                 self._cmd(LOAD_VHCA_STATE, mkey=self._load_mkey, size=size)
             except AdminError as exc:
                 raise DeviceError(f"{self.name}: LOAD_VHCA_STATE failed: {exc.message}") from None
-        elif tag == TAG_STOP_COPY_SIZE and size != 8:
-            raise DeviceError(f"{self.name}: EINVAL, STOP_COPY_SIZE record of {size} bytes")
+        elif tag == TAG_STOP_COPY_SIZE:
+            if size != 8:
+                raise DeviceError(f"{self.name}: EINVAL, STOP_COPY_SIZE record of {size} bytes")
+            self._prep_size = min(struct.unpack("<Q", self._rx)[0], MAX_LOAD_SIZE)
         # unknown optional tags are skipped
         self._rx.clear()
         self._rx_hdr = None
         self._rx_need = REC.size
+
+    def _load_buffer(self, size: int) -> None:
+        """A host buffer the firmware loads from, of ``size`` bytes (it replaces the old)."""
+        self.fw.unregister_mkey(self._load_mkey)
+        self._load_buf = bytearray(size)
+        self._load_mkey = self.fw.register_mkey(PF, self._load_buf)
 
     # --- identity --------------------------------------------------------------------------
 

@@ -18,14 +18,16 @@ kernel (:class:`LinuxOps`) or a model of it in tests.  Constants are the x86-64
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import struct
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from migd.errors import ConfigError, DeviceError, IncompatibleDevice, NoDataNow
+from migd.errors import ConfigError, DeviceBusy, DeviceError, IncompatibleDevice, NoDataNow
 
 from .base import REGISTRY, Device, PrecopyInfo
 from .states import (
@@ -66,7 +68,11 @@ MIGRATION = struct.Struct("<Q")  # struct vfio_device_feature_migration
 MIG_STATE = struct.Struct("<Ii")  # struct vfio_device_feature_mig_state
 MIG_DATA_SIZE = struct.Struct("<Q")  # struct vfio_device_feature_mig_data_size
 PRECOPY_INFO = struct.Struct("<IIQQ")  # struct vfio_precopy_info
-BIND_IOMMUFD = struct.Struct("<IIiI")  # struct vfio_device_bind_iommufd
+#: struct vfio_device_bind_iommufd {argsz, flags, iommufd, out_devid, token_uuid_ptr}:
+#: 6.17 added the token; the kernel takes any argsz from the first 16 bytes up.
+BIND_IOMMUFD = struct.Struct("<IIiIQ")
+BIND_IOMMUFD_MIN = 16
+BIND_FLAG_TOKEN = 1
 
 
 class Ops(Protocol):
@@ -102,12 +108,78 @@ def _err(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
+def _bind_args(iommufd: int, token: uuid.UUID | None) -> bytearray:
+    """VFIO_DEVICE_BIND_IOMMUFD's argument: the first version's 16 bytes without a
+    token (any kernel with iommufd takes it), 24 with one (6.17 and later)."""
+    if token is None:
+        return bytearray(BIND_IOMMUFD.pack(BIND_IOMMUFD_MIN, 0, iommufd, 0, 0)[:BIND_IOMMUFD_MIN])
+    _TOKENS[iommufd] = raw = ctypes.create_string_buffer(token.bytes, 16)  # kept alive
+    return bytearray(BIND_IOMMUFD.pack(BIND_IOMMUFD.size, BIND_FLAG_TOKEN, iommufd, 0,
+                                       ctypes.addressof(raw)))
+
+
+#: The UUID buffers bind arguments point at, by iommufd: alive while the kernel reads them.
+_TOKENS: dict[int, ctypes.Array[ctypes.c_char]] = {}
+
+
+def holders(node: str, proc: str = "/proc") -> list[str]:
+    """The processes that hold ``node`` open, as "PID (NAME)", with a QEMU guest's
+    name when its command line says it (``-name guest=NAME``)."""
+    found: list[str] = []
+    if not node:
+        return found
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit() and int(p) != os.getpid()]
+    except OSError:
+        return found
+    for pid in pids:
+        fd_dir = os.path.join(proc, pid, "fd")
+        try:
+            held = any(os.readlink(os.path.join(fd_dir, f)) == node for f in os.listdir(fd_dir))
+        except OSError:
+            continue
+        if not held:
+            continue
+        try:
+            with open(os.path.join(proc, pid, "cmdline"), "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            argv = []
+        label = os.path.basename(argv[0]) if argv and argv[0] else "?"
+        for i, arg in enumerate(argv[:-1]):
+            if arg == "-name":
+                guest = argv[i + 1].split(",")[0].removeprefix("guest=")
+                label += f", guest {guest}"
+        found.append(f"{pid} ({label})")
+    return found
+
+
+def _open_error(exc: OSError, node: str, token: uuid.UUID | None, ops: object) -> str:
+    """Why a VF would not open, and what to do about it."""
+    code = exc.errno
+    what = _err(exc)
+    if code == errno.EACCES and token is None:
+        return (f"{what}: its PF is bound to vfio-pci, which guards its VFs with a VF "
+                "token: give vf-token=UUID (the one the PF's owner set)")
+    if code == errno.EACCES:
+        return f"{what}: the PF's owner set another VF token than vf-token={token}"
+    if code == errno.EINVAL and token is not None:
+        return (f"{what}: the kernel refused the VF token (its PF is not bound to vfio-pci, "
+                "or the kernel is older than 6.17, which binds iommufd with a token)")
+    if code in (errno.EBUSY, errno.EINVAL):
+        who = holders(node) if isinstance(ops, LinuxOps) else []
+        held = f"held by {', '.join(who)}" if who else "it is in use by another process"
+        return (f"{what}: {held}. A VF that QEMU holds opens only once: use fd=N, the "
+                "device fd the VMM holds, handed to migd as a descriptor it inherits")
+    return what
+
+
 class VfioDevice(Device):
     kind = "vfio"
     blocking_io = True
 
     def __init__(self, name: str, options: Mapping[str, str], ops: Ops | None = None) -> None:
-        known = {"path", "group", "address", "fd", "iommufd"}
+        known = {"path", "group", "address", "fd", "iommufd", "vf-token"}
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"device {name}: unknown vfio option(s) {', '.join(sorted(unknown))};"
@@ -139,6 +211,14 @@ class VfioDevice(Device):
 
     def _open(self, name: str, options: Mapping[str, str]) -> int:
         ops = self._ops
+        token: uuid.UUID | None = None
+        if "vf-token" in options:
+            try:
+                token = uuid.UUID(options["vf-token"])
+            except ValueError:
+                raise ConfigError(f"device {name}: vf-token {options['vf-token']!r} is not "
+                                  "a UUID") from None
+        node = options.get("path") or options.get("group") or ""
         try:
             if "fd" in options:  # handed over, e.g. by the VMM over SCM_RIGHTS
                 fd = int(options["fd"])
@@ -149,8 +229,7 @@ class VfioDevice(Device):
                 self._fds.append(fd)
                 iommufd = ops.open(options.get("iommufd", "/dev/iommu"), os.O_RDWR | os.O_CLOEXEC)
                 self._fds.append(iommufd)
-                ops.ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD,
-                          bytearray(BIND_IOMMUFD.pack(BIND_IOMMUFD.size, 0, iommufd, 0)))
+                ops.ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, _bind_args(iommufd, token))
                 return fd
             if "group" in options and "address" in options:  # legacy group + container
                 container = ops.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)
@@ -159,14 +238,18 @@ class VfioDevice(Device):
                 self._fds.append(group)
                 ops.ioctl(group, VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
                 ops.ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)
+                # A VF whose PF is bound to vfio-pci opens only with the PF's VF token.
+                device = options["address"] + (f" vf_token={token}" if token else "")
                 fd = ops.ioctl(group, VFIO_GROUP_GET_DEVICE_FD,
-                               bytearray(options["address"].encode() + b"\0"))
+                               bytearray(device.encode() + b"\0"))
                 self._fds.append(fd)
                 return fd
         except (OSError, ValueError) as exc:
             self._close_fds()
-            what = _err(exc) if isinstance(exc, OSError) else str(exc)
-            raise ConfigError(f"device {name}: cannot open: {what}") from None
+            if isinstance(exc, OSError):
+                raise ConfigError(f"device {name}: cannot open {node or 'it'}: "
+                                  f"{_open_error(exc, node, token, ops)}") from None
+            raise ConfigError(f"device {name}: cannot open: {exc}") from None
         raise ConfigError(f"device {name}: give path=/dev/vfio/devices/vfioN, "
                           "group=/dev/vfio/N with address=DDDD:BB:SS.F, or fd=N")
 
@@ -198,7 +281,11 @@ class VfioDevice(Device):
             out = self._feature(FEATURE_SET | FEATURE_MIG_DEVICE_STATE, MIG_STATE.size,
                                 MIG_STATE.pack(int(nxt), -1))
         except OSError as exc:
-            raise DeviceError(f"{self.name}: SET {nxt.name} from {cur.name}: {_err(exc)}") from None
+            # EBUSY: the device would not stop now (hisi: its queues did not pause);
+            # it still runs, and a later attempt may succeed.
+            cls = DeviceBusy if exc.errno == errno.EBUSY else DeviceError
+            raise cls(f"{self.name}: SET {nxt.name} from {cur.name}: {_err(exc)} "
+                      f"({os.strerror(exc.errno or 0).lower()})") from None
         data_fd = MIG_STATE.unpack(out)[1]
         if (cur, nxt) in DATA_FD_ARCS:
             if data_fd < 0:

@@ -76,7 +76,8 @@ def test_framing_chunking_and_read_ahead(made: list[Mlx5Device]) -> None:
     stream = drain(dev)
     recs = records(stream)
     assert recs[0] == (8, mlx5.REC_OPTIONAL, mlx5.TAG_STOP_COPY_SIZE)  # first, always
-    assert struct.unpack_from("<Q", stream, REC.size)[0] >= 20 << 20
+    # It carries the buffer the driver pre-allocates (one chunk here), not the state size.
+    assert struct.unpack_from("<Q", stream, REC.size)[0] == mlx5.CHUNK
     data = [r for r in recs[1:] if r[2] == mlx5.TAG_FW_DATA]
     assert len(data) == 3 and all(r[0] <= mlx5.CHUNK for r in data)
     assert [c[1] for c in dev.fw.commands[:4]] == [mlx5.SUSPEND_VHCA, mlx5.SUSPEND_VHCA,
@@ -110,7 +111,7 @@ def test_loading_side_framing_rules(made: list[Mlx5Device]) -> None:
     dst.set_state(S.STOP)
     assert dst.digest() == src.digest()
     for bad, why in [(REC.pack(5, 0, 77) + b"hello", "unknown mandatory"),
-                     (REC.pack(mlx5.MAX_RECORD + 1, 0, mlx5.TAG_FW_DATA), "ENOMEM"),
+                     (REC.pack(mlx5.MAX_LOAD_SIZE + 1, 0, mlx5.TAG_FW_DATA), "ENOMEM"),
                      (REC.pack(3, 0, mlx5.TAG_STOP_COPY_SIZE) + b"abc", "STOP_COPY_SIZE"),
                      (REC.pack(40, 0, mlx5.TAG_FW_DATA) + struct.pack("<QII", 1 << 40, 16, 0)
                       + bytes(24), "LOAD_VHCA_STATE failed")]:
@@ -133,3 +134,94 @@ def test_several_vfs_on_one_pf_are_separate(made: list[Mlx5Device]) -> None:
 
     with pytest.raises(ConfigError, match="already has a VF with vhca_id 1"):
         vf(made, pf, 1, size="4M")
+
+
+def fw_data(stream: bytes) -> bytes:
+    """The firmware image of a saving stream: its FW_DATA payloads, in order."""
+    out, pos = bytearray(), 0
+    while pos < len(stream):
+        size, _, tag = REC.unpack_from(stream, pos)
+        if tag == mlx5.TAG_FW_DATA:
+            out += stream[pos + REC.size : pos + REC.size + size]
+        pos += REC.size + size
+    return bytes(out)
+
+
+def test_a_whole_image_in_one_record_loads(made: list[Mlx5Device]) -> None:
+    # A device not in chunk mode sends its image as one record, far over 8 MiB.
+    pf = f"pf-{uuid.uuid4().hex[:6]}"
+    src, dst = vf(made, pf, 1, size="20M"), vf(made, pf, 2, size="20M", content="zero")
+    src.set_state(S.STOP_COPY)
+    image = fw_data(drain(src))
+    assert len(image) > 20 << 20
+    dst.set_state(S.RESUMING)
+    dst.write(memoryview(REC.pack(len(image), 0, mlx5.TAG_FW_DATA) + image))
+    dst.set_state(S.STOP)
+    assert dst.digest() == src.digest()
+
+
+def test_pre_copy_from_running_p2p_saves_with_tracking(made: list[Mlx5Device]) -> None:
+    pf = f"pf-{uuid.uuid4().hex[:6]}"
+    src, dst = vf(made, pf, 1, size="4M"), vf(made, pf, 2, size="4M", content="zero")
+    src.set_state(S.RUNNING_P2P)
+    assert src.set_state(S.PRE_COPY_P2P) is True  # a new data stream, with the image in it
+    assert src.precopy_info().initial_bytes > 4 << 20
+    stream = drain(src)
+    src.set_state(S.STOP_COPY)
+    stream += drain(src)
+    dst.set_state(S.RESUMING)
+    dst.write(memoryview(stream))
+    dst.set_state(S.STOP)
+    assert dst.digest() == src.digest()
+
+
+def test_pre_copy_info_of_a_suspended_vf_asks_the_firmware_nothing(
+        made: list[Mlx5Device]) -> None:
+    dev = vf(made, f"pf-{uuid.uuid4().hex[:6]}", 1, size="4M", **{"dirty-rate": "64M"})
+    dev.set_state(S.PRE_COPY)
+    drain(dev)
+    time.sleep(0.05)  # the guest dirties state before it is suspended
+    dev.set_state(S.PRE_COPY_P2P)
+    before = len(dev.fw.commands)
+    info = dev.precopy_info()
+    assert dev.fw.commands[before:] == []  # no QUERY, no SAVE: it cannot save now
+    assert info.initial_bytes == info.dirty_bytes == 0
+    with pytest.raises(NoDataNow):
+        dev.read_into(memoryview(bytearray(100)))
+
+
+def test_mig_data_size_is_the_firmwares_remaining_total(made: list[Mlx5Device]) -> None:
+    dev = vf(made, f"pf-{uuid.uuid4().hex[:6]}", 1, size="20M")
+    full = dev.stop_copy_size()
+    assert full == (20 << 20) + 3 * mlx5.SEG.size  # RUNNING: what a full save gives
+    dev.set_state(S.STOP_COPY)
+    saved_ahead = 2 * mlx5.CHUNK  # two chunks already in host buffers
+    assert dev.stop_copy_size() == full - saved_ahead
+    drain(dev)
+    assert dev.stop_copy_size() == full  # nothing left of this image: a new one would be full
+    dev.set_state(S.STOP)
+    dev.set_state(S.RUNNING)
+    dev.set_state(S.PRE_COPY)
+    drain(dev)
+    assert dev.stop_copy_size() == 0  # tracking, nothing dirty: nothing left
+
+
+def test_a_failed_arc_leaves_the_last_state_reached(made: list[Mlx5Device]) -> None:
+    dev = vf(made, f"pf-{uuid.uuid4().hex[:6]}", 1, size="4M")
+    dev.set_state(S.PRE_COPY)
+    drain(dev)
+    # The firmware refuses the final save: SUSPEND_RESPONDER went through, SAVE did not.
+    real = dev.fw._save
+
+    def refuse(vf_: object, args: dict[str, object]) -> dict[str, int]:
+        raise mlx5.AdminError(5, "injected")
+
+    dev.fw._save = refuse  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(DeviceError, match="injected"):
+            dev.set_state(S.STOP_COPY)
+    finally:
+        dev.fw._save = real  # type: ignore[method-assign]
+    assert dev.state == S.PRE_COPY_P2P  # where the driver's loop stopped, not ERROR
+    dev.recover()
+    assert dev.describe()["state"] == "RUNNING"

@@ -42,6 +42,11 @@ int main(void) {
 #endif
 #ifdef VFIO_DEVICE_BIND_IOMMUFD
     P(VFIO_DEVICE_BIND_IOMMUFD); P(sizeof(struct vfio_device_bind_iommufd));
+    P(offsetof(struct vfio_device_bind_iommufd, out_devid));
+#endif
+#ifdef VFIO_DEVICE_BIND_FLAG_TOKEN
+    P(VFIO_DEVICE_BIND_FLAG_TOKEN);
+    P(offsetof(struct vfio_device_bind_iommufd, token_uuid_ptr));
 #endif
     return 0;
 }
@@ -69,11 +74,19 @@ OURS = {
     "VFIO_DEVICE_FEATURE_MIG_DATA_SIZE": vfio.FEATURE_MIG_DATA_SIZE,
     "sizeof(struct vfio_device_feature_mig_data_size)": vfio.MIG_DATA_SIZE.size,
     "VFIO_DEVICE_BIND_IOMMUFD": vfio.VFIO_DEVICE_BIND_IOMMUFD,
-    "sizeof(struct vfio_device_bind_iommufd)": vfio.BIND_IOMMUFD.size,
+    # The struct grows at its end (6.17 added token_uuid_ptr); the kernel takes any
+    # argsz from the first version's 16 bytes up, so migd's may differ in size.
+    "offsetof(struct vfio_device_bind_iommufd, out_devid)": vfio.BIND_IOMMUFD_MIN - 4,
+    "VFIO_DEVICE_BIND_FLAG_TOKEN": vfio.BIND_FLAG_TOKEN,
+    "offsetof(struct vfio_device_bind_iommufd, token_uuid_ptr)": vfio.BIND_IOMMUFD_MIN,
 }
+#: Structs that grow at their end under the minimum-size rule: the header's size is
+#: one of the sizes migd knows.
+GROWING = {"sizeof(struct vfio_device_bind_iommufd)": (vfio.BIND_IOMMUFD_MIN,
+                                                       vfio.BIND_IOMMUFD.size)}
 
 #: From the kernel reference (shared/reference/vfio-migration.md), for values a
-#: header older than 6.2 does not have.
+#: header older than 6.2 does not have; the bind token from upstream's 6.17 header.
 REFERENCE = {
     "VFIO_DEVICE_FEATURE": 0x3B75, "VFIO_DEVICE_RESET": 0x3B6F,
     "VFIO_MIG_GET_PRECOPY_INFO": 0x3B79, "sizeof(struct vfio_precopy_info)": 24,
@@ -81,6 +94,8 @@ REFERENCE = {
     "VFIO_MIGRATION_PRE_COPY": 4, "VFIO_DEVICE_STATE_PRE_COPY": 6,
     "VFIO_DEVICE_STATE_PRE_COPY_P2P": 7, "VFIO_DEVICE_FEATURE_GET": 1 << 16,
     "VFIO_DEVICE_FEATURE_SET": 1 << 17, "VFIO_DEVICE_FEATURE_PROBE": 1 << 18,
+    "VFIO_DEVICE_BIND_FLAG_TOKEN": 1,  # 6.17: bind with a VF token
+    "offsetof(struct vfio_device_bind_iommufd, token_uuid_ptr)": 16,
 }
 
 
@@ -104,6 +119,9 @@ def test_constants_match_the_installed_header(tmp_path: object) -> None:
     header = header_values(tmp_path)
     assert len(header) >= 25  # the 6.1 baseline at least
     for name, value in header.items():
+        if name in GROWING:
+            assert value in GROWING[name], f"{name}: {value}, migd knows {GROWING[name]}"
+            continue
         assert OURS[name] == value, f"{name}: migd has {OURS[name]:#x}, the header {value:#x}"
 
 
