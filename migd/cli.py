@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 
 import transports
 
-from . import __version__
+from . import __version__, journald
 from .codec import COMPRESSIONS, DEFAULT_COMPRESSION
 from .config import DEFAULT_PATH
 from .crypto import CIPHERS
@@ -276,8 +275,7 @@ def _serve(args: argparse.Namespace) -> int:
         return cfg
 
     cfg = configuration()
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    journald.setup(cfg.log_level)
 
     def ready(daemon: Any) -> None:
         if args.address_file:

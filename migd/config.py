@@ -88,6 +88,14 @@ class Config:
     max_queued: int = 64
     #: Stream buffers all migrations together may reserve (each its worst case).
     buffer_budget: int = 512 << 20
+    #: Seconds a pool VF reserved for an incoming VM (libvirt's migrate begin) stays
+    #: reserved when no migration comes for it.
+    reservation_ttl: float = 600.0
+    #: Which VFIO hostdevs of a domain the libvirt hook hands to migd, besides those
+    #: at an address of a device above: glob patterns of PCI addresses (the VFs of
+    #: other hosts, where their layout differs).  Anything else (a GPU, a boot ROM
+    #: device) is left to libvirt.
+    hook_addresses: tuple[str, ...] = ()
     defaults: Defaults = dataclasses.field(default_factory=Defaults)
     devices: list[DeviceConfig] = dataclasses.field(default_factory=list)
 
@@ -127,6 +135,12 @@ def _transport(v: Any) -> str:
     return transports.REGISTRY.check([_str(v)])[0]
 
 
+def _patterns(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise TypeError("a list of glob patterns of PCI addresses, e.g. [\"0000:3b:*\"]")
+    return tuple(p.lower() for p in v)
+
+
 def _log_level(v: Any) -> str:
     if v not in ("debug", "info", "warning", "error"):
         raise TypeError("one of debug, info, warning, error")
@@ -144,6 +158,8 @@ TOP: dict[str, Callable[[Any], Any]] = {
     "max_unauthenticated_per_host": schema.whole(1, 65536),
     "max_migrations": schema.whole(1, 1024), "max_queued": schema.whole(0, 65536),
     "buffer_budget": schema.size(16 << 20, 1 << 40),
+    "reservation_ttl": schema.seconds(1, 7 * 86400),
+    "hook_addresses": lambda v: _patterns(v),
 }
 #: A migration's knobs: the same checks as a request's (``migd.schema.MIGRATE``).
 DEFAULTS: dict[str, Callable[[Any], Any]] = {

@@ -27,10 +27,14 @@ class ControlError(MigdError):
 
 class ControlClient:
     def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.path, self.timeout = path, timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(path)
+        except TimeoutError:
+            self._sock.close()
+            raise self._silent() from None
         except OSError as exc:
             self._sock.close()
             raise ConfigError(
@@ -61,10 +65,19 @@ class ControlClient:
             self._file.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon hung up; it may have said why: the next read tells
+        except TimeoutError:
+            raise self._silent() from None
         return self._next_id
 
+    def _silent(self) -> ControlError:
+        return ControlError("timeout", f"migd at {self.path} did not answer within "
+                                       f"{self.timeout:g}s (is it hung? its log may say)")
+
     def _read(self) -> dict[str, Any]:
-        line = self._file.readline()
+        try:
+            line = self._file.readline()
+        except TimeoutError:
+            raise self._silent() from None
         if not line:
             raise ConfigError("migd closed the control connection")
         msg: dict[str, Any] = json.loads(line)

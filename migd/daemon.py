@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import grp
 import json
 import logging
@@ -43,10 +44,10 @@ from .faults import Faults
 from .identity import AuthorizedKeys, Identity
 from .journal import Journal
 from .metrics import Metrics
-from .notify import Notifier
+from .notify import Notifier, listen_fds
 from .protocol.migration import Phase, Role
 from .recovery import recover
-from .schema import PCI_ADDRESS
+from .reservations import Reservations
 from .session import (
     MAX_CHANNELS,
     Host,
@@ -177,7 +178,8 @@ class Daemon:
                          gate=Gate(cfg.max_unauthenticated, cfg.max_unauthenticated_per_host),
                          claims=Gate(cfg.max_unauthenticated, cfg.max_unauthenticated),
                          admission=Admission(cfg.max_migrations, cfg.max_queued,
-                                             cfg.buffer_budget))
+                                             cfg.buffer_budget),
+                         reservations=Reservations(cfg.state_dir, cfg.reservation_ttl))
         self.jobs: dict[str, Job] = self.host.jobs
         self.vm_jobs: dict[str, VmJob] = {}
         self._recovered: list[asyncio.Task[None]] = []
@@ -202,7 +204,9 @@ class Daemon:
         #: (transport, listener) per listen address.
         self._listeners: list[tuple[str, transports.Listener]] = []
         self._control: asyncio.AbstractServer | None = None
+        self._control_path = cfg.control
         self._control_inode = 0
+        self._control_activated = False
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "migrate": self._cmd_migrate,
             "migrate-continue": self._cmd_continue,
@@ -217,6 +221,7 @@ class Daemon:
             "query-stats": self._cmd_stats,
             "prepare-incoming": self._cmd_prepare_incoming,
             "release-vm": self._cmd_release_vm,
+            "query-reservations": self._cmd_reservations,
             "cancel": self._cmd_cancel,
             "quit": self._cmd_quit,
         }
@@ -232,16 +237,37 @@ class Daemon:
             await self._listen(address)
         self.host.listen = self.addresses
         path = self.cfg.control
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._control = await asyncio.start_unix_server(self._client, path=path,
-                                                        limit=MAX_REQUEST)
         self._control_gid = self._group_id(self.cfg.control_group)
-        os.chmod(path, 0o660)
-        self._control_inode = os.stat(path).st_ino
-        if self._control_gid is not None:
-            os.chown(path, -1, self._control_gid)
+        inherited = listen_fds().get("control")
+        if inherited is not None:
+            # Socket activation: systemd made the socket with its owner, group and
+            # mode (migd.socket); members of its group may use it.
+            self._control = await asyncio.start_unix_server(self._client, sock=inherited,
+                                                            limit=MAX_REQUEST)
+            path = inherited.getsockname() or path
+            self._control_activated = True
+            st = os.stat(path)
+            if self._control_gid is None and st.st_gid != 0:
+                self._control_gid = st.st_gid
+        else:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._control = await asyncio.start_unix_server(self._client, path=path,
+                                                            limit=MAX_REQUEST)
+            os.chmod(path, 0o660)
+            if self._control_gid is not None:
+                try:
+                    os.chown(path, -1, self._control_gid)
+                except PermissionError:
+                    self._control.close()
+                    raise ConfigError(
+                        f"control_group {self.cfg.control_group!r}: cannot give {path} to it "
+                        "(chown: no permission, as under the shipped unit); use migd.socket "
+                        "with SocketGroup= instead, which makes the socket for migd") from None
+            st = os.stat(path)
+        self._control_path = path
+        self._control_inode = st.st_ino
         if self.cfg.metrics:
             log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics))
         log.info("migd listening on %s, control %s, devices: %s", ", ".join(self.addresses),
@@ -329,8 +355,8 @@ class Daemon:
         out = [transports.REGISTRY.url(name, listener.address)
                for name, listener in self._listeners if not listener.alive]
         if self._control is not None and (not self._control.is_serving() or not same_file(
-                self.cfg.control, self._control_inode)):
-            out.append(f"control socket {self.cfg.control}")
+                self._control_path, self._control_inode)):
+            out.append(f"control socket {self._control_path}")
         return out
 
     def reload(self) -> None:
@@ -388,8 +414,9 @@ class Daemon:
             t.cancel()
         if self._control is not None:
             self._control.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.cfg.control)
+            if not self._control_activated:  # systemd's socket outlives this daemon
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._control_path)
         self.memory.stop()
         self.metrics.close()
         self.notify.close()
@@ -652,30 +679,40 @@ class Daemon:
                 "bank_free_bytes": bank.free, "deaf": self.deaf()}
 
     async def _cmd_prepare_incoming(self, args: dict[str, Any]) -> Any:
-        """Reserve a free pool VF of ``kind`` for the source VF at ``source-address``."""
-        src, kind, vm = args.get("source-address"), args.get("kind"), args.get("vm", "")
-        if not isinstance(src, str) or not PCI_ADDRESS.fullmatch(src):
-            raise ConfigError("prepare-incoming: 'source-address' must be a PCI address")
-        src = src.lower()
-        if not isinstance(vm, str):
-            raise ConfigError("prepare-incoming: 'vm' must be a string")
-        held = self.host.reservations.get((vm, src))
-        if held is not None:  # idempotent: libvirt may retry
-            return self._reservation(held)
-        taken = set(self.host.reservations.values())
-        for spec in self.cfg.devices:
-            dev = self.host.devices[spec.name]
-            if (spec.pool and spec.name not in taken and spec.name not in self.host.busy
-                    and (kind is None or dev.kind == kind)):
-                self.host.reservations[(vm, src)] = spec.name
-                log.info("prepared %s for incoming VF %s of %s", spec.name, src, vm or "-")
-                return self._reservation(spec.name)
-        raise ConfigError(f"no free pool VF{' of kind ' + kind if kind else ''} for incoming "
-                          f"VF {src}")
+        """Reserve free pool VFs (of ``kind``) for an incoming VM: for the source VF at
+        ``source-address``, or for every one of ``source-addresses``, all or none.
+        With ``source-addresses``, addresses migd does not handle (no device here at
+        that address, none of ``hook_addresses``) are left out and listed as
+        ``ignored``: they are not VFs of migd's (a GPU, a boot ROM device)."""
+        kind, vm = args.get("kind"), args.get("vm", "")
+        many = args.get("source-addresses") is not None
+        if many == (args.get("source-address") is not None):
+            raise ConfigError("prepare-incoming: give 'source-address' (one VF) or "
+                              "'source-addresses' (a VM's), not both")
+        sources = [s.lower() for s in (args["source-addresses"] if many
+                                       else [args["source-address"]])]
+        ignored = [s for s in sources if many and not self._handles(s)]
+        wanted = [s for s in sources if s not in ignored]
+        free = [spec.name for spec in self.cfg.devices
+                if spec.pool and spec.name not in self.host.busy
+                and (kind is None or self.host.devices[spec.name].kind == kind)]
+        placed = self.host.reservations.reserve_vm(vm, wanted, free)
+        if not many:
+            return self._reservation(placed[sources[0]])
+        return {"placed": {s: self._reservation(d) for s, d in placed.items()},
+                "ignored": ignored}
+
+    def _handles(self, address: str) -> bool:
+        """Whether a domain's hostdev at ``address`` is a VF migd moves."""
+        return (any(spec.address == address for spec in self.cfg.devices)
+                or any(fnmatch.fnmatchcase(address, p) for p in self.cfg.hook_addresses))
 
     def _reservation(self, name: str) -> dict[str, str]:
         spec = next(s for s in self.cfg.devices if s.name == name)
         return {"device": name, "address": spec.address, "kind": self.host.devices[name].kind}
+
+    async def _cmd_reservations(self, args: dict[str, Any]) -> Any:
+        return self.host.reservations.listing()
 
     async def _cmd_release_vm(self, args: dict[str, Any]) -> Any:
         """After a VM left (libvirt: release end migrated): drop its reservations and
@@ -683,9 +720,7 @@ class Daemon:
         vm = args.get("vm")
         if not isinstance(vm, str) or not vm:
             raise ConfigError("release-vm: 'vm' is required")
-        dropped = [key for key in self.host.reservations if key[0] == vm]
-        for key in dropped:
-            del self.host.reservations[key]
+        dropped = self.host.reservations.release_vm(vm)
         reset = []
         for address in args.get("addresses", []):
             spec = next((s for s in self.cfg.devices if s.address == str(address).lower()), None)
@@ -694,7 +729,7 @@ class Daemon:
                     and dev.state == DeviceState.STOP:
                 dev.reset()
                 reset.append(spec.name)
-        return {"released": [address for _, address in dropped], "reset": reset}
+        return {"released": dropped, "reset": reset}
 
     async def _cmd_cancel(self, args: dict[str, Any]) -> Any:
         """Like QEMU's migrate_cancel: succeeds even with nothing running; refused for a

@@ -332,7 +332,7 @@ class DestinationDriver(Driver):
         job.chunk_size = ep.conn.max_chunk
         job.channels = req.channels
         host.register(job)
-        name = host.placed(req.vm, req.source_address) or req.device
+        name = host.placed(req.vm, req.source_address, req.device)
         job.device = name
         if not 1 <= req.channels <= MAX_CHANNELS:
             raise ProtocolError(f"migrate: channels must be 1..{MAX_CHANNELS}")

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from . import journal
+from . import journal, journald
 from .errors import IllegalTransition, JournalFailed, MigdError
 from .protocol.migration import ENTRY, Act, Event, Migration, Phase, Role
 from .resolve import backoff
@@ -43,6 +43,11 @@ class Driver:
         self._loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
+        journald.CURRENT.set(self.job)  # what this task logs is this migration's
+        log.info("migration %s started: %s%s%s", self.job.id, self.job.role,
+                 f", device {self.job.device}" if self.job.device else "",
+                 f", peer {self.job.peer}" if self.job.peer else "",
+                 extra=journald.event("started"))
         acts = self._first_acts()
         if self.m.phase is Phase.UNRESOLVED:  # taken up so after a restart
             self.job.reported = True

@@ -95,9 +95,12 @@ def write_identity(directory: str, name: str) -> Identity:
 def start_daemon(workdir: str, name: str, devices: Sequence[str],
                  authorized: Sequence[bytes], extra: Sequence[str] = (),
                  identity: str | None = None, wait: float = 120.0,
-                 env: dict[str, str] | None = None, nofile: int | None = None) -> DaemonProc:
+                 env: dict[str, str] | None = None, nofile: int | None = None,
+                 control_fd: int | None = None) -> DaemonProc:
     """Start ``migd serve`` with a port chosen by the kernel; wait until it answers.
-    ``nofile``: its file descriptor limit, soft and hard (the daemon cannot raise it)."""
+    ``nofile``: its file descriptor limit, soft and hard (the daemon cannot raise it).
+    ``control_fd``: a listening control socket handed over as systemd's socket
+    activation does (fd 3, ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES=control``)."""
     auth = os.path.join(workdir, f"{name}.authorized")
     with open(auth, "w") as f:
         for i, pub in enumerate(authorized):
@@ -117,8 +120,8 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
         cmd += ["--device", dev]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(port_file)
-    d = DaemonProc(name, _spawn(cmd, log_path, env, nofile=nofile), control, "", log_path,
-                   cmd=cmd, nofile=nofile)
+    d = DaemonProc(name, _spawn(cmd, log_path, env, nofile=nofile, control_fd=control_fd),
+                   control, "", log_path, cmd=cmd, nofile=nofile)
     _wait_ready(d, wait)
     return d
 
@@ -129,15 +132,23 @@ def _scheme(address: str) -> str:
 
 
 def _spawn(cmd: list[str], log_path: str, env: dict[str, str] | None,
-           append: bool = False, nofile: int | None = None) -> subprocess.Popen[bytes]:
+           append: bool = False, nofile: int | None = None,
+           control_fd: int | None = None) -> subprocess.Popen[bytes]:
     def limit() -> None:
         if nofile is not None:
             import resource
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if control_fd is not None:
+            os.dup2(control_fd, 3)
 
+    pass_fds: tuple[int, ...] = ()
+    if control_fd is not None:  # what systemd does for a socket unit: fd 3, and its pid
+        cmd = ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=control; '
+               'exec "$@"', "sh", *cmd]
+        pass_fds = (3,)
     with open(log_path, "ab" if append else "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=limit,
+                                stdin=subprocess.DEVNULL, preexec_fn=limit, pass_fds=pass_fds,
                                 env=None if env is None else {**os.environ, **env})
 
 

@@ -59,3 +59,26 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> dict[str, socket.socket]:
+    """Sockets systemd passed (socket activation: ``$LISTEN_FDS`` from fd 3, named by
+    ``$LISTEN_FDNAMES``), by name; empty unless they are meant for this process.
+    The variables are removed so that nothing this process starts inherits them."""
+    env = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    if pid != str(os.getpid()) or not count.isdigit():
+        return {}
+    found: dict[str, socket.socket] = {}
+    for i in range(int(count)):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        found[name] = socket.socket(fileno=fd)
+    return found

@@ -175,8 +175,10 @@ COMMANDS: dict[str, dict[str, Field]] = {
     "device-resume": _DEVICE,
     "device-reset": _DEVICE,
     "query-stats": {"reset-peak": Field(flag, False)},
-    "prepare-incoming": {"source-address": Field(pci, REQUIRED), "kind": Field(text(32)),
-                         "vm": Field(text(), "")},
+    # One VF (``source-address``), or a whole VM's, all or none (``source-addresses``).
+    "prepare-incoming": {"source-address": Field(pci), "source-addresses": Field(pcis),
+                         "kind": Field(text(32)), "vm": Field(text(), "")},
+    "query-reservations": {},
     "release-vm": {"vm": Field(text(), REQUIRED), "addresses": Field(pcis, [])},
     "subscribe": {"interval": Field(seconds(0.02, 60), 0.1)},
     "quit": {},

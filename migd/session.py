@@ -21,11 +21,13 @@ from typing import Any
 from backends.base import Device
 from backends.states import MigCap
 
+from . import journald
 from .admission import Admission, Gate, Ticket
 from .codec import DEFAULT_COMPRESSION, CompressMode, parse_compress
 from .crypto import DEFAULT_CIPHER, ENCRYPTING
 from .endpoint import wait_event
 from .errors import (
+    Busy,
     Cancelled,
     ConfigError,
     DeviceBusy,
@@ -48,6 +50,7 @@ from .protocol.migration import (
     Role,
     Status,
 )
+from .reservations import Reservations
 from .stream import Counters, Workers
 
 log = logging.getLogger("migd.session")
@@ -324,7 +327,8 @@ class Host:
     #: Told about every migration that ends (metrics).
     on_finish: Callable[[Job], None] | None = None
     #: Incoming placements made by prepare-incoming: (VM, source VF address) -> device.
-    reservations: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    reservations: Reservations = dataclasses.field(
+        default_factory=lambda: Reservations(None, 600.0))
     #: Local device -> its PCI address, sent along so the destination can place it.
     addresses: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Every migration of this host, both roles, by job id (the control socket's ids).
@@ -354,17 +358,31 @@ class Host:
     #: Told how each incoming handshake ended: ok, refused, timeout, dropped (metrics).
     on_handshake: Callable[[str], None] = lambda result: None
 
-    def placed(self, vm: object, address: object) -> str | None:
-        """The device reserved for an incoming VF: by VM and address, or by address
-        alone when only one reservation has it (sources on different hosts may
-        reuse the same PCI addresses)."""
-        if not isinstance(address, str) or not address:
-            return None
-        address = address.lower()
-        if isinstance(vm, str) and vm:
-            return self.reservations.get((vm, address))
-        matches = [d for (_, a), d in self.reservations.items() if a == address]
-        return matches[0] if len(matches) == 1 else None
+    def placed(self, vm: object, address: object, device: str) -> str:
+        """The device an incoming VF loads into: the one reserved for it (by VM and
+        address, or by address alone when only one reservation has it: sources on
+        different hosts may reuse the same PCI addresses), else the one the source
+        names.  Never a VF reserved for another VM."""
+        rs = self.reservations
+        address = address.lower() if isinstance(address, str) else ""
+        vm = vm if isinstance(vm, str) else ""
+        if address:
+            if vm and (name := rs.get(vm, address)) is not None:
+                rs.claim(vm, address)
+                return name
+            matches = rs.for_source(address)
+            if not vm and len(matches) == 1:
+                rs.claim(matches[0].vm, address)
+                return matches[0].device
+            if vm and matches:
+                raise Busy(f"VF {address} is reserved here for VM "
+                           f"{', '.join(sorted({m.vm or '-' for m in matches}))}, and this "
+                           f"migration says VM {vm}")
+        held = rs.holder(device)
+        if held is not None:
+            raise Busy(f"device {device} is reserved here for VF {held.source} of VM "
+                       f"{held.vm or '-'}")
+        return device
 
     def find(self, role: Role, mid: str) -> Job | None:
         """The live (or remembered) migration ``mid`` of ``role`` on this host."""
@@ -381,6 +399,12 @@ class Host:
             ticket, job.ticket = job.ticket, None
             ticket.leave()  # its slot and buffers go to the next in the queue
         job.done.set()
+        status = job.status.value
+        if status in journald.MESSAGE_IDS:
+            log.log(logging.INFO if status == "completed" else logging.WARNING,
+                    "migration %s %s%s", job.id, status,
+                    f": {job.error.message}" if job.error and status != "completed" else "",
+                    extra=journald.event(status, job))
         if self.on_finish is not None:
             try:
                 self.on_finish(job)

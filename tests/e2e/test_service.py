@@ -8,7 +8,7 @@ import signal
 import socket
 import time
 
-from migd.harness import local_pair, start_daemon
+from migd.harness import local_pair, start_daemon, write_identity
 from migd.identity import public_line
 
 
@@ -215,3 +215,59 @@ def test_sigterm_rolls_back_what_cannot_finish(tmp_path: pathlib.Path) -> None:
             time.sleep(0.05)
         d = p.dst.call("query-devices")[0]
         assert d["state"] == "RUNNING" and d["loads_committed"] == 0
+
+
+def test_the_control_socket_from_socket_activation(tmp_path: pathlib.Path) -> None:
+    """As under migd.socket: systemd made the socket (root:nogroup, 0660); the daemon
+    takes it from LISTEN_FDS, needs no chown, lets the socket's group in, and leaves
+    the socket to systemd when it stops."""
+    import shutil
+    import socket as socket_
+    import tempfile
+
+    assert os.getuid() == 0, "these checks need root to act as another user"
+    wd = tempfile.mkdtemp(prefix="migd-act-")  # reachable by nobody (pytest's is not)
+    os.chmod(wd, 0o755)
+    path = os.path.join(wd, "act.sock")  # where start_daemon tells it the socket is
+    listener = socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM)
+    listener.bind(path)
+    os.chown(path, 0, 65534)
+    os.chmod(path, 0o660)
+    listener.listen(16)
+    write_identity(wd, "act")
+    try:
+        d = start_daemon(wd, "act", ["vf0:sim:size=4M"], [],
+                         control_fd=listener.fileno())
+    finally:
+        listener.close()  # the daemon holds its own copy
+    try:
+        assert d.call("query-devices")[0]["name"] == "vf0"
+        assert as_nobody(path) == "ok []"  # nogroup is the socket's group: welcome
+        st = os.stat(path)
+        assert (st.st_gid, st.st_mode & 0o777) == (65534, 0o660)  # as systemd made it
+    finally:
+        d.stop()
+    assert os.path.exists(path)  # systemd's to remove (RemoveOnStop=)
+    assert "Traceback" not in d.log()
+    shutil.rmtree(wd)
+
+
+def test_control_group_without_the_capability_says_use_the_socket_unit(
+        tmp_path: pathlib.Path) -> None:
+    """The shipped unit gives migd no capabilities, so it cannot chown its socket."""
+    import subprocess
+    import sys
+
+    write_identity(str(tmp_path), "cap")
+    (tmp_path / "auth").write_text("")
+    conf = tmp_path / "migd.toml"
+    conf.write_text('control_group = "nogroup"\n')
+    r = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable,
+                        "-m", "migd", "serve", "--config", str(conf), "--listen", "127.0.0.1:0",
+                        "--control", str(tmp_path / "c.sock"), "--identity",
+                        str(tmp_path / "cap.key"), "--authorized-keys", str(tmp_path / "auth"),
+                        "--state-dir", str(tmp_path / "state")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "control_group 'nogroup': cannot give" in r.stderr and "SocketGroup=" in r.stderr
+    assert "Traceback" not in r.stderr
