@@ -59,8 +59,15 @@ class Config:
     listen: tuple[str, ...] = ("127.0.0.1:7707",)
     control: str = "/run/migd/migd.sock"
     control_group: str = ""
+    #: This host's Ed25519 key, or "x509": the certificates in ``x509_dir``.
     identity: str = "/etc/migd/identity.key"
     authorized_keys: str = "/etc/migd/authorized_keys"
+    #: With ``identity = "x509"``: QEMU's layout (ca-cert.pem, server-cert.pem,
+    #: server-key.pem, client-cert.pem, client-key.pem, optional ca-crl.pem).
+    x509_dir: str = "/etc/pki/qemu"
+    #: With x509: names (glob patterns) a source's certificate must carry, besides
+    #: coming from the CA; empty: any the CA issued for client authentication.
+    x509_allowed_names: tuple[str, ...] = ()
     transport: str = "tcp"
     #: What incoming migrations may use; empty: all.  A listener also drops what
     #: its transport never allows (``none`` on a link that leaves the host).
@@ -135,6 +142,12 @@ def _transport(v: Any) -> str:
     return transports.REGISTRY.check([_str(v)])[0]
 
 
+def _names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise TypeError("a list of names or glob patterns, e.g. [\"*.hv.example.com\"]")
+    return tuple(v)
+
+
 def _patterns(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
         raise TypeError("a list of glob patterns of PCI addresses, e.g. [\"0000:3b:*\"]")
@@ -150,6 +163,7 @@ def _log_level(v: Any) -> str:
 TOP: dict[str, Callable[[Any], Any]] = {
     "listen": _listen, "control": _str, "control_group": _str, "identity": _str,
     "authorized_keys": _str, "transport": _transport, "ciphers": _ciphers,
+    "x509_dir": _str, "x509_allowed_names": lambda v: _names(v),
     "idle_timeout": _positive_float, "stop_timeout": _positive_float, "log_level": _log_level,
     "metrics": _str, "state_dir": _str, "resume_timeout": _positive_float,
     "resolve_timeout": _positive_float,

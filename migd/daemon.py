@@ -41,10 +41,11 @@ from .crypto import ENCRYPTING
 from .destination import resume_loaded, serve_connection
 from .errors import ConfigError, MigdError, WrongState
 from .faults import Faults
-from .identity import AuthorizedKeys, Identity
+from .identity import AuthorizedKeys, Identity, Presenter, Trust
 from .journal import Journal
 from .metrics import Metrics
 from .notify import Notifier, listen_fds
+from .pki import X509Identity, X509Trust
 from .protocol.migration import Phase, Role
 from .recovery import recover
 from .reservations import Reservations
@@ -120,6 +121,14 @@ class MemorySampler:
         self._stop.set()
 
 
+def load_identity(cfg: Config) -> tuple[Presenter, Trust]:
+    """This host's identity and whom it trusts: Ed25519 keys, or X.509 certificates."""
+    if cfg.identity == "x509":
+        return (X509Identity.load(cfg.x509_dir),
+                X509Trust.load(cfg.x509_dir, cfg.x509_allowed_names))
+    return Identity.load(cfg.identity), AuthorizedKeys.load(cfg.authorized_keys)
+
+
 def file_limit_needed(cfg: Config) -> int:
     """Descriptors the configured caps may hold at once: the strangers, every
     channel of each migration both ways, control clients, devices and the rest."""
@@ -147,8 +156,7 @@ class Daemon:
     def __init__(self, cfg: Config, reread: Callable[[], Config] | None = None) -> None:
         self.cfg = cfg
         self._reread = reread
-        identity = Identity.load(cfg.identity)
-        authorized = AuthorizedKeys.load(cfg.authorized_keys)
+        identity, authorized = load_identity(cfg)
         faults = Faults.from_environment()
         devices: dict[str, Device] = {}
         try:
@@ -365,7 +373,7 @@ class Daemon:
         self.notify.reloading()
         try:
             new = self.cfg if self._reread is None else self._reread()
-            self.host.authorized = AuthorizedKeys.load(new.authorized_keys)
+            self.host.authorized = load_identity(new)[1]
             self.cfg.defaults = new.defaults
             self.cfg.authorized_keys = new.authorized_keys
             logging.getLogger().setLevel(new.log_level.upper())

@@ -11,6 +11,7 @@ import base64
 import binascii
 import os
 import stat
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +20,32 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .errors import BadSignature, ConfigError
 
 KEY_TYPE = "migd-ed25519"
+
+
+class Credential(Protocol):
+    """What one side presents in a handshake (``public``) and proves it holds."""
+
+    public: bytes
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class Presenter(Protocol):
+    """This host's identity: an Ed25519 key, or X.509 certificates (``migd.pki``)."""
+
+    def as_role(self, role: Any) -> Credential: ...
+
+
+class Trust(Protocol):
+    """Who this host exchanges state with: authorized keys, or a CA (``migd.pki``).
+    ``name_of`` gives the peer's name, None for "not authorized", or raises
+    :class:`~migd.errors.UnknownPeer` saying why not."""
+
+    def name_of(self, cred: bytes) -> str | None: ...
+    def verify(self, cred: bytes, signature: bytes, data: bytes) -> None: ...
+    def describe(self, cred: bytes) -> str: ...
+    def for_peer(self, role: Any, host: str) -> Trust: ...
+    def __len__(self) -> int: ...
 
 
 def public_line(pub: bytes, comment: str = "") -> str:
@@ -77,6 +104,10 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
+    def as_role(self, role: Any) -> Identity:
+        """What this host presents in ``role``: the one key, whichever way."""
+        return self
+
 
 def verify(pub: bytes, signature: bytes, data: bytes) -> None:
     try:
@@ -120,6 +151,16 @@ class AuthorizedKeys:
 
     def name_of(self, pub: bytes) -> str | None:
         return self._keys.get(pub)
+
+    def verify(self, pub: bytes, signature: bytes, data: bytes) -> None:
+        verify(pub, signature, data)
+
+    def describe(self, pub: bytes) -> str:
+        return f"key {fingerprint(pub)}"
+
+    def for_peer(self, role: Any, host: str) -> AuthorizedKeys:
+        """The trust one connection applies: a key is a key, whoever dials whom."""
+        return self
 
     def __len__(self) -> int:
         return len(self._keys)

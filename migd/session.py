@@ -37,7 +37,7 @@ from .errors import (
     WrongState,
 )
 from .faults import Faults
-from .identity import AuthorizedKeys, Identity
+from .identity import Presenter, Trust
 from .journal import Journal
 from .protocol.frames import DEFAULT_CHUNK
 from .protocol.migration import (
@@ -312,8 +312,8 @@ class Job:
 class Host:
     """What a session needs from its daemon."""
 
-    identity: Identity
-    authorized: AuthorizedKeys
+    identity: Presenter
+    authorized: Trust
     workers: Workers
     devices: dict[str, Device]
     #: The transport of peer addresses that name none (``host:port``).

@@ -67,7 +67,8 @@ async def open_channel(host: Host, peer: str, index: int, bus: Bus, timeout: flo
     channel.stall_timeout = timeout
     conn = Connection(Role.SOURCE, host.identity, host.authorized,
                       Offer(ciphers=ciphers, max_chunk=chunk), channel=index,
-                      payloads_inline=channel.placement is None)
+                      payloads_inline=channel.placement is None,
+                      peer_host=dialled_host(name, address))
     ep = Endpoint(channel, conn, bus)
     try:
         await ep.handshake(timeout)
@@ -75,6 +76,15 @@ async def open_channel(host: Host, peer: str, index: int, bus: Bus, timeout: flo
         channel.close()
         raise
     return ep
+
+
+def dialled_host(transport: str, address: str) -> str:
+    """The host name a source dialled (what the destination's certificate must
+    name); none for a transport within this host (a Unix socket path)."""
+    if address.startswith("/"):
+        return ""
+    host, _, _ = address.rpartition(":")
+    return host.strip("[]") or address
 
 
 def reachable(listen: list[str], local: str, host_local: bool = False) -> list[str]:

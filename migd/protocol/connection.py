@@ -51,7 +51,7 @@ from ..errors import (
     from_wire,
     to_wire,
 )
-from ..identity import AuthorizedKeys, Identity, fingerprint, verify
+from ..identity import Presenter, Trust
 from .frames import (
     HEADER,
     HEADER_SIZE,
@@ -165,14 +165,16 @@ BufferSource = Callable[[int], bytearray | memoryview | None]
 class Connection:
     """One channel of one migration, from one side."""
 
-    def __init__(self, role: Role, identity: Identity, authorized: AuthorizedKeys,
+    def __init__(self, role: Role, identity: Presenter, authorized: Trust,
                  offer: Offer | None = None, channel: int = 0,
-                 data_buffers: BufferSource | None = None, payloads_inline: bool = True) -> None:
+                 data_buffers: BufferSource | None = None, payloads_inline: bool = True,
+                 peer_host: str = "") -> None:
         self.role = role
         self.channel = channel
         self.phase = Phase.HANDSHAKE
-        self._identity = identity
-        self._authorized = authorized
+        self._identity = identity.as_role(role)
+        # A source checks the destination against the host it dialled (``peer_host``).
+        self._authorized = authorized.for_peer(role, peer_host)
         self._offer = offer or Offer()
         self._eph = X25519PrivateKey.generate()
         self._nonce = os.urandom(32)
@@ -464,10 +466,7 @@ class Connection:
             raise self._refuse(VersionMismatch(
                 f"peer speaks protocol {versions}, this host speaks {list(self._offer.versions)}"))
         peer = _field(hello, "id", bytes, "HELLO")
-        name = self._authorized.name_of(peer)
-        if name is None:
-            raise self._refuse(UnknownPeer(
-                f"source key {fingerprint(peer)} is not in this host's authorized keys"))
+        name = self._authorize(peer, "source")
         ciphers = _field(hello, "ciphers", list, "HELLO")
         chosen = next((c for c in ciphers if c in self._offer.ciphers and c in CIPHERS), None)
         if chosen is None:
@@ -496,6 +495,16 @@ class Connection:
         self._queue_plain(FrameType.HELLO_REPLY, _pack({"core": self._reply_core, "sig": sig}))
         self.claimed = name
 
+    def _authorize(self, peer: bytes, who: str) -> str:
+        try:
+            name = self._authorized.name_of(peer)
+        except MigdError as exc:  # the trust says why not (an X.509 chain, say)
+            raise self._refuse(exc) from None
+        if name is None:
+            raise self._refuse(UnknownPeer(f"{who} {self._authorized.describe(peer)} is not "
+                                           "in this host's authorized keys"))
+        return name
+
     def _on_reply(self, body: bytes) -> None:
         reply = _unpack(body, "HELLO_REPLY")
         self._reply_core = _field(reply, "core", bytes, "HELLO_REPLY")
@@ -504,12 +513,9 @@ class Connection:
         if core.get("version") not in self._offer.versions:
             raise self._refuse(VersionMismatch(f"peer chose protocol {core.get('version')!r}"))
         peer = _field(core, "id", bytes, "HELLO_REPLY")
-        name = self._authorized.name_of(peer)
-        if name is None:
-            raise self._refuse(UnknownPeer(
-                f"destination key {fingerprint(peer)} is not in this host's authorized keys"))
+        name = self._authorize(peer, "destination")
         try:
-            verify(peer, sig, b"destination" + self._transcript())
+            self._authorized.verify(peer, sig, b"destination" + self._transcript())
         except MigdError as exc:
             raise self._refuse(exc) from None
         cipher = _field(core, "cipher", str, "HELLO_REPLY")
@@ -531,7 +537,7 @@ class Connection:
         auth = _unpack(body, "AUTH")
         sig = _field(auth, "sig", bytes, "AUTH")
         try:
-            verify(self._peer_key, sig, b"source" + self._transcript())
+            self._authorized.verify(self._peer_key, sig, b"source" + self._transcript())
         except MigdError as exc:
             raise self._refuse(exc) from None
         self._establish(self._peer_key, self._hello)
