@@ -1,10 +1,11 @@
 """``hisi``: a HiSilicon-style accelerator VF whose state is a page of registers.
 
-The VF's BAR2 is a memory-mapped file.  Its first half is what the guest sees
-(queue doorbells); the second half is the migration register page, hidden from
-the guest: a mailbox, an interrupt-status register, and ``struct acc_vf_data``
-(176 bytes, little-endian), whose first 40 bytes are the match data a target
-checks before loading anything.
+The VF's BAR2 (emulated apart, in :mod:`backends.emulated.hisi_hardware`): its
+first half is what the guest sees (queue doorbells); the second half is the
+migration register page, hidden from the guest: a mailbox, interrupt-status
+registers, and ``struct acc_vf_data`` (176 bytes, little-endian), whose first 40
+bytes are the match data a target checks before loading anything.  This module
+is the driver (hisi_acc_vfio_pci).
 
 Driver behaviour reproduced (hisi_acc_vfio_pci.c): stopping is a "pause QM"
 mailbox command followed by polling four interrupt-status registers (each read,
@@ -24,11 +25,9 @@ RESUMING->STOP with exactly the 40 match bytes succeeds and loads nothing.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import random
 import struct
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +35,16 @@ from typing import Any
 from migd.errors import ConfigError, DeviceBusy, DeviceError, IncompatibleDevice
 
 from .base import REGISTRY, Device, PrecopyInfo
-from .memory import Ticker
+from .emulated.hisi_hardware import (
+    DOORBELL_STRIDE,
+    INT_STATUS,
+    MB_PAUSE_QM,
+    MIG_BASE,
+    VF_DATA,
+    Bar2,
+    GuestBar2,
+    QueueManager,
+)
 from .states import DeviceState, MigCap
 
 MAGIC_V2 = 0xAACCFEEDDECADEDE
@@ -52,124 +60,11 @@ MATCH_SIZE = MATCH.size
 STATE_SIZE = MATCH.size + REGS.size + DMA.size
 assert (MATCH_SIZE, STATE_SIZE, MATCH.size + REGS.size) == (40, 176, 144)
 
-BAR2_SIZE = 64 << 10
-MIG_BASE = BAR2_SIZE // 2  # the migration half
-MAILBOX, MB_STATUS, VF_DATA = 0x0, 0x4, 0x100
-#: The registers a pause must find clear, in the driver's order (QM_ABNORMAL_INT_STATUS,
-#: QM_IFC_INT_STATUS, QM_IFC_INT_SET_V, the accelerator core's INT_STATUS).
-INT_STATUS = {"abnormal-int-status": 0x8, "ifc-int-status": 0xC, "ifc-int-set": 0x10,
-              "core-int-status": 0x14}
-DOORBELL_STRIDE = 0x100
-MB_PAUSE_QM = 0xE  # QM_MB_CMD_PAUSE_QM; the driver has no command to resume
-MB_STATUS_BAD_CMD = 0x200
+
 POLL_TRIES, POLL_INTERVAL = 100, 100e-6
 #: struct acc_vf_data: where the event-queue contexts' address words are (DMA
 #: addresses of a V1 image are derived from them: high word 2, low word 1).
 EQC_DW, AEQC_DW = MATCH_SIZE + 6 * 4, MATCH_SIZE + 13 * 4
-
-
-class Bar2:
-    """The VF's BAR2 as the host driver maps it: both halves."""
-
-    def __init__(self, directory: str | None) -> None:
-        fd, path = tempfile.mkstemp(prefix="migd-hisi-bar2-", dir=directory)
-        os.unlink(path)
-        os.ftruncate(fd, BAR2_SIZE)
-        self.map = mmap.mmap(fd, BAR2_SIZE, flags=mmap.MAP_SHARED)
-        os.close(fd)
-        self.mv = memoryview(self.map)
-
-    def u32(self, off: int) -> int:
-        return int.from_bytes(self.mv[off : off + 4], "little")
-
-    def set_u32(self, off: int, value: int) -> None:
-        self.mv[off : off + 4] = value.to_bytes(4, "little")
-
-    def close(self) -> None:
-        self.mv.release()
-        self.map.close()
-
-
-class GuestBar2:
-    """The guest's view of BAR2: told it is half its size.  As the driver does it, an
-    access that starts in the guest's half is clipped at its end; one that starts in
-    the migration half is refused (EINVAL), and so is a mapping that reaches it."""
-
-    def __init__(self, bar: Bar2) -> None:
-        self._bar = bar
-        self.size = MIG_BASE
-
-    def _clip(self, off: int, n: int) -> int:
-        if off < 0 or n < 0 or off >= self.size:
-            raise PermissionError(f"BAR2 access at {off:#x} is beyond the guest's "
-                                  f"{self.size:#x}-byte BAR (EINVAL)")
-        return min(n, self.size - off)
-
-    def read(self, off: int, n: int) -> bytes:
-        n = self._clip(off, n)
-        return bytes(self._bar.mv[off : off + n])
-
-    def write(self, off: int, data: bytes) -> int:
-        n = self._clip(off, len(data))
-        self._bar.mv[off : off + n] = data[:n]
-        return n
-
-    def mmap(self, off: int, n: int) -> memoryview:
-        if off < 0 or n < 0 or off + n > self.size:
-            raise PermissionError(f"BAR2 mapping [{off:#x}, +{n}) is beyond the guest's "
-                                  f"{self.size:#x}-byte BAR (EINVAL)")
-        return self._bar.mv[off : off + n]
-
-
-class _QueueManager:
-    """The hardware side: queues that change registers while running; a mailbox."""
-
-    def __init__(self, dev: HisiDevice, stuck: bool, traffic: bool) -> None:
-        self._dev = dev
-        self._stuck = stuck
-        self._traffic = traffic
-        self._rng = random.Random(dev.dev_id)
-        self._ticker = Ticker(f"qm-{dev.name}", 0.002, self._tick)
-        self.paused = False
-        self.polls = 0
-
-    def start(self) -> None:
-        self.paused = False
-        if self._traffic:
-            self._ticker.start()
-
-    def stop(self) -> None:
-        self._ticker.stop()
-
-    def _tick(self) -> None:
-        """Queue traffic: event-queue context words advance while the VF runs."""
-        bar = self._dev.bar
-        base = MIG_BASE + VF_DATA + MATCH_SIZE + 6 * 4  # qm_eqc_dw[0]
-        for i in range(2):
-            off = base + 4 * i
-            bar.set_u32(off, (bar.u32(off) + self._rng.randrange(1, 9)) & 0xFFFFFFFF)
-
-    def mailbox(self, cmd: int) -> None:
-        bar = self._dev.bar
-        if cmd != MB_PAUSE_QM:
-            bar.set_u32(MIG_BASE + MB_STATUS, MB_STATUS_BAD_CMD)
-            return
-        self.stop()
-        self.paused = True
-        # Outstanding interrupts drain over a few polls, unless the hardware is wedged
-        # (then the accelerator core's status never clears).
-        for i, off in enumerate(INT_STATUS.values()):
-            bar.set_u32(MIG_BASE + off, 0xFFFFFFFF if self._stuck and i == 3 else 2)
-        bar.set_u32(MIG_BASE + MB_STATUS, 0)
-
-    def poll(self, register: str) -> int:
-        bar = self._dev.bar
-        self.polls += 1
-        off = MIG_BASE + INT_STATUS[register]
-        status = bar.u32(off)
-        if status and status != 0xFFFFFFFF:
-            bar.set_u32(off, status - 1)
-        return status
 
 
 class HisiDevice(Device):
@@ -199,8 +94,8 @@ class HisiDevice(Device):
         self.qm_ready = options.get("qm-ready", "yes") == "yes"
         self._magic, self._major = magic, major
         self.bar = Bar2(options.get("dir") or ("/dev/shm" if os.path.isdir("/dev/shm") else None))
-        self._qm = _QueueManager(self, options.get("stuck", "no") == "yes",
-                                 options.get("traffic", "no") == "yes")
+        self._qm = QueueManager(self.bar, name, self.dev_id, options.get("stuck", "no") == "yes",
+                                options.get("traffic", "no") == "yes")
         rng = random.Random(seed)
         MATCH.pack_into(self.bar.mv, MIG_BASE + VF_DATA, magic, self.qp_num, self.dev_id,
                         que_iso_cfg, qp_base, QM_READY if self.qm_ready else QM_NOT_READY,

@@ -171,29 +171,9 @@ class DeviceMemory:
                 raise ConfigError(f"device {name}: state-file {copy_from}: {exc.strerror}") from None
             state_file = None
         if state_file:
-            try:
-                fd = os.open(state_file, os.O_RDONLY)
-            except OSError as exc:
-                raise ConfigError(f"device {name}: state-file {state_file}: {exc.strerror}") from None
-            size = os.fstat(fd).st_size
-            if size == 0 or size % PAGE:
-                os.close(fd)
-                raise ConfigError(f"device {name}: state-file size {size} is not a multiple of {PAGE}")
-            self._map = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            os.close(fd)
+            self._map, size = self._map_image(name, state_file)
         else:
-            size = parse_size(options.get("size", default_size), f"device {name}: size")
-            if size == 0 or size % PAGE:
-                raise ConfigError(f"device {name}: size must be a positive multiple of {PAGE}")
-            fd = self._open_kept(name, keep, size) if keep else self._open_anonymous(name)
-            try:
-                if not self.found:
-                    os.ftruncate(fd, size)
-                self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-            finally:
-                if not keep:
-                    os.close(fd)
+            self._map, size = self._map_own(name, options, default_size, keep)
         if options.get("prefault", "yes") not in ("yes", "no"):
             raise ConfigError(f"device {name}: prefault must be yes or no")
         if options.get("prefault", "yes") == "yes":
@@ -223,6 +203,38 @@ class DeviceMemory:
         self._workload = _Workload(self, parse_size(options.get("dirty-rate", "0"), "dirty-rate"),
                                    self._seed)
         self._workload.start()
+
+    @staticmethod
+    def _map_image(name: str, path: str) -> tuple[mmap.mmap, int]:
+        """An image mapped copy-on-write: the device's memory, never written back."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ConfigError(f"device {name}: state-file {path}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or size % PAGE:
+                raise ConfigError(f"device {name}: state-file size {size} is not a multiple of "
+                                  f"{PAGE}")
+            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE), size
+        finally:
+            os.close(fd)
+
+    def _map_own(self, name: str, options: Mapping[str, str], default_size: str,
+                 keep: str | None) -> tuple[mmap.mmap, int]:
+        """Memory of its own: anonymous, or kept in ``keep`` for a restarted daemon."""
+        size = parse_size(options.get("size", default_size), f"device {name}: size")
+        if size == 0 or size % PAGE:
+            raise ConfigError(f"device {name}: size must be a positive multiple of {PAGE}")
+        fd = self._open_kept(name, keep, size) if keep else self._open_anonymous(name)
+        try:
+            if not self.found:
+                os.ftruncate(fd, size)
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED), size
+        finally:
+            if not keep:
+                os.close(fd)
 
     @staticmethod
     def _open_anonymous(name: str) -> int:

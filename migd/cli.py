@@ -17,7 +17,8 @@ from .codec import COMPRESSIONS, DEFAULT_COMPRESSION
 from .config import DEFAULT_PATH
 from .crypto import CIPHERS
 from .errors import ConfigError, MigdError
-from .units import human_bytes, human_rate
+from .report import migrate_args, migrations_table, progress_line, summary, table
+from .units import human_bytes
 
 DEFAULT_CONTROL = os.path.join(os.environ.get("RUNTIME_DIRECTORY", "/run/migd"), "migd.sock")
 
@@ -66,11 +67,8 @@ def _seconds_flag(flag: str) -> Callable[[str], float]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="migd", description="SR-IOV VF live-migration stream daemon")
-    ap.add_argument("--version", action="version", version=f"migd {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+def _add_serve(sub: Any) -> None:
+    """``migd serve``: what a daemon runs with (each flag overrides the file)."""
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--config", help=f"TOML configuration (default {DEFAULT_PATH} if it exists); "
                                     "the flags below override it")
@@ -100,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any top-level key of the configuration file, as written there "
                         "(e.g. -o max_migrations=4 -o handshake_timeout=5), repeatable")
 
+
+def _add_migrate(sub: Any) -> None:
+    """``migd migrate``: one VF, or a VM's VFs together."""
     m = sub.add_parser("migrate", help="migrate a device, or all VFs of a VM together, to a peer")
     m.add_argument("device", nargs="+",
                    help="device(s); several switch over together, as one VM (all need P2P)")
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the final result as JSON")
     _add_migrate_knobs(m)
 
+
+def _add_operations(sub: Any) -> None:
+    """The commands an operator runs against a daemon's migrations and devices."""
     mc = sub.add_parser("migrate-continue",
                         help="let a migration paused in pre-switchover stop its VF and finish")
     mc.add_argument("id")
@@ -167,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("id", nargs="?")
     c.add_argument("--control", default=DEFAULT_CONTROL)
 
+
+def _add_tools(sub: Any) -> None:
+    """Benchmarks and tools: bench, soak, demo."""
     b = sub.add_parser("bench", help="migrate between two real local daemons and measure")
     b.add_argument("--backend", default="sim", help="sim | mlx5 | hisi (default sim)")
     src = b.add_mutually_exclusive_group()
@@ -198,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="two local daemons, one simulated VF migrated between them")
     d.add_argument("--state-size", default="256M")
     d.add_argument("--dirty-rate", default="8M")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="migd", description="SR-IOV VF live-migration stream daemon")
+    ap.add_argument("--version", action="version", version=f"migd {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in (_add_serve, _add_migrate, _add_operations, _add_tools):
+        add(sub)
     return ap
 
 
@@ -249,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from .config import Config, override
+    from .config import Config, override, parse_device
     from .config import load as load_config
     from .config import parse as parse_config
-    from .daemon import parse_device, serve
+    from .daemon import serve
 
     path = args.config or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
 
@@ -290,66 +305,6 @@ def _serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.001)
     uvloop.run(serve(cfg, ready, configuration))
     return 0
-
-
-def migrate_args(args: argparse.Namespace, device: str, peer: str) -> dict[str, Any]:
-    """The request for what the flags say, and only that: what they leave out is the
-    daemon's ``[defaults]``.  Checked here against the daemon's own schema, so that a
-    bad value is refused before anything starts."""
-    from . import schema
-    from .config import Config
-
-    out: dict[str, Any] = {"device": device, "peer": peer}
-    for attr, key in (("compress", "compress"), ("cipher", "cipher"),
-                      ("chunk_size", "chunk-size"), ("downtime_limit", "downtime-limit"),
-                      ("max_iterations", "max-iterations"), ("channels", "channels"),
-                      ("max_bandwidth", "max-bandwidth"), ("max_resumes", "max-resumes"),
-                      ("resume_timeout", "resume-timeout")):
-        value = getattr(args, attr, None)
-        if value is not None:
-            out[key] = value
-    if args.no_precopy:
-        out["precopy"] = False
-    if getattr(args, "pause_before_switchover", False):
-        out["pause-before-switchover"] = True
-    checked = schema.parse("migrate", {k: v for k, v in out.items() if k != "device" or v},
-                           Config())
-    for key in ("chunk-size", "max-bandwidth"):  # sizes go as bytes
-        if key in out:
-            out[key] = checked[key]
-    return out
-
-
-def progress_line(d: dict[str, Any]) -> str:
-    total = int(d.get("total", 0))
-    moved = int(d.get("transferred", 0))
-    elapsed = max(1e-3, d.get("total-time", 0) / 1000)
-    rate = moved / elapsed
-    pending = max(0, total - moved)
-    eta = f"{pending / rate:.1f}s" if rate > 0 and pending else "-"
-    return (f"{d.get('status', '?'):>10} {d.get('phase', ''):<14} "
-            f"{human_bytes(moved):>10} / {human_bytes(total) if total else '?':<10} "
-            f"{human_rate(rate):>10}  iter {d.get('dirty-sync-count', 0):<3} eta {eta}")
-
-
-def summary(d: dict[str, Any]) -> str:
-    lines = [
-        f"migration {d.get('id')} {d.get('status')}: device {d.get('device')} -> {d.get('peer')}",
-        f"  moved {human_bytes(d.get('transferred', 0))} of state "
-        f"({human_bytes(d.get('wire-bytes', 0))} on the wire, {d.get('transport') or '-'}, "
-        f"{d.get('cipher') or '-'}, compress {d.get('compress') or '-'})",
-        f"  total {d.get('total-time', 0)} ms, setup {d.get('setup-time', 0)} ms, "
-        f"downtime {d.get('downtime', '-')} ms, pre-copy iterations {d.get('dirty-sync-count', 0)}",
-    ]
-    if d.get("resumes"):
-        lines.append(f"  resumed {d['resumes']} time(s), {human_bytes(d.get('resent-bytes', 0))} "
-                     "sent again")
-    if "unresolved-reason" in d:
-        lines.append(f"  UNRESOLVED: {d['unresolved-reason']} (the VF stays stopped; settle it "
-                     f"with 'migd resolve {d.get('id')} --confirm | --resume-source')")
-    if "error-desc" in d:
-        lines.append(f"  error: {d['error-desc']}")
-    return "\n".join(lines)
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -410,22 +365,6 @@ def _keygen(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output}: {exc.strerror}") from None
     print(f"wrote {args.output} and {args.output}.pub ({fingerprint(ident.public)})")
     return 0
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def migrations_table(jobs: list[dict[str, Any]]) -> str:
-    return table(["id", "role", "device", "peer", "status", "moved", "downtime", "error"], [
-        [j["id"], j["role"], j["device"], j["peer"], j["status"],
-         f"{human_bytes(j.get('transferred', 0))}/{human_bytes(j.get('total', 0))}",
-         f"{j['downtime']} ms" if "downtime" in j else "-", j.get("error-desc", "")[:40]]
-        for j in jobs])
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -183,6 +183,21 @@ DEFAULTS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def parse_device(text: str) -> DeviceConfig:
+    """``NAME:KIND[:key=value,...]``, e.g. ``vf0:sim:size=64M,dirty-rate=4M``."""
+    parts = text.split(":", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"device {text!r}: expected NAME:KIND[:key=value,...]")
+    opts: dict[str, str] = {}
+    if len(parts) == 3 and parts[2]:
+        for item in parts[2].split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"device {parts[0]}: option {item!r} is not key=value")
+            opts[key.strip()] = value.strip()
+    return DeviceConfig(parts[0], parts[1], opts)
+
+
 def override(cfg: Config, item: str) -> None:
     """``KEY=VALUE`` from the command line (``migd serve -o``), checked as the same
     key in the file would be; VALUE is TOML (a bare word is taken as a string)."""

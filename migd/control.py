@@ -8,21 +8,12 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .errors import ConfigError, MigdError
+from .errors import ConfigError, ControlError
+
+__all__ = ["SETTLED", "ControlClient", "ControlError"]
 
 #: Where following a migration stops: it ended, or it waits for an operator.
 SETTLED = ("completed", "failed", "cancelled", "unresolved")
-
-
-class ControlError(MigdError):
-    """The daemon refused a control request."""
-
-    name = "control-error"
-
-    def __init__(self, cls: str, desc: str) -> None:
-        super().__init__(f"{cls}: {desc}")
-        self.error_class = cls
-        self.desc = desc
 
 
 class ControlClient:

@@ -110,6 +110,15 @@ DEFAULT_CIPHER = "aes-256-gcm"
 ENCRYPTING = tuple(name for name, spec in CIPHERS.items() if spec.encrypts)
 
 
+def ciphers_for(leaves_host: bool) -> tuple[str, tuple[str, ...]]:
+    """The policy: (what a source proposes by default, what a destination accepts by
+    default) on a link that does or does not leave the host.  Clear text only where
+    it cannot be read on the way (every frame is authenticated either way)."""
+    if leaves_host:
+        return DEFAULT_CIPHER, ENCRYPTING
+    return "none", ("none", *ENCRYPTING)
+
+
 def cipher_spec(name: str) -> CipherSpec:
     try:
         return CIPHERS[name]

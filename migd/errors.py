@@ -5,13 +5,19 @@ cross the wire carry a stable numeric ``code`` (a class attribute) and a short
 public ``message``; the peer rebuilds the matching class from the code alone, so
 internals (paths, tracebacks, key material) never leave the host.
 
-``LocalError`` subclasses describe a failure detected here; ``RemoteError``
-wraps a failure the peer reported to us.
+Each class registers its code when it is defined (``__init_subclass__``), and a
+class without a code of its own, or with another's, is refused at import.
+:class:`RemoteError` wraps a failure the peer reported to us, and
+:class:`ControlError` one the daemon reported to a control client; neither is
+ever sent to a peer.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+#: Every error class by its wire code (filled as the classes are defined).
+ERRORS_BY_CODE: dict[int, type[MigdError]] = {}
 
 
 class MigdError(Exception):
@@ -23,6 +29,24 @@ class MigdError(Exception):
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.name)
         self.message = message or self.name
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            raise TypeError(f"error class {cls.__name__} needs a wire code of its own")
+        taken = ERRORS_BY_CODE.get(cls.code)
+        if taken is not None:
+            raise TypeError(f"error class {cls.__name__}: code {cls.code} is "
+                            f"{taken.__name__}'s already")
+        ERRORS_BY_CODE[cls.code] = cls
+
+    @classmethod
+    def rebuild(cls, message: str) -> MigdError:
+        """The error a peer's code and message stand for, on this side."""
+        return cls(message)
+
+
+ERRORS_BY_CODE[MigdError.code] = MigdError
 
 
 # --- configuration and usage -------------------------------------------------
@@ -82,6 +106,13 @@ class IllegalTransition(DeviceError):
         self.state = state
         self.event = event
 
+    @classmethod
+    def rebuild(cls, message: str) -> MigdError:
+        err = cls.__new__(cls)
+        MigdError.__init__(err, message)
+        err.role = err.state = err.event = ""
+        return err
+
 
 class NoDataNow(DeviceError):
     """PRE_COPY read with nothing queued: a temporary end, never end of stream."""
@@ -98,11 +129,15 @@ class IncompatibleDevice(DeviceError):
 
 
 class DeviceBusy(DeviceError):
+    """The device would not do it now (a queue manager that does not pause)."""
+
     code = 14
     name = "device-busy"
 
 
 class UnknownDevice(DeviceError):
+    """No device of that name on this host."""
+
     code = 15
     name = "unknown-device"
 
@@ -236,25 +271,31 @@ class RemoteError(MigdError):
         super().__init__(f"peer reported {remote.name}: {remote.message}")
         self.remote = remote
 
-
-def _all_subclasses(cls: type[MigdError]) -> list[type[MigdError]]:
-    out: list[type[MigdError]] = []
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_subclasses(sub))
-    return out
+    @classmethod
+    def rebuild(cls, message: str) -> MigdError:
+        return MigdError(message)  # never sent: a peer relays what it saw as its own
 
 
-ERRORS_BY_CODE: dict[int, type[MigdError]] = {MigdError.code: MigdError}
-for _cls in _all_subclasses(MigdError):
-    if _cls is not RemoteError and _cls is not IllegalTransition:
-        ERRORS_BY_CODE[_cls.code] = _cls
+class ControlError(MigdError):
+    """The daemon refused a control request (its class and description)."""
+
+    code = 60
+    name = "control-error"
+
+    def __init__(self, cls: str, desc: str) -> None:
+        super().__init__(f"{cls}: {desc}")
+        self.error_class = cls
+        self.desc = desc
+
+    @classmethod
+    def rebuild(cls, message: str) -> MigdError:
+        return MigdError(message)  # a control client's, never a peer's
 
 
 def from_wire(code: int, message: str) -> RemoteError:
     """Rebuild a peer's error from its wire code; unknown codes map to the root."""
     cls = ERRORS_BY_CODE.get(code, MigdError)
-    return RemoteError(cls(message[:500]))
+    return RemoteError(cls.rebuild(message[:500]))
 
 
 def to_wire(err: BaseException) -> tuple[int, str]:

@@ -174,7 +174,7 @@ COMMANDS: dict[str, dict[str, Field]] = {
     "device-dump": {**_DEVICE, "path": Field(text(4096), REQUIRED)},
     "device-resume": _DEVICE,
     "device-reset": _DEVICE,
-    "query-stats": {"reset-peak": Field(flag, False)},
+    "query-stats": {},
     # One VF (``source-address``), or a whole VM's, all or none (``source-addresses``).
     "prepare-incoming": {"source-address": Field(pci), "source-addresses": Field(pcis),
                          "kind": Field(text(32)), "vm": Field(text(), "")},

@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import AsyncIterator
 
 import transports
+from migd.crypto import ciphers_for
 from migd.destination import serve_connection
 from migd.session import Host, Job
 
@@ -19,7 +20,7 @@ async def serving(src: Host, dst: Host, close_devices: bool = True, transport: s
     t = transports.REGISTRY.create(transport)
     wd = tempfile.TemporaryDirectory(prefix="migd-loop-")
     where = f"{wd.name}/rdma.sock" if transport.endswith("shm") else "127.0.0.1:0"
-    listener = await t.listen(where, lambda ch: serve_connection(dst, ch, t.accepted_ciphers))
+    listener = await t.listen(where, lambda ch: serve_connection(dst, ch, ciphers_for(t.leaves_host)[1]))
     try:
         yield transports.REGISTRY.url(t.name, listener.address), dst.jobs
     finally:

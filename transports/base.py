@@ -16,7 +16,6 @@ import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from migd.crypto import DEFAULT_CIPHER, ENCRYPTING
 from migd.errors import ConfigError, TransportError
 
 
@@ -140,10 +139,10 @@ ChannelHandler = Callable[[Channel], Coroutine[Any, Any, None]]
 
 class Transport(abc.ABC):
     name: str = "?"
-    #: What a source proposes when the operator names no cipher.
-    default_cipher: str = DEFAULT_CIPHER
-    #: What a destination accepts when its configuration names no ciphers.
-    accepted_ciphers: tuple[str, ...] = ENCRYPTING
+    #: Whether the bytes cross a network (False: both ends on this host, behind a
+    #: root-only socket).  Which ciphers that allows is the daemon's policy
+    #: (``migd.crypto.ciphers_for``), not the transport's.
+    leaves_host: bool = True
 
     @abc.abstractmethod
     async def connect(self, address: str, timeout: float) -> Channel: ...

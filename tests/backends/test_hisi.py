@@ -9,6 +9,7 @@ import pytest
 
 import backends
 from backends import hisi
+from backends.emulated import hisi_hardware as hw
 from backends.hisi import HisiDevice
 from backends.states import DeviceState
 from migd.errors import DeviceBusy, DeviceError, IncompatibleDevice
@@ -38,18 +39,18 @@ def read(d: HisiDevice) -> bytes:
 
 def test_guest_sees_half_a_bar(made: list[HisiDevice]) -> None:
     g = dev(made).guest()
-    assert g.size == hisi.BAR2_SIZE // 2
+    assert g.size == hw.BAR2_SIZE // 2
     assert len(g.read(0, 64)) == 64
     g.write(0x100, b"\x01")  # its own doorbells are fine
     # Straddling the half: clipped at the guest's end, as the driver does.
-    assert len(g.read(hisi.MIG_BASE - 4, 8)) == 4
-    assert g.write(hisi.MIG_BASE - 2, b"abcd") == 2
-    for attempt in (lambda: g.read(hisi.MIG_BASE, 4), lambda: g.write(hisi.MIG_BASE + 8, b"x"),
-                    lambda: g.mmap(hisi.MIG_BASE - 4, 8), lambda: g.mmap(0, hisi.BAR2_SIZE)):
+    assert len(g.read(hw.MIG_BASE - 4, 8)) == 4
+    assert g.write(hw.MIG_BASE - 2, b"abcd") == 2
+    for attempt in (lambda: g.read(hw.MIG_BASE, 4), lambda: g.write(hw.MIG_BASE + 8, b"x"),
+                    lambda: g.mmap(hw.MIG_BASE - 4, 8), lambda: g.mmap(0, hw.BAR2_SIZE)):
         with pytest.raises(PermissionError, match="beyond the guest's"):
             attempt()
     d = made[0]
-    assert d.bar.u32(hisi.MIG_BASE + hisi.MAILBOX) == 0  # the migration half untouched
+    assert d.bar.u32(hw.MIG_BASE + hw.MAILBOX) == 0  # the migration half untouched
 
 
 def test_precopy_offers_only_match_data_then_zero_byte_reads(made: list[HisiDevice]) -> None:
@@ -74,7 +75,7 @@ def test_pause_polls_four_registers_and_a_busy_one_leaves_it_running(
         made: list[HisiDevice]) -> None:
     d = dev(made, traffic="yes")
     d.set_state(S.STOP)
-    assert all(d.bar.u32(hisi.MIG_BASE + off) == 0 for off in hisi.INT_STATUS.values())
+    assert all(d.bar.u32(hw.MIG_BASE + off) == 0 for off in hw.INT_STATUS.values())
     assert d._qm.polls >= 4 * 3  # each register read until it drained
     d.set_state(S.RUNNING)
     # No save in between: the driver does not hold the QM ready, rings nothing.

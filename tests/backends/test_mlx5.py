@@ -11,6 +11,7 @@ import pytest
 
 import backends
 from backends import mlx5
+from backends.emulated import mlx5_firmware as fw
 from backends.mlx5 import REC, Mlx5Device
 from backends.states import DeviceState
 from migd.errors import DeviceError, NoDataNow
@@ -54,13 +55,13 @@ def test_the_guest_cannot_reach_migration_state(made: list[Mlx5Device]) -> None:
     dev = vf(made, pf, 1, size="4M")
     before = dev.digest()
     guest = dev.guest()
-    with pytest.raises(mlx5.AdminError, match=r"EPERM.*only the PF"):  # issue a command
-        guest.admin(mlx5.SUSPEND_VHCA, op_mod=mlx5.SUSPEND_INITIATOR)
-    with pytest.raises(mlx5.AdminError, match="EPERM"):  # save (read) the state
-        guest.admin(mlx5.SAVE_VHCA_STATE, mkey=dev._mkeys[0], size=4096, set_track=True)
-    with pytest.raises(mlx5.AdminError, match=r"EPERM.*another function"):  # the host buffers
+    with pytest.raises(fw.AdminError, match=r"EPERM.*only the PF"):  # issue a command
+        guest.admin(fw.SUSPEND_VHCA, op_mod=fw.SUSPEND_INITIATOR)
+    with pytest.raises(fw.AdminError, match="EPERM"):  # save (read) the state
+        guest.admin(fw.SAVE_VHCA_STATE, mkey=dev._mkeys[0], size=4096, set_track=True)
+    with pytest.raises(fw.AdminError, match=r"EPERM.*another function"):  # the host buffers
         guest.dma_read(dev._mkeys[0])
-    with pytest.raises(mlx5.AdminError, match="EPERM"):
+    with pytest.raises(fw.AdminError, match="EPERM"):
         guest.dma_write(dev._load_mkey, b"evil")
     # every attempt reached the firmware and was refused there; nothing changed
     assert [r for r, _, _ in dev.fw.commands] == [1, 1]
@@ -71,18 +72,18 @@ def test_framing_chunking_and_read_ahead(made: list[Mlx5Device]) -> None:
     dev = vf(made, f"pf-{uuid.uuid4().hex[:6]}", 1, size="20M")
     dev.set_state(S.STOP)
     dev.set_state(S.STOP_COPY)
-    saves = [c for c in dev.fw.commands if c[1] == mlx5.SAVE_VHCA_STATE]
+    saves = [c for c in dev.fw.commands if c[1] == fw.SAVE_VHCA_STATE]
     assert len(saves) == 2  # two chunks saved ahead of the reader, no more
     stream = drain(dev)
     recs = records(stream)
     assert recs[0] == (8, mlx5.REC_OPTIONAL, mlx5.TAG_STOP_COPY_SIZE)  # first, always
     # It carries the buffer the driver pre-allocates (one chunk here), not the state size.
-    assert struct.unpack_from("<Q", stream, REC.size)[0] == mlx5.CHUNK
+    assert struct.unpack_from("<Q", stream, REC.size)[0] == fw.CHUNK
     data = [r for r in recs[1:] if r[2] == mlx5.TAG_FW_DATA]
-    assert len(data) == 3 and all(r[0] <= mlx5.CHUNK for r in data)
-    assert [c[1] for c in dev.fw.commands[:4]] == [mlx5.SUSPEND_VHCA, mlx5.SUSPEND_VHCA,
-                                                   mlx5.QUERY_VHCA_MIGRATION_STATE,
-                                                   mlx5.SAVE_VHCA_STATE]
+    assert len(data) == 3 and all(r[0] <= fw.CHUNK for r in data)
+    assert [c[1] for c in dev.fw.commands[:4]] == [fw.SUSPEND_VHCA, fw.SUSPEND_VHCA,
+                                                   fw.QUERY_VHCA_MIGRATION_STATE,
+                                                   fw.SAVE_VHCA_STATE]
 
 
 def test_dirty_state_is_fetched_only_when_asked(made: list[Mlx5Device]) -> None:
@@ -90,13 +91,13 @@ def test_dirty_state_is_fetched_only_when_asked(made: list[Mlx5Device]) -> None:
     dev.set_state(S.PRE_COPY)
     drain(dev)
     time.sleep(0.05)  # the guest dirties state
-    saves = sum(c[1] == mlx5.SAVE_VHCA_STATE for c in dev.fw.commands)
+    saves = sum(c[1] == fw.SAVE_VHCA_STATE for c in dev.fw.commands)
     with pytest.raises(NoDataNow, match="ENOMSG"):  # draining does not fetch it
         dev.read_into(memoryview(bytearray(100)))
-    assert sum(c[1] == mlx5.SAVE_VHCA_STATE for c in dev.fw.commands) == saves
+    assert sum(c[1] == fw.SAVE_VHCA_STATE for c in dev.fw.commands) == saves
     info = dev.precopy_info()  # asking for pre-copy info does: an incremental SAVE
     assert info.initial_bytes == 0 and info.dirty_bytes > 0
-    assert sum(c[1] == mlx5.SAVE_VHCA_STATE for c in dev.fw.commands) > saves
+    assert sum(c[1] == fw.SAVE_VHCA_STATE for c in dev.fw.commands) > saves
     assert len(drain(dev)) == info.dirty_bytes
 
 
@@ -193,9 +194,9 @@ def test_pre_copy_info_of_a_suspended_vf_asks_the_firmware_nothing(
 def test_mig_data_size_is_the_firmwares_remaining_total(made: list[Mlx5Device]) -> None:
     dev = vf(made, f"pf-{uuid.uuid4().hex[:6]}", 1, size="20M")
     full = dev.stop_copy_size()
-    assert full == (20 << 20) + 3 * mlx5.SEG.size  # RUNNING: what a full save gives
+    assert full == (20 << 20) + 3 * fw.SEG.size  # RUNNING: what a full save gives
     dev.set_state(S.STOP_COPY)
-    saved_ahead = 2 * mlx5.CHUNK  # two chunks already in host buffers
+    saved_ahead = 2 * fw.CHUNK  # two chunks already in host buffers
     assert dev.stop_copy_size() == full - saved_ahead
     drain(dev)
     assert dev.stop_copy_size() == full  # nothing left of this image: a new one would be full
@@ -214,7 +215,7 @@ def test_a_failed_arc_leaves_the_last_state_reached(made: list[Mlx5Device]) -> N
     real = dev.fw._save
 
     def refuse(vf_: object, args: dict[str, object]) -> dict[str, int]:
-        raise mlx5.AdminError(5, "injected")
+        raise fw.AdminError(5, "injected")
 
     dev.fw._save = refuse  # type: ignore[method-assign,assignment]
     try:
