@@ -34,6 +34,7 @@ from .errors import (
     RemoteError,
     WrongState,
 )
+from .pipeline import StreamReceiver, receiver_buffers
 from .protocol.connection import Connection, Offer
 from .protocol.messages import (
     Accept,
@@ -52,7 +53,6 @@ from .protocol.messages import (
 from .protocol.migration import Act, Event, Migration, Phase, Role
 from .resolve import answer, ask
 from .session import MAX_CHANNELS, Host, Inbound, Job, as_error
-from .stream import StreamReceiver, receiver_buffers
 
 log = logging.getLogger("migd.destination")
 

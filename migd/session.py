@@ -39,6 +39,7 @@ from .errors import (
 from .faults import Faults
 from .identity import Presenter, Trust
 from .journal import Journal
+from .pipeline import Counters, Workers
 from .protocol.frames import DEFAULT_CHUNK
 from .protocol.migration import (
     FINAL_STATUSES,
@@ -51,7 +52,6 @@ from .protocol.migration import (
     Status,
 )
 from .reservations import Reservations
-from .stream import Counters, Workers
 
 log = logging.getLogger("migd.session")
 

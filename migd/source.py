@@ -32,6 +32,7 @@ from .errors import (
     ProtocolError,
     RemoteError,
 )
+from .pipeline import StreamSender
 from .protocol.connection import Connection, Offer
 from .protocol.messages import (
     Accept,
@@ -51,7 +52,6 @@ from .protocol.messages import (
 from .protocol.migration import SOURCE_UNDECIDED, Act, Event, Migration, Phase, Role
 from .resolve import ask, backoff, notify_abort
 from .session import Host, Inbound, Job, MigrateOptions, Switchover
-from .stream import StreamSender
 
 log = logging.getLogger("migd.source")
 

@@ -21,6 +21,7 @@ from ..crypto import ciphers_for
 from ..destination import resume_loaded
 from ..errors import ConfigError, MigdError, WrongState
 from ..metrics import Metrics
+from ..pipeline import sender_buffers
 from ..protocol.migration import Phase, Role
 from ..session import (
     Host,
@@ -32,7 +33,6 @@ from ..session import (
     check_vm,
 )
 from ..source import run_source
-from ..stream import sender_buffers
 
 log = logging.getLogger("migd.daemon")
 

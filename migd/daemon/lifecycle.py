@@ -35,6 +35,7 @@ from ..identity import AuthorizedKeys, Identity, Presenter, Trust
 from ..journal import Journal
 from ..metrics import Metrics
 from ..notify import Notifier, listen_fds
+from ..pipeline import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
 from ..pki import X509Identity, X509Trust
 from ..protocol.migration import Phase
 from ..recovery import recover
@@ -45,7 +46,6 @@ from ..session import (
     Job,
     VmJob,
 )
-from ..stream import DEFAULT_INFLIGHT, Workers, rx_sizes, tx_sizes
 from .commands import Commands
 from .control_server import MAX_REQUEST, ControlServer
 

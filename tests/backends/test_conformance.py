@@ -21,9 +21,9 @@ from backends.states import DeviceState, MigCap, path, supported
 from backends.vfio import VfioDevice
 from migd.errors import DeviceError, IllegalTransition, NoDataNow
 from migd.identity import AuthorizedKeys, Identity
+from migd.pipeline import Workers
 from migd.session import Host, Job, MigrateOptions
 from migd.source import run_source
-from migd.stream import Workers
 
 from ..loopback import serving
 from .kernel_model import KernelModel

@@ -8,7 +8,7 @@ import pytest
 
 from migd.admission import Admission, Gate, LogThrottle
 from migd.errors import Busy, ConfigError
-from migd.stream import BufferBank, receiver_buffers, sender_buffers
+from migd.pipeline import BufferBank, receiver_buffers, sender_buffers
 
 
 def test_gate_drops_the_oldest_of_the_same_host_first() -> None:

@@ -8,11 +8,11 @@ import asyncio
 import pytest
 
 from migd.errors import WrongState
+from migd.pipeline import Workers
 from migd.protocol.messages import Resolve
 from migd.protocol.migration import Event, Migration, Phase, Role
 from migd.resolve import _outcome
 from migd.session import Host, Inbound, Job, VmJob
-from migd.stream import Workers
 
 PEER = b"p" * 32
 

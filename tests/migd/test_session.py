@@ -15,9 +15,9 @@ from backends.states import DeviceState
 from migd.codec import parse_compress
 from migd.errors import DeviceError
 from migd.identity import AuthorizedKeys, Identity
+from migd.pipeline import Workers
 from migd.session import Host, Job, MigrateOptions
 from migd.source import run_source
-from migd.stream import Workers
 
 from ..loopback import serving
 

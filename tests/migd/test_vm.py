@@ -14,6 +14,7 @@ from backends.sim import SimDevice
 from backends.states import DeviceState
 from migd.errors import ConfigError, DeviceError, WrongState
 from migd.identity import AuthorizedKeys, Identity
+from migd.pipeline import Workers
 from migd.session import (
     Host,
     Job,
@@ -23,7 +24,6 @@ from migd.session import (
     check_vm,
 )
 from migd.source import run_source
-from migd.stream import Workers
 
 from ..loopback import serving
 

@@ -1,0 +1,554 @@
+"""The sending half of the pipeline: device -> encode -> seal -> wire.
+
+A fixed set of pooled slots (``inflight``) keeps memory flat whatever the state
+size; device reads happen on one ordered I/O thread, compression and AEAD on the
+worker pool (zstandard and cryptography release the GIL), and frames go out in
+sequence order.  Every data frame's authenticated header and tag go into a
+running SHA-256, the *stream digest*, which the end record carries with the total
+length and chunk count.  Chunks the destination has not acknowledged are kept, so
+a resumed link sends them again; ``--compress auto`` decides per window here."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from backends.base import Device
+from transports.base import Credit
+
+from ..codec import Encoder, Encoding
+from ..crypto import TAG_SIZE
+from ..endpoint import Endpoint
+from ..errors import (
+    MigdError,
+    NegotiationError,
+    NoDataNow,
+    ProtocolError,
+)
+from ..pacing import AutoPolicy, TokenBucket, Window
+from ..protocol.frames import HEADER_SIZE
+from ..protocol.messages import Ack, Announce, Announced, End
+from .buffers import (
+    ACK_OFTEN,
+    ACK_RARELY,
+    DEFAULT_INFLIGHT,
+    Counters,
+    Workers,
+    tx_sizes,
+)
+
+log = logging.getLogger("migd.pipeline")
+
+
+@dataclass(eq=False)
+class _TxSlot:
+    plain: bytearray
+    wire: bytearray
+
+
+@dataclass(eq=False, slots=True)
+class _Sealed:
+    """One sealed DATA frame, ready to go."""
+
+    header: memoryview
+    payload: memoryview  # ciphertext and tag
+    encoding: int
+    plain_len: int
+    credit: Credit | None  # one-sided: the destination buffer it goes to
+    in_place: bool  # the payload already lies in that buffer
+    index: int
+    offset: int
+    again: bool  # sent before: a resumed stream sends it again
+    frame: memoryview | None = None  # header and payload contiguous (stream transports)
+
+
+@dataclass(eq=False, slots=True)
+class _Kept:
+    """A chunk sent and not yet acknowledged as loaded: what a resumed stream sends
+    again.  ``plain`` is device memory the device lent (no copy), or a buffer of
+    the keep pool that the device was read into (``pooled``)."""
+
+    index: int
+    offset: int
+    plain: list[memoryview]
+    pooled: bytearray | None
+    #: What the stream digest folds in for it once it is acknowledged (header and tag).
+    contrib: bytes = b""
+
+
+class StreamSender:
+    """Source side.  Chunk ``i`` travels on channel ``i mod N``, so the destination
+    can check each channel's indices exactly.
+
+    AEAD alone costs ~0.1 ms per MiB, less than a thread hop, so a chunk that is
+    not compressed is sealed inline (when nothing is queued ahead of it); zstd
+    goes to the codec pool and an ordered writer sends its frames.  With
+    ``auto`` compression an :class:`~migd.pacing.AutoPolicy` decides per window
+    of chunks; ``max_bandwidth`` paces wire bytes with a token bucket.
+
+    With ``keep`` the sender keeps every chunk until the destination acknowledges
+    it as loaded, so that a broken stream can be resumed (:meth:`rebind`) from
+    the destination's position.  A device that lends its memory costs nothing to
+    keep (views); others are read into a pool of chunk buffers, and the sender
+    waits for acknowledgements when it runs out.  The pool holds what may be in
+    flight (``inflight``) plus two acknowledgement intervals, so that it never
+    runs dry for want of an acknowledgement that cannot come."""
+
+    WINDOW = 16  # chunks per auto-compression decision
+    PROBE_EVERY = 4  # raw windows compress one chunk every this many, to keep measuring
+
+    @staticmethod
+    def ack_every(device: Device, keep: bool) -> int:
+        """How often the destination should acknowledge: often when kept chunks hold
+        pool buffers (the pool must not run dry), rarely otherwise."""
+        return ACK_OFTEN if keep and not device.lends_memory else ACK_RARELY
+
+    def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
+                 workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT,
+                 max_bandwidth: int = 0, timeout: float = 30.0, keep: bool = False) -> None:
+        self.device = device
+        self.encoder = encoder
+        self.workers = workers
+        self.counters = counters
+        #: Seconds of peer silence after which a wait fails (the migration's timeout).
+        self.timeout = timeout
+        self.index = 0
+        self.offset = 0
+        self.announced = 0
+        self.acked_announced = 0
+        #: The stream digest over every chunk up to the last acknowledged one (the
+        #: rest is folded in from ``_kept`` at the end).
+        self.digest = hashlib.sha256()
+        self.keep = keep
+        self._keep_n = inflight + 2 * ACK_OFTEN  # as sender_buffers() reserves
+        #: How far frames went out (were handed to a channel): acks cannot go past it.
+        self._out_index = self._out_offset = 0
+        self._kept: collections.deque[_Kept] = collections.deque()
+        self._resend: collections.deque[_Kept] = collections.deque()
+        self._pool: list[bytearray] = []
+        self._pool_bufs: list[bytearray] = []
+        self._loop = asyncio.get_running_loop()
+        self._bind(channels)
+        self.chunk = self.control.conn.max_chunk
+        self._sizes = tx_sizes(self.chunk, inflight)
+        self._bufs = workers.bank.take(self._sizes)
+        self._slots: asyncio.Queue[_TxSlot] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Endpoint, int, asyncio.Future[_Sealed], _TxSlot]] = (
+            asyncio.Queue())
+        self._queued = 0  # frames handed to the writer and not yet sent
+        self._start_writer()
+        self.downtime_phase = False
+        # ``auto`` over shared memory without a cap: compressing to save a memory copy is
+        # never faster, so it does not even probe.
+        self.auto = (AutoPolicy(threads=2, cap=max_bandwidth or None)
+                     if encoder.mode.name == "auto" and (max_bandwidth or not self.local)
+                     else None)
+        self.bucket = TokenBucket(max_bandwidth, self._loop.time()) if max_bandwidth else None
+        self._paced = 0.0
+        self._win_start = self._loop.time()
+        self._win_chunks = self._win_state = self._win_wire = 0
+        self._win_waited = self._waited()
+
+    def _bind(self, channels: list[Endpoint]) -> None:
+        self.channels = channels
+        self.control = channels[0]
+        #: Every payload is a store into the destination's memory: a copy, not link time.
+        self.local = all(e.channel.placement is not None and e.channel.placement.maps_remote
+                         for e in channels)
+        self.encoder.sparse = not self.local
+        self.control.handlers[Announced] = self._on_announced
+        self.control.handlers[Ack] = self._on_ack
+
+    def _start_writer(self) -> None:
+        while not self._slots.empty():
+            self._slots.get_nowait()
+        for i in range(0, len(self._bufs), 2):
+            self._slots.put_nowait(_TxSlot(self._bufs[i], self._bufs[i + 1]))
+        self._writer = self._loop.create_task(self._write_frames())
+
+    def _on_announced(self, msg: Announced) -> None:
+        self.acked_announced = max(self.acked_announced, msg.total)
+
+    def _on_ack(self, msg: Ack) -> None:
+        self.counters.acked = max(self.counters.acked, msg.offset)
+        if msg.index > self._out_index or msg.offset > self._out_offset:
+            raise ProtocolError(f"ack: chunk {msg.index} / offset {msg.offset} was never sent")
+        self._forget(msg.index)
+
+    def _forget(self, below: int) -> None:
+        """The destination loaded every chunk below ``below``: fold them into the
+        digest and let their buffers go."""
+        kept = self._kept
+        while kept and kept[0].index < below and kept[0].contrib:
+            k = kept.popleft()
+            self.digest.update(k.contrib)
+            if k.pooled is not None:
+                self._pool.append(k.pooled)
+        self.control.bus.wake.set()
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(chunk, offset) the destination acknowledged last: where a resume may start."""
+        if self._kept:
+            return self._kept[0].index, self._kept[0].offset
+        return self.index, self.offset
+
+    async def reserve(self, nbytes: int) -> None:
+        """Announce ahead what the stream will need (the stop-copy estimate before the
+        VF stops), so that no announcement round trip falls into the downtime."""
+        more = self.offset + nbytes - self.announced
+        if more > 0:
+            await self.announce(more)
+
+    async def announce(self, nbytes: int) -> None:
+        """Raise what the destination will accept, and wait until it has: data on
+        other channels may overtake the announcement otherwise."""
+        self.announced += nbytes
+        await self.control.send_control(Announce(more=nbytes))
+        target = self.announced
+        await self.control.bus.wait_until(lambda: self.acked_announced >= target, self.timeout,
+                                          "the destination to accept the announcement")
+
+    # --- a resumed stream ------------------------------------------------------------------
+
+    async def resend(self) -> None:
+        """After a resume: send again, now, what the destination had not loaded.  The
+        phase the source goes back to may only wait (for the initial bytes to load,
+        for the operator), and the destination waits for these very chunks."""
+        if self._resend:
+            await self.send(0)
+
+    async def stop(self) -> None:
+        """No more frames: the migration rolls back (its peer is told next)."""
+        await self._stop_writer()
+
+    async def suspend(self) -> None:
+        """The link broke: stop the writer and close every channel of it."""
+        await self._stop_writer()
+        for e in self.channels:
+            e.channel.close()
+
+    def rebind(self, channels: list[Endpoint], index: int, offset: int, announced: int) -> None:
+        """Continue on new ``channels`` from the destination's position: chunk
+        ``index`` at stream ``offset``, with ``announced`` bytes announced."""
+        first = self._kept[0].index if self._kept else self.index
+        if not first <= index <= self.index:
+            raise ProtocolError(f"resumed: the destination is at chunk {index}; this source "
+                                f"keeps chunks {first}..{self.index - 1}")
+        kept = [k for k in self._kept if k.index >= index]
+        if (kept[0].offset if kept else self.offset) != offset:
+            raise ProtocolError(f"resumed: chunk {index} is not at stream offset {offset}")
+        self._kept = collections.deque(k for k in self._kept if k.index < index)
+        for k in self._kept:
+            if not k.contrib:
+                raise ProtocolError(f"resumed past chunk {k.index}, which never went out")
+        self._forget(index)
+        for k in kept:
+            k.contrib = b""
+        self._resend = collections.deque(kept)
+        self._kept.extend(kept)
+        self.announced = self.acked_announced = announced
+        if any(e.conn.max_chunk < self.chunk for e in channels):
+            raise NegotiationError("resumed with a smaller chunk size than the stream uses")
+        self._bind(channels)
+        self._start_writer()
+
+    async def _stop_writer(self) -> None:
+        # Until it is done: a cancel can be absorbed by what the writer awaits.
+        while not self._writer.done():
+            self._writer.cancel()
+            await asyncio.wait([self._writer], timeout=1.0)
+        # Frames still being sealed by a worker must not write into buffers
+        # that another migration (or the resumed stream) already took.
+        while not self._queue.empty():
+            _, _, pending, _ = self._queue.get_nowait()
+            self._queue.task_done()
+            await asyncio.gather(pending, return_exceptions=True)
+        self._queued = 0
+
+    # --- reading the device -------------------------------------------------------------------
+
+    async def _read(self, buf: memoryview, lend: bool) -> tuple[memoryview, _Kept | None]:
+        """The next up to ``len(buf)`` bytes of the device's stream: lent by the
+        device when ``lend`` and it can (no copy), else read into ``buf``; and what
+        to keep of them for a resume.  Empty: nothing for now, or the end."""
+        pooled: bytearray | None = None
+        try:
+            if self.device.lends_memory:
+                views = self.device.read_views(len(buf))
+                assert views is not None
+                keep = _Kept(self.index, self.offset, views, None) if self.keep else None
+                if lend and len(views) == 1:
+                    return views[0], keep
+                n = 0  # a record boundary (the encoder wants one buffer), or into ``buf``
+                for v in views:
+                    buf[n : n + len(v)] = v
+                    n += len(v)
+                return buf[:n], keep
+            if self.keep:
+                pooled = await self._pooled()
+                if lend:  # read straight into the kept buffer: no copy for keeping it
+                    buf = memoryview(pooled)[: len(buf)]
+            if self.device.blocking_io:
+                n = await self._loop.run_in_executor(self.workers.io, self.device.read_into, buf)
+            else:
+                n = self.device.read_into(buf)
+            keep = None
+            if pooled is not None:
+                if n == 0:
+                    self._pool.append(pooled)  # nothing read into it: free again
+                else:
+                    if not lend:
+                        pooled[:n] = buf[:n]
+                    keep = _Kept(self.index, self.offset, [memoryview(pooled)[:n]], pooled)
+            return buf[:n], keep
+        except NoDataNow:
+            if pooled is not None:
+                self._pool.append(pooled)
+            return buf[:0], None
+
+    async def _pooled(self) -> bytearray:
+        """A chunk buffer to read into and keep; waits for acknowledgements if none is free.
+        Buffers come from the daemon's bank (pre-faulted, reused) as they are needed: a
+        176-byte device never takes more than one."""
+        if not self._pool and len(self._pool_bufs) < self._keep_n:
+            (buf,) = self.workers.bank.take((self.chunk,))
+            self._pool_bufs.append(buf)
+            return buf
+        await self.control.bus.wait_until(lambda: bool(self._pool), self.timeout,
+                                          "the destination to acknowledge loaded chunks")
+        return self._pool.pop()
+
+    def _compress_next(self) -> bool:
+        mode = self.encoder.mode.name
+        if mode != "auto":
+            return mode == "zstd"
+        if self.auto is None:
+            return False
+        if self.auto.compress:
+            return True
+        # One probe chunk now and then keeps the compressor's speed and ratio measured,
+        # while they matter.  By index: the window counters only move when frames are sent.
+        return self.auto.wants_probe() and self.index % (self.WINDOW * self.PROBE_EVERY) == 0
+
+    async def send(self, budget: int | None) -> int:
+        """Stream device data: up to ``budget`` bytes (pre-copy) or to end of stream.
+        Chunks a resume must send again go first (they do not count).
+
+        Returns the bytes sent; stops early on "no data for now".
+        """
+        if budget:
+            await self.announce(budget)
+        sent = 0
+        while True:
+            again = self._resend.popleft() if self._resend else None
+            if again is None and budget is not None and sent >= budget:
+                break
+            slot = await self._slots.get()
+            self.control.check()
+            index = self.index if again is None else again.index
+            ep = self.channels[index % len(self.channels)]
+            placement = ep.channel.placement
+            credit = target = None
+            if placement is not None:
+                # One-sided: the payload goes into a buffer the destination posted,
+                # filled right there when its memory is mapped here.
+                try:
+                    credit = await placement.credit()
+                except BaseException:
+                    self._slots.put_nowait(slot)
+                    raise
+                target = placement.view(credit)
+            compress = self._compress_next()
+            # Over shared memory the device's bytes go straight into the destination's
+            # buffer; otherwise they are sealed from wherever the device keeps them.
+            into = target if target is not None and not compress else memoryview(slot.plain)
+            if again is None:
+                want = self.chunk if budget is None else min(self.chunk, budget - sent)
+                if budget is None and self.offset + want > self.announced:
+                    await self.announce(max(want, self.device.stop_copy_size()))
+                plain, keep = await self._read(into[:want], lend=into is not target)
+            else:
+                plain, keep = _join(again.plain, into), None
+            n = len(plain)
+            if n == 0:
+                if placement is not None and credit is not None:
+                    placement.unused(credit)
+                self._slots.put_nowait(slot)
+                break
+            if again is None:
+                # Read from the device: it is part of the stream now, whatever happens to
+                # the frame (a resume sends it again from ``_kept``).
+                if keep is not None:
+                    self._kept.append(keep)
+                offset = self.offset
+                self.index += 1
+                self.offset += n
+                sent += n
+            else:
+                offset = again.offset
+            seq = ep.conn.reserve_seq()
+            args = (ep, slot, plain, seq, index, offset, credit, target, again is not None)
+            if compress:
+                self._hand_to_writer(ep, seq, self._loop.run_in_executor(
+                    self.workers.codec, self._seal, *args, True), slot)
+            elif self._queued == 0:  # nothing ahead of it: seal and send it right here
+                try:
+                    await self._emit(ep, seq, self._seal(*args, False))
+                finally:
+                    self._slots.put_nowait(slot)
+            else:
+                done: asyncio.Future[_Sealed] = self._loop.create_future()
+                done.set_result(self._seal(*args, False))
+                self._hand_to_writer(ep, seq, done, slot)
+        await self._queue.join()
+        self.control.check()
+        return sent
+
+    def _hand_to_writer(self, ep: Endpoint, seq: int, fut: asyncio.Future[_Sealed],
+                        slot: _TxSlot) -> None:
+        self._queued += 1
+        self._queue.put_nowait((ep, seq, fut, slot))
+
+    def _seal(self, ep: Endpoint, slot: _TxSlot, plain: memoryview, seq: int, index: int,
+              offset: int, credit: Credit | None, target: memoryview | None, again: bool,
+              compress: bool) -> _Sealed:
+        # Pieces only into our own buffer: it has room past the payload for the cipher.
+        encoding, payload = self.encoder.encode(plain, compress,
+                                                pieces=target is None and ep.conn.seals_pieces)
+        wire = memoryview(slot.wire)
+        header = wire[:HEADER_SIZE]
+        sealed = ep.conn.seal_data_into(seq, index, offset, encoding, payload, len(plain), header,
+                                        target if target is not None else wire[HEADER_SIZE:])
+        if credit is None:  # header and payload side by side: one buffer on the stream
+            return _Sealed(header, sealed, encoding, len(plain), None, False, index, offset, again,
+                           wire[:HEADER_SIZE + len(sealed)])
+        return _Sealed(header, sealed, encoding, len(plain), credit, target is not None, index,
+                       offset, again)
+
+    def _waited(self) -> float:
+        return sum(e.channel.waited for e in self.channels) + self._paced
+
+    async def _emit(self, ep: Endpoint, seq: int, sealed: _Sealed) -> None:
+        """Pace, send (in sequence order) and account for one sealed frame."""
+        if self.bucket is not None:
+            delay = self.bucket.delay(HEADER_SIZE + len(sealed.payload), self._loop.time())
+            if delay:
+                self._paced += delay
+                await asyncio.sleep(delay)
+        if self.keep:
+            # Folded into the digest once acknowledged; a resume seals it anew.
+            self._find_kept(sealed.index).contrib = (bytes(sealed.header)
+                                                     + bytes(sealed.payload[-TAG_SIZE:]))
+        self._out_index = max(self._out_index, sealed.index + 1)
+        self._out_offset = max(self._out_offset, sealed.offset + sealed.plain_len)
+        placement = ep.channel.placement
+        if sealed.frame is not None:
+            ep.conn.submit(seq, sealed.frame)
+            await ep.flush()
+        else:
+            assert placement is not None and sealed.credit is not None
+            # The payload lands before the header that points the receiver at it.
+            written = placement.write(sealed.credit, None if sealed.in_place else sealed.payload,
+                                      len(sealed.payload))
+            ep.conn.submit(seq, sealed.header)
+            try:
+                await ep.flush()
+            finally:
+                if not written.done():  # (a done one costs no trip through the loop)
+                    await asyncio.wait([written])
+            written.result()
+        self._count(sealed)
+
+    def _count(self, sealed: _Sealed) -> None:
+        header, payload = sealed.header, sealed.payload
+        if not self.keep:
+            self.digest.update(header)
+            self.digest.update(payload[-TAG_SIZE:])
+        c = self.counters
+        encoding, plain_len = sealed.encoding, sealed.plain_len
+        if sealed.again:
+            c.resent_bytes += plain_len
+        else:
+            c.transferred += plain_len
+        c.wire_bytes += HEADER_SIZE + len(payload)
+        c.chunks += 1
+        c.zero_chunks += encoding == Encoding.ZERO
+        c.compressed_chunks += encoding == Encoding.ZSTD
+        c.sparse_chunks += encoding == Encoding.SPARSE
+        if self.downtime_phase:
+            c.downtime_bytes += plain_len
+        else:
+            c.precopy_bytes += plain_len
+        if self.auto is not None:
+            self._window(plain_len, HEADER_SIZE + len(payload))
+
+    def _find_kept(self, index: int) -> _Kept:
+        kept = self._kept
+        pos = index - kept[0].index  # kept chunks are consecutive
+        k = kept[pos]
+        assert k.index == index
+        return k
+
+    def _window(self, state: int, wire: int) -> None:
+        self._win_chunks += 1
+        self._win_state += state
+        self._win_wire += wire
+        if self._win_chunks < self.WINDOW:
+            return
+        assert self.auto is not None
+        now, waited = self._loop.time(), self._waited()
+        cpu, n_in, n_out = self.encoder.take_stats()
+        decided = self.auto.record(Window(
+            compressed=self.auto.compress, state_bytes=self._win_state, wire_bytes=self._win_wire,
+            seconds=now - self._win_start, waiting_seconds=waited - self._win_waited,
+            compress_cpu=cpu, compress_in=n_in, compress_out=n_out))
+        self.counters.auto_windows += 1
+        self.counters.auto_compressed_windows += decided
+        self._win_start, self._win_waited = now, waited
+        self._win_chunks = self._win_state = self._win_wire = 0
+
+    async def _write_frames(self) -> None:
+        while True:
+            ep, seq, fut, slot = await self._queue.get()
+            try:
+                await self._emit(ep, seq, await fut)
+            except MigdError as exc:
+                ep.fail(exc)
+            except Exception:  # a worker crashed: never leave the waiter hanging
+                log.exception("send pipeline failed")
+                ep.fail(MigdError("internal error in the send pipeline"))
+            finally:
+                self._slots.put_nowait(slot)
+                self._queued -= 1
+                self._queue.task_done()
+
+    def end_record(self) -> End:
+        digest = self.digest.copy()
+        for k in self._kept:
+            digest.update(k.contrib)
+        return End(length=self.offset, chunks=self.index, digest=digest.digest())
+
+    async def close(self) -> None:
+        await self._stop_writer()
+        self.workers.bank.give(self._sizes, self._bufs)
+        self._kept.clear()
+        self._resend.clear()
+        self._pool.clear()
+        for buf in self._pool_bufs:
+            self.workers.bank.give((self.chunk,), [buf])
+        self._pool_bufs = []
+
+
+def _join(pieces: list[memoryview], into: memoryview) -> memoryview:
+    """A kept chunk as one buffer for the encoder: itself, or its pieces copied into ``into``."""
+    if len(pieces) == 1 and pieces[0].obj is not into.obj:
+        return pieces[0]
+    n = 0
+    for p in pieces:
+        into[n : n + len(p)] = p
+        n += len(p)
+    return into[:n]
