@@ -24,6 +24,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from backends.base import Device
 from backends.states import DeviceState
 
 from . import journal
@@ -55,57 +56,74 @@ def recover(host: Host) -> list[Coroutine[Any, Any, None]]:
                               "configure it again (or settle the migration by hand and move "
                               "the file away)")
         if rec.role == "source":
-            group = groups.get(rec.group) if rec.group else None
-            decided = rec.phase == journal.COMMIT or (
-                rec.open and group is not None and group.phase == journal.COMMIT)
-            if rec.open and decided:
-                assert dev is not None
-                job, drv = recovered_source(host, rec, dev)
-                host.busy.add(rec.device)
-                _hold_stopped(rec, dev)
-                log.warning("recovery: migration %s decided COMMIT before the restart: %s "
-                            "stays stopped; telling the destination", rec.id, rec.device)
-                _start(host, job, drv.run(), runs)
-            elif rec.open:
-                assert dev is not None
-                host.busy.add(rec.device)
-                job = _history(host, rec, Phase.ROLLING_BACK, None)  # "pending" to the peer
-                job.done.clear()
-                runs.append(_settle_undecided(host, rec, dev, job))
-            else:
-                _history(host, rec, Phase.DONE if rec.phase == journal.COMPLETED
-                         else Phase.ROLLED_BACK, MigdError(rec.reason) if rec.reason else None)
+            _recover_source(host, rec, dev, groups, runs)
         else:
-            if rec.phase == journal.LOADING:
-                assert dev is not None
-                try:
-                    dev.reset()
-                except MigdError as err:
-                    # Not running the guest either way; the next start tries again.
-                    log.error("recovery: reset of %s failed: %s", rec.device, err.message)
-                    _history(host, rec, Phase.RESET, err)
-                    continue
-                rec.reason = "migd restarted before the stream was complete: the VF was reset"
-                rec.phase = journal.RESET
-                j.write(rec, durable=False)
-                log.warning("recovery: incoming migration %s had not voted: %s reset", rec.id,
-                            rec.device)
-                _history(host, rec, Phase.RESET, MigdError(rec.reason))
-            elif rec.open:
-                assert dev is not None
-                job, ddrv = recovered_destination(host, rec, dev)
-                host.busy.add(rec.device)
-                log.warning("recovery: incoming migration %s %s before the restart: %s holds the "
-                            "loaded state", rec.id, rec.phase, rec.device)
-                _start(host, job, ddrv.run(), runs)
-            elif rec.phase == journal.COMPLETED and not rec.resume and not rec.started \
-                    and dev is not None and dev.state == DeviceState.STOP:
-                _history(host, rec, Phase.LOADED, None)  # device-resume starts it
-            else:
-                _history(host, rec, Phase.DONE if rec.phase == journal.COMPLETED
-                         else Phase.RESET, MigdError(rec.reason) if rec.reason else None)
+            _recover_destination(host, rec, dev, runs)
     j.prune()
     return runs
+
+
+def _recover_source(host: Host, rec: journal.Record, dev: Device | None,
+                    groups: dict[str, journal.Record],
+                    runs: list[Coroutine[Any, Any, None]]) -> None:
+    """A source record: decided COMMIT (held stopped, the destination told), open and
+    undecided (rolled back, the peer told), or history."""
+    group = groups.get(rec.group) if rec.group else None
+    decided = rec.phase == journal.COMMIT or (
+        rec.open and group is not None and group.phase == journal.COMMIT)
+    if rec.open and decided:
+        assert dev is not None
+        job, drv = recovered_source(host, rec, dev)
+        host.busy.add(rec.device)
+        _hold_stopped(rec, dev)
+        log.warning("recovery: migration %s decided COMMIT before the restart: %s "
+                    "stays stopped; telling the destination", rec.id, rec.device)
+        _start(host, job, drv.run(), runs)
+    elif rec.open:
+        assert dev is not None
+        host.busy.add(rec.device)
+        job = _history(host, rec, Phase.ROLLING_BACK, None)  # "pending" to the peer
+        job.done.clear()
+        runs.append(_settle_undecided(host, rec, dev, job))
+    else:
+        _history(host, rec, Phase.DONE if rec.phase == journal.COMPLETED
+                 else Phase.ROLLED_BACK, MigdError(rec.reason) if rec.reason else None)
+
+
+def _recover_destination(host: Host, rec: journal.Record, dev: Device | None,
+                         runs: list[Coroutine[Any, Any, None]]) -> None:
+    """A destination record: not voted (reset), voted or committing (held, the source
+    asked), loaded and left stopped (device-resume starts it), or history."""
+    j = host.journal
+    assert j is not None
+    if rec.phase == journal.LOADING:
+        assert dev is not None
+        try:
+            dev.reset()
+        except MigdError as err:
+            # Not running the guest either way; the next start tries again.
+            log.error("recovery: reset of %s failed: %s", rec.device, err.message)
+            _history(host, rec, Phase.RESET, err)
+            return
+        rec.reason = "migd restarted before the stream was complete: the VF was reset"
+        rec.phase = journal.RESET
+        j.write(rec, durable=False)
+        log.warning("recovery: incoming migration %s had not voted: %s reset", rec.id,
+                    rec.device)
+        _history(host, rec, Phase.RESET, MigdError(rec.reason))
+    elif rec.open:
+        assert dev is not None
+        job, ddrv = recovered_destination(host, rec, dev)
+        host.busy.add(rec.device)
+        log.warning("recovery: incoming migration %s %s before the restart: %s holds the "
+                    "loaded state", rec.id, rec.phase, rec.device)
+        _start(host, job, ddrv.run(), runs)
+    elif rec.phase == journal.COMPLETED and not rec.resume and not rec.started \
+            and dev is not None and dev.state == DeviceState.STOP:
+        _history(host, rec, Phase.LOADED, None)  # device-resume starts it
+    else:
+        _history(host, rec, Phase.DONE if rec.phase == journal.COMPLETED
+                 else Phase.RESET, MigdError(rec.reason) if rec.reason else None)
 
 
 def _start(host: Host, job: Job, run: Coroutine[Any, Any, None],

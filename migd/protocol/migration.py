@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 
 from ..errors import IllegalTransition, IncompleteStream, IntegrityError, OverAnnounced
 from .messages import End
@@ -249,18 +250,21 @@ STOPPED = (P.STOP_COPY, P.VOTING, P.DECIDING, P.DECIDED, P.RESOLVING, P.ROLLING_
 TERMINAL = frozenset({P.DONE, P.LOADED, P.ROLLED_BACK, P.RESET})
 
 
-def _build() -> dict[tuple[Role, Phase, Event], Step]:
-    table: dict[tuple[Role, Phase, Event], Step] = {}
+#: Adds one row to the table being built: (role, phase, event) -> (next, acts).
+Go = Callable[..., None]
 
-    def go(role: Role, phase: Phase, event: Event, nxt: Phase,
-           acts: tuple[Act, ...] | None = None) -> None:
-        table[(role, phase, event)] = Step(nxt, ENTRY.get((role, nxt), ()) if acts is None
-                                           else acts)
 
+def _route_rows(go: Go) -> None:
+    """The happy paths, each phase's entry acts included."""
     for role, route in ((S, _SOURCE_ROUTE), (D, _DEST_ROUTE)):
         for phase, event, nxt in route:
             go(role, phase, event, nxt)
     go(D, P.SETUP, E.START, P.LOADING, (A.ACCEPT, A.AWAIT_END))
+
+
+def _source_rows(go: Go) -> None:
+    """The source's rules: before its decision it may roll back on its own; after it,
+    never.  (And for either side: whatever goes wrong while asking, it keeps asking.)"""
     # -- source: before the decision it may roll back on its own ---------------------------
     for phase in SOURCE_UNDECIDED:
         go(S, phase, E.FAIL, P.ROLLING_BACK)
@@ -293,6 +297,11 @@ def _build() -> dict[tuple[Role, Phase, Event], Step]:
             # Whatever goes wrong while asking, it keeps asking: never a silent end.
             go(role, phase, E.FAIL, phase)
             go(role, phase, E.LINK_DOWN, phase)
+
+
+def _destination_rows(go: Go) -> None:
+    """The destination's rules: before its vote it may reset on its own; once voted, it
+    holds the loaded state until it hears the decision."""
     # -- destination: before its vote it may reset on its own --------------------------------
     for phase in DEST_UNVOTED:
         go(D, phase, E.FAIL, P.RESET)
@@ -326,6 +335,18 @@ def _build() -> dict[tuple[Role, Phase, Event], Step]:
     # Committed and left stopped (stay-stopped), or stuck above: the operator's
     # device-resume starts it.
     go(D, P.LOADED, E.STARTED, P.DONE, (A.JOURNAL_DONE,))
+
+
+def _build() -> dict[tuple[Role, Phase, Event], Step]:
+    table: dict[tuple[Role, Phase, Event], Step] = {}
+
+    def go(role: Role, phase: Phase, event: Event, nxt: Phase,
+           acts: tuple[Act, ...] | None = None) -> None:
+        table[(role, phase, event)] = Step(nxt, ENTRY.get((role, nxt), ()) if acts is None
+                                           else acts)
+
+    for rows in (_route_rows, _source_rows, _destination_rows):
+        rows(go)
     return table
 
 
