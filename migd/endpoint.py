@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from transports import sockets
-from transports.base import Channel
+from transports.base import Channel, Credit
 
+from .crypto import Opener
 from .errors import (
     IncompleteStream,
     LinkLost,
@@ -89,6 +91,16 @@ class Bus:
             if remaining <= 0:
                 raise MigrationTimeout(f"peer silent for {timeout:.0f}s while waiting for {what}")
             await wait_event(self.wake, remaining)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlacedWrite:
+    """A payload written one-sided into the receiver's buffer ``credit`` (RDMA-like
+    transports): ``payload`` None means it was filled in place already."""
+
+    credit: Credit
+    payload: memoryview | None
+    length: int
 
 
 class Endpoint:
@@ -204,6 +216,63 @@ class Endpoint:
             frames = self.conn.pop_ready()
             if frames:
                 await self.channel.send(frames)
+
+    # --- the data path: all the pipeline asks of a channel (never its Connection) ------------
+
+    @property
+    def max_chunk(self) -> int:
+        return self.conn.max_chunk
+
+    @property
+    def seals_pieces(self) -> bool:
+        return self.conn.seals_pieces
+
+    @property
+    def opens_pieces(self) -> bool:
+        return self.conn.opens_pieces
+
+    def next_seq(self) -> int:
+        """The sequence number of the next sealed frame: frames leave in this order."""
+        return self.conn.reserve_seq()
+
+    def seal_data(self, seq: int, index: int, offset: int, encoding: int,
+                  payload: bytes | memoryview | list[memoryview], plain_len: int,
+                  header_out: memoryview, payload_out: memoryview) -> memoryview:
+        """Seal one chunk (any thread): its header into ``header_out``, ciphertext and
+        tag into ``payload_out``; returns the sealed payload."""
+        return self.conn.seal_data_into(seq, index, offset, encoding, payload, plain_len,
+                                        header_out, payload_out)
+
+    def send_data(self, seq: int, frame: memoryview, placed: PlacedWrite | None = None
+                  ) -> Awaitable[None]:
+        """Send sealed frame ``seq`` in sequence order.  With ``placed``, ``frame`` is its
+        header only: the payload is written one-sided into the receiver's credited
+        buffer first, and this is done once that write is.  (Not a coroutine of its
+        own: on the stream path it is the flush itself, no extra step per chunk.)"""
+        if placed is None:
+            self.conn.submit(seq, frame)
+            return self.flush()
+        return self._send_placed(seq, frame, placed)
+
+    async def _send_placed(self, seq: int, frame: memoryview, placed: PlacedWrite) -> None:
+        placement = self.channel.placement
+        assert placement is not None
+        written = placement.write(placed.credit, placed.payload, placed.length)
+        self.conn.submit(seq, frame)
+        try:
+            await self.flush()
+        finally:
+            if not written.done():  # (a done one costs no trip through the loop)
+                await asyncio.wait([written])
+        written.result()
+
+    def open_data_into(self, ev: Data, out: memoryview) -> int:
+        """Authenticate and decrypt a DATA payload into ``out`` (any thread)."""
+        return self.conn.open_data_into(ev, out)
+
+    def opener(self, ev: Data) -> Opener | None:
+        """A piecewise opener for a DATA payload, when the cipher has one (AES-GCM)."""
+        return self.conn.opener(ev)
 
     def unblock(self) -> None:
         """A data buffer was released: let a waiting payload continue."""

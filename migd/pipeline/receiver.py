@@ -166,7 +166,7 @@ class StreamReceiver:
             ep.handlers[Announce] = self.announce
             ep.handlers[InitialSent] = self.initial_sent
         self._direct[channel] = (self.device.lends_memory and not self.device.blocking_io
-                                 and ep.conn.opens_pieces)
+                                 and ep.opens_pieces)
         placement = ep.channel.placement
         if placement is not None:
             # The channel's payload buffers become registered memory the source
@@ -262,19 +262,19 @@ class StreamReceiver:
         out = (memoryview(slot.payload) if in_place else memoryview(slot.plain))[: h.plain_len]
         _check_body(h, body)
         if h.encoding == Encoding.RAW:
-            ep.conn.open_data_into(ev, out)
+            ep.open_data_into(ev, out)
             return [out]
         if h.encoding == Encoding.SPARSE:
-            ep.conn.open_data_into(ev, out[:body])
+            ep.open_data_into(ev, out[:body])
             return self.decoder.sparse_segments(out[:body], h.plain_len)
         if h.encoding == Encoding.ZERO:
             if body:
                 raise IntegrityError(f"zero chunk {h.index} carries a payload")
-            ep.conn.open_data_into(ev, out[:0])
+            ep.open_data_into(ev, out[:0])
             return [zero_view(h.plain_len)]
         if h.encoding == Encoding.ZSTD:
             scratch = self._scratch_buf()
-            n = ep.conn.open_data_into(ev, scratch[:body])
+            n = ep.open_data_into(ev, scratch[:body])
             self.decoder.decode_into(h.encoding, scratch[:n], out)
             return [out]
         raise IntegrityError(f"chunk {h.index} has unknown encoding {h.encoding}")
@@ -290,7 +290,7 @@ class StreamReceiver:
         h = ev.header
         ep = self.endpoints[slot.channel]
         assert ep is not None
-        opener = ep.conn.opener(ev)
+        opener = ep.opener(ev)
         assert opener is not None
         payload = memoryview(slot.payload)[: h.payload_len]
         body = payload[:-TAG_SIZE]
@@ -332,7 +332,7 @@ class StreamReceiver:
         """Check a chunk's tag the slow way (error paths only): IntegrityError if forged."""
         ep = self.endpoints[slot.channel]
         assert ep is not None
-        ep.conn.open_data_into(ev, self._scratch_buf()[: ev.header.payload_len - TAG_SIZE])
+        ep.open_data_into(ev, self._scratch_buf()[: ev.header.payload_len - TAG_SIZE])
 
     def _scratch_buf(self) -> memoryview:
         """This thread's chunk-sized scratch (for what cannot be opened in place)."""

@@ -21,7 +21,7 @@ from transports.base import Credit
 
 from ..codec import Encoder, Encoding
 from ..crypto import TAG_SIZE
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, PlacedWrite
 from ..errors import (
     MigdError,
     NegotiationError,
@@ -132,7 +132,7 @@ class StreamSender:
         self._pool_bufs: list[bytearray] = []
         self._loop = asyncio.get_running_loop()
         self._bind(channels)
-        self.chunk = self.control.conn.max_chunk
+        self.chunk = self.control.max_chunk
         self._sizes = tx_sizes(self.chunk, inflight)
         self._bufs = workers.bank.take(self._sizes)
         self._slots: asyncio.Queue[_TxSlot] = asyncio.Queue()
@@ -251,7 +251,7 @@ class StreamSender:
         self._resend = collections.deque(kept)
         self._kept.extend(kept)
         self.announced = self.acked_announced = announced
-        if any(e.conn.max_chunk < self.chunk for e in channels):
+        if any(e.max_chunk < self.chunk for e in channels):
             raise NegotiationError("resumed with a smaller chunk size than the stream uses")
         self._bind(channels)
         self._start_writer()
@@ -390,7 +390,7 @@ class StreamSender:
                 sent += n
             else:
                 offset = again.offset
-            seq = ep.conn.reserve_seq()
+            seq = ep.next_seq()
             args = (ep, slot, plain, seq, index, offset, credit, target, again is not None)
             if compress:
                 self._hand_to_writer(ep, seq, self._loop.run_in_executor(
@@ -418,11 +418,11 @@ class StreamSender:
               compress: bool) -> _Sealed:
         # Pieces only into our own buffer: it has room past the payload for the cipher.
         encoding, payload = self.encoder.encode(plain, compress,
-                                                pieces=target is None and ep.conn.seals_pieces)
+                                                pieces=target is None and ep.seals_pieces)
         wire = memoryview(slot.wire)
         header = wire[:HEADER_SIZE]
-        sealed = ep.conn.seal_data_into(seq, index, offset, encoding, payload, len(plain), header,
-                                        target if target is not None else wire[HEADER_SIZE:])
+        sealed = ep.seal_data(seq, index, offset, encoding, payload, len(plain), header,
+                              target if target is not None else wire[HEADER_SIZE:])
         if credit is None:  # header and payload side by side: one buffer on the stream
             return _Sealed(header, sealed, encoding, len(plain), None, False, index, offset, again,
                            wire[:HEADER_SIZE + len(sealed)])
@@ -445,22 +445,13 @@ class StreamSender:
                                                      + bytes(sealed.payload[-TAG_SIZE:]))
         self._out_index = max(self._out_index, sealed.index + 1)
         self._out_offset = max(self._out_offset, sealed.offset + sealed.plain_len)
-        placement = ep.channel.placement
         if sealed.frame is not None:
-            ep.conn.submit(seq, sealed.frame)
-            await ep.flush()
+            await ep.send_data(seq, sealed.frame)
         else:
-            assert placement is not None and sealed.credit is not None
+            assert sealed.credit is not None
             # The payload lands before the header that points the receiver at it.
-            written = placement.write(sealed.credit, None if sealed.in_place else sealed.payload,
-                                      len(sealed.payload))
-            ep.conn.submit(seq, sealed.header)
-            try:
-                await ep.flush()
-            finally:
-                if not written.done():  # (a done one costs no trip through the loop)
-                    await asyncio.wait([written])
-            written.result()
+            await ep.send_data(seq, sealed.header, PlacedWrite(
+                sealed.credit, None if sealed.in_place else sealed.payload, len(sealed.payload)))
         self._count(sealed)
 
     def _count(self, sealed: _Sealed) -> None:
