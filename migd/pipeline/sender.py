@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 
 from backends.base import Device
-from transports.base import Credit
+from transports.base import Credit, Placement
 
 from ..codec import Encoder, Encoding
 from ..crypto import TAG_SIZE
@@ -77,6 +77,12 @@ class _Kept:
     pooled: bytearray | None
     #: What the stream digest folds in for it once it is acknowledged (header and tag).
     contrib: bytes = b""
+
+
+#: What sealing one chunk takes: endpoint, slot, plain bytes, sequence, index, offset,
+#: credit and target (one-sided), and whether it is sent again after a resume.
+_SealArgs = tuple[Endpoint, _TxSlot, memoryview, int, int, int, Credit | None,
+                  memoryview | None, bool]
 
 
 class StreamSender:
@@ -352,16 +358,7 @@ class StreamSender:
             index = self.index if again is None else again.index
             ep = self.channels[index % len(self.channels)]
             placement = ep.channel.placement
-            credit = target = None
-            if placement is not None:
-                # One-sided: the payload goes into a buffer the destination posted,
-                # filled right there when its memory is mapped here.
-                try:
-                    credit = await placement.credit()
-                except BaseException:
-                    self._slots.put_nowait(slot)
-                    raise
-                target = placement.view(credit)
+            credit, target = await self._credit(placement, slot)
             compress = self._compress_next()
             # Over shared memory the device's bytes go straight into the destination's
             # buffer; otherwise they are sealed from wherever the device keeps them.
@@ -391,22 +388,41 @@ class StreamSender:
             else:
                 offset = again.offset
             seq = ep.next_seq()
-            args = (ep, slot, plain, seq, index, offset, credit, target, again is not None)
-            if compress:
-                self._hand_to_writer(ep, seq, self._loop.run_in_executor(
-                    self.workers.codec, self._seal, *args, True), slot)
-            elif self._queued == 0:  # nothing ahead of it: seal and send it right here
-                try:
-                    await self._emit(ep, seq, self._seal(*args, False))
-                finally:
-                    self._slots.put_nowait(slot)
-            else:
-                done: asyncio.Future[_Sealed] = self._loop.create_future()
-                done.set_result(self._seal(*args, False))
-                self._hand_to_writer(ep, seq, done, slot)
+            await self._dispatch(compress, slot, (ep, slot, plain, seq, index, offset, credit,
+                                                  target, again is not None))
         await self._queue.join()
         self.control.check()
         return sent
+
+    async def _credit(self, placement: Placement | None, slot: _TxSlot
+                      ) -> tuple[Credit | None, memoryview | None]:
+        """One-sided: the credit for the next payload, and the destination's buffer itself
+        when its memory is mapped here (filled right there).  None, None on a stream."""
+        if placement is None:
+            return None, None
+        try:
+            credit = await placement.credit()
+        except BaseException:
+            self._slots.put_nowait(slot)
+            raise
+        return credit, placement.view(credit)
+
+    async def _dispatch(self, compress: bool, slot: _TxSlot, args: _SealArgs) -> None:
+        """Seal a chunk and send it: compressed ones on the worker pool, through the
+        writer; others right here when nothing is ahead of them."""
+        ep, seq = args[0], args[3]
+        if compress:
+            self._hand_to_writer(ep, seq, self._loop.run_in_executor(
+                self.workers.codec, self._seal, *args, True), slot)
+        elif self._queued == 0:  # nothing ahead of it: seal and send it right here
+            try:
+                await self._emit(ep, seq, self._seal(*args, False))
+            finally:
+                self._slots.put_nowait(slot)
+        else:
+            done: asyncio.Future[_Sealed] = self._loop.create_future()
+            done.set_result(self._seal(*args, False))
+            self._hand_to_writer(ep, seq, done, slot)
 
     def _hand_to_writer(self, ep: Endpoint, seq: int, fut: asyncio.Future[_Sealed],
                         slot: _TxSlot) -> None:

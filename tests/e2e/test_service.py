@@ -55,7 +55,11 @@ options = { size = "4M", content = "zero" }
                 final = c.migrate_follow({"device": "vf0", "peer": d.address})
             assert final["status"] == "completed"
             assert any("STATUS=" in m for m in recv_until(notify, "STATUS="))
-            (incoming,) = d.call("query-migrate")
+            # The destination's record settles a moment after the source's report.
+            deadline = time.monotonic() + 10
+            while (incoming := d.call("query-migrate")[0])["status"] != "completed" \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert incoming["status"] == "completed"
             # and back, with nothing said but device and peer: the file's [defaults] apply
             with d.client() as c:
