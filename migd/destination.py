@@ -551,6 +551,8 @@ class DestinationDriver(Driver):
         err = self.error or MigdError("aborted")
         job.decision = "abort"
         reset = True
+        if self.receiver is not None:
+            await self.receiver.stop()  # no chunk may land after the wipe
         if dev is not None:
             try:
                 await self._loop.run_in_executor(self.host.workers.io, dev.reset)

@@ -94,6 +94,7 @@ class StreamReceiver:
     def __init__(self, bus: Bus, device: Device, workers: Workers, counters: Counters,
                  max_chunk: int, limit_bytes: int, channels: int = 1,
                  inflight: int = DEFAULT_INFLIGHT) -> None:
+        self._stopped = False
         self.device = device
         self.workers = workers
         self.counters = counters
@@ -211,6 +212,9 @@ class StreamReceiver:
     def on_data(self, channel: int, ev: Data) -> None:
         h = ev.header
         slot = self._by_payload[id(ev.buf)]
+        if self._stopped:  # the device is being (or was) reset: nothing more goes in
+            self._release(slot)
+            return
         try:
             if h.index != self._chan_next[channel]:
                 raise IntegrityError(f"chunk {h.index} on channel {channel} where chunk "
@@ -456,7 +460,22 @@ class StreamReceiver:
         self._acked = self.next_index
         self._have.set()
 
+    async def stop(self) -> None:
+        """Load nothing more: chunks still arriving are dropped, and what is being
+        loaded is finished first.  Before a device is reset, so that no chunk lands
+        in it after the wipe."""
+        self._stopped = True
+        while not self._writer.done():
+            self._writer.cancel()
+            await asyncio.wait([self._writer], timeout=1.0)
+        for placed in self._ready.values():
+            await asyncio.gather(placed.pieces, return_exceptions=True)
+        # A load the writer handed to the I/O thread is done when that thread gets to a
+        # later job: it runs jobs in order.
+        await self._loop.run_in_executor(self.workers.io, lambda: None)
+
     async def close(self) -> None:
+        self._stopped = True
         while not self._writer.done():
             self._writer.cancel()
             await asyncio.wait([self._writer], timeout=1.0)

@@ -121,3 +121,20 @@ async def test_an_end_record_that_does_not_match_is_refused() -> None:
         with pytest.raises((IncompleteStream, IntegrityError)):
             await asyncio.wait_for(r.receiver.finish(short, 10), 20)
         assert r.dst.state == S.RESUMING  # the receiver never starts a device
+
+
+async def test_once_stopped_nothing_lands_in_the_device() -> None:
+    """Before a failed destination's device is reset, the receiver stops: a chunk
+    still on its way must not land after the wipe (a reset VF holds nothing)."""
+    import hashlib
+
+    async with rig() as r:
+        sending = asyncio.create_task(r.sender.send(None))
+        while r.receiver.next_index < 2:
+            await asyncio.sleep(0.001)
+        await r.receiver.stop()
+        r.dst.reset()
+        await asyncio.wait_for(sending, 30)  # the rest arrives, and is dropped
+        await asyncio.sleep(0.05)
+        assert r.receiver.next_index < r.sender.index
+        assert r.dst.digest() == hashlib.sha256(bytes(r.dst.state_size())).hexdigest()
