@@ -464,22 +464,20 @@ class StreamReceiver:
         """Load nothing more: chunks still arriving are dropped, and what is being
         loaded is finished first.  Before a device is reset, so that no chunk lands
         in it after the wipe."""
-        self._stopped = True
-        while not self._writer.done():
-            self._writer.cancel()
-            await asyncio.wait([self._writer], timeout=1.0)
-        for placed in self._ready.values():
-            await asyncio.gather(placed.pieces, return_exceptions=True)
+        await self._quiesce()
         # A load the writer handed to the I/O thread is done when that thread gets to a
         # later job: it runs jobs in order.
         await self._loop.run_in_executor(self.workers.io, lambda: None)
 
-    async def close(self) -> None:
+    async def _quiesce(self) -> None:
         self._stopped = True
         while not self._writer.done():
             self._writer.cancel()
             await asyncio.wait([self._writer], timeout=1.0)
         for placed in self._ready.values():
             await asyncio.gather(placed.pieces, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self._quiesce()
         self.workers.bank.give(self._sizes, self._bufs)
         self._bufs = []
