@@ -6,6 +6,7 @@ CPU seconds and peak daemon memory per side) and writes the raw runs as JSON.
     .venv/bin/python bench/compare.py --repeat 5
     .venv/bin/python bench/compare.py --state-size 4G --repeat 1 --configs none/aes-256-gcm
     .venv/bin/python bench/compare.py --configs none/none/2/rdma+shm none/aes-256-gcm/2/tcp
+    .venv/bin/python bench/compare.py --baseline --repeat 5   # and the raw socket copy
 
 A configuration is ``COMPRESS/CIPHER[/CHANNELS[/TRANSPORT]]`` (defaults 1, tcp).
 
@@ -19,9 +20,11 @@ import argparse
 import json
 import os
 import pathlib
+import socket
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MKSTATE = ROOT.parent / "shared" / "tools" / "mkstate.py"
@@ -50,6 +53,39 @@ def run(source: list[str], config: str) -> dict[str, object]:
     return result
 
 
+def socat_copy(path: str) -> dict[str, object]:
+    """The raw socket copy migd is measured against: the image from a file through TCP
+    on loopback into /dev/null with socat and 1 MiB buffers, no crypto, no device.  CPU
+    and peak memory of both processes from wait4."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rx = subprocess.Popen(["socat", "-u", "-b", str(1 << 20),
+                           f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", "OPEN:/dev/null"])
+    deadline = time.monotonic() + 10
+    while f":{port:04X} " not in pathlib.Path("/proc/net/tcp").read_text():  # listening yet?
+        if time.monotonic() > deadline:
+            rx.kill()
+            sys.exit("socat did not start listening")
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    tx = subprocess.Popen(["socat", "-u", "-b", str(1 << 20), f"OPEN:{path}",
+                           f"TCP:127.0.0.1:{port}"])
+    usage = {}
+    for name, proc in (("source", tx), ("destination", rx)):
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            sys.exit(f"socat ({name}) failed: exit {proc.returncode}")
+        usage[name] = ru
+    seconds = time.monotonic() - t0
+    size = os.path.getsize(path)
+    return {"gbps": round(size / seconds / 1e9, 3), "bytes": size, "wire_bytes": size,
+            "seconds": seconds, "verified": True,
+            "cpu_seconds": {k: round(ru.ru_utime + ru.ru_stime, 3) for k, ru in usage.items()},
+            "mem_peak_bytes": {k: ru.ru_maxrss * 1024 for k, ru in usage.items()}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -59,32 +95,47 @@ def main() -> int:
     group.add_argument("--state-file")
     group.add_argument("--state-size")
     ap.add_argument("--json-out", default=str(ROOT / "bench" / "results" / "compare.json"))
+    ap.add_argument("--baseline", action="store_true",
+                    help="also run the raw socket copy (socat, 1 MiB buffers, file -> TCP -> "
+                         "/dev/null) in every round, and print each figure as a ratio to it")
     args = ap.parse_args()
     if args.state_size:
         source, what = ["--state-size", args.state_size], f"sim mix, {args.state_size}"
     else:
         path = args.state_file or image(1024, 42)
         source, what = ["--state-file", path], os.path.basename(path)
-    runs: dict[str, list[dict[str, object]]] = {c: [] for c in args.configs}
+    if args.baseline and args.state_size:
+        sys.exit("--baseline copies a file: give --state-file (or the default image)")
+    configs = (["socat"] if args.baseline else []) + list(args.configs)
+    runs: dict[str, list[dict[str, object]]] = {c: [] for c in configs}
     for i in range(args.repeat):
-        for config in args.configs:
-            r = run(source, config)
+        for config in configs:
+            r = socat_copy(path) if config == "socat" else run(source, config)
             if not r.get("verified"):
                 sys.exit(f"{config}: migration not verified: {r}")
             runs[config].append(r)
             print(f"run {i + 1}/{args.repeat} {config}: {r['gbps']} GB/s", file=sys.stderr)
-    print(f"\n{what}, {args.repeat} interleaved run(s) each, both daemons on this machine\n")
+    print(f"\n{what}, {args.repeat} interleaved run(s) each, both ends on this machine\n")
     print("| compress/cipher[/channels] | GB/s median | min | max | wire/state | CPU s src+dst | "
-          "peak MiB src/dst |")
-    print("|---|---|---|---|---|---|---|")
+          "CPU s/GB of state | peak MiB src/dst |" + (" GB/s, CPU/GB vs socat |" if
+                                                       args.baseline else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.baseline else ""))
+    base: tuple[float, float] | None = None
     for config, rs in runs.items():
         g = [float(str(r["gbps"])) for r in rs]
         cpu = statistics.median(sum(r["cpu_seconds"].values()) for r in rs)  # type: ignore[attr-defined]
+        per_gb = statistics.median(sum(r["cpu_seconds"].values())  # type: ignore[attr-defined]
+                                   / (float(str(r["bytes"])) / 1e9) for r in rs)
         ratio = float(str(rs[0]["wire_bytes"])) / float(str(rs[0]["bytes"]))
         src_mem, dst_mem = (max(r["mem_peak_bytes"][side] for r in rs)  # type: ignore[index]
                             for side in ("source", "destination"))
+        if config == "socat":
+            base = (statistics.median(g), per_gb)
+        versus = (f" {statistics.median(g) / base[0]:.2f}x, {per_gb / base[1]:.2f}x |"
+                  if base is not None else "")
         print(f"| {config} | {statistics.median(g):.2f} | {min(g):.2f} | {max(g):.2f} | "
-              f"{ratio:.2f} | {cpu:.2f} | {src_mem / 2**20:.0f}/{dst_mem / 2**20:.0f} |")
+              f"{ratio:.2f} | {cpu:.2f} | {per_gb:.2f} | "
+              f"{src_mem / 2**20:.0f}/{dst_mem / 2**20:.0f} |{versus}")
     os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
     with open(args.json_out, "w") as f:
         json.dump(runs, f, indent=1)
