@@ -108,18 +108,17 @@ def _err(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
-def _bind_args(iommufd: int, token: uuid.UUID | None) -> bytearray:
-    """VFIO_DEVICE_BIND_IOMMUFD's argument: the first version's 16 bytes without a
-    token (any kernel with iommufd takes it), 24 with one (6.17 and later)."""
+def _bind(ops: Ops, fd: int, iommufd: int, token: uuid.UUID | None) -> None:
+    """VFIO_DEVICE_BIND_IOMMUFD: the first version's 16 bytes without a token (any
+    kernel with iommufd takes them), 24 with one (6.17 and later), whose pointer
+    stays good for the call."""
     if token is None:
-        return bytearray(BIND_IOMMUFD.pack(BIND_IOMMUFD_MIN, 0, iommufd, 0, 0)[:BIND_IOMMUFD_MIN])
-    _TOKENS[iommufd] = raw = ctypes.create_string_buffer(token.bytes, 16)  # kept alive
-    return bytearray(BIND_IOMMUFD.pack(BIND_IOMMUFD.size, BIND_FLAG_TOKEN, iommufd, 0,
-                                       ctypes.addressof(raw)))
-
-
-#: The UUID buffers bind arguments point at, by iommufd: alive while the kernel reads them.
-_TOKENS: dict[int, ctypes.Array[ctypes.c_char]] = {}
+        arg = BIND_IOMMUFD.pack(BIND_IOMMUFD_MIN, 0, iommufd, 0, 0)[:BIND_IOMMUFD_MIN]
+        ops.ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, bytearray(arg))
+        return
+    raw = ctypes.create_string_buffer(token.bytes, 16)
+    ops.ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, bytearray(BIND_IOMMUFD.pack(
+        BIND_IOMMUFD.size, BIND_FLAG_TOKEN, iommufd, 0, ctypes.addressof(raw))))
 
 
 def holders(node: str, proc: str = "/proc") -> list[str]:
@@ -229,7 +228,7 @@ class VfioDevice(Device):
                 self._fds.append(fd)
                 iommufd = ops.open(options.get("iommufd", "/dev/iommu"), os.O_RDWR | os.O_CLOEXEC)
                 self._fds.append(iommufd)
-                ops.ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, _bind_args(iommufd, token))
+                _bind(ops, fd, iommufd, token)
                 return fd
             if "group" in options and "address" in options:  # legacy group + container
                 container = ops.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)

@@ -24,6 +24,9 @@ import tempfile
 from collections.abc import Iterator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import compare  # noqa: E402  (the same way of running one configuration)
+
 PYTHON = ROOT / ".venv" / "bin" / "python"
 CONFIGS = ["none/none/2/rdma+shm", "none/aes-256-gcm/2/rdma+shm", "auto/aes-256-gcm/2/tcp",
            "none/aes-256-gcm/2/tcp", "none/aes-256-gcm/2/rdma+tcp", "auto/none/2/rdma+shm",
@@ -53,17 +56,12 @@ def worktrees(revs: dict[str, str]) -> Iterator[dict[str, str]]:
 
 def bench(tree: str, config: str, state_file: str) -> dict[str, object]:
     if config in BACKENDS:
-        args = BACKENDS[config]
+        out = subprocess.run([str(PYTHON), "-m", "migd", "bench", *BACKENDS[config], "--json"],
+                             cwd=tree, env=dict(os.environ, PYTHONPATH=tree), check=True,
+                             capture_output=True, text=True, timeout=1800)
+        result: dict[str, object] = json.loads(out.stdout)
     else:
-        compress, cipher, channels, transport = config.split("/")
-        args = ["--state-file", state_file, "--compress", compress, "--cipher", cipher,
-                "--channels", channels, "--transport", transport]
-    out = subprocess.run([str(PYTHON), "-m", "migd", "bench", *args, "--json"], cwd=tree,
-                         env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True,
-                         timeout=1800)
-    if out.returncode:
-        sys.exit(f"{config} in {tree}: {out.stderr[-2000:]}")
-    result: dict[str, object] = json.loads(out.stdout)
+        result = compare.run(["--state-file", state_file], config, tree)
     if not result.get("verified"):
         sys.exit(f"{config} in {tree}: not verified: {result}")
     return result

@@ -42,12 +42,17 @@ def image(size_mib: int, seed: int) -> str:
     return path
 
 
-def run(source: list[str], config: str) -> dict[str, object]:
+def run(source: list[str], config: str, tree: str | None = None) -> dict[str, object]:
+    """One ``migd bench`` of ``config``; with ``tree``, of the migd checked out there
+    (its daemons too), with this checkout's interpreter and packages."""
     compress, cipher, *rest = config.split("/")
     channels, transport = (rest + ["1", "tcp"][len(rest):])[:2]
-    cmd = [str(ROOT / ".venv" / "bin" / "migd"), "bench", *source, "--compress", compress,
-           "--cipher", cipher, "--channels", channels, "--transport", transport, "--json"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "migd", "bench", *source,
+           "--compress", compress, "--cipher", cipher, "--channels", channels,
+           "--transport", transport, "--json"]
+    env = None if tree is None else dict(os.environ, PYTHONPATH=tree)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800,
+                         cwd=tree, env=env)
     result: dict[str, object] = json.loads(out.stdout)
     result.pop("migration", None)
     return result

@@ -142,16 +142,20 @@ def _transport(v: Any) -> str:
     return transports.REGISTRY.check([_str(v)])[0]
 
 
-def _names(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
-        raise TypeError("a list of names or glob patterns, e.g. [\"*.hv.example.com\"]")
-    return tuple(v)
+def _strings(what: str) -> Callable[[Any], tuple[str, ...]]:
+    def check(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+            raise TypeError(what)
+        return tuple(v)
+    return check
+
+
+_names = _strings("a list of names or glob patterns, e.g. [\"*.hv.example.com\"]")
+_pci_patterns = _strings("a list of glob patterns of PCI addresses, e.g. [\"0000:3b:*\"]")
 
 
 def _patterns(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
-        raise TypeError("a list of glob patterns of PCI addresses, e.g. [\"0000:3b:*\"]")
-    return tuple(p.lower() for p in v)
+    return tuple(p.lower() for p in _pci_patterns(v))
 
 
 def _log_level(v: Any) -> str:
@@ -163,7 +167,7 @@ def _log_level(v: Any) -> str:
 TOP: dict[str, Callable[[Any], Any]] = {
     "listen": _listen, "control": _str, "control_group": _str, "identity": _str,
     "authorized_keys": _str, "transport": _transport, "ciphers": _ciphers,
-    "x509_dir": _str, "x509_allowed_names": lambda v: _names(v),
+    "x509_dir": _str, "x509_allowed_names": _names,
     "idle_timeout": _positive_float, "stop_timeout": _positive_float, "log_level": _log_level,
     "metrics": _str, "state_dir": _str, "resume_timeout": _positive_float,
     "resolve_timeout": _positive_float,
@@ -173,7 +177,7 @@ TOP: dict[str, Callable[[Any], Any]] = {
     "max_migrations": schema.whole(1, 1024), "max_queued": schema.whole(0, 65536),
     "buffer_budget": schema.size(16 << 20, 1 << 40),
     "reservation_ttl": schema.seconds(1, 7 * 86400),
-    "hook_addresses": lambda v: _patterns(v),
+    "hook_addresses": _patterns,
 }
 #: A migration's knobs: the same checks as a request's (``migd.schema.MIGRATE``).
 DEFAULTS: dict[str, Callable[[Any], Any]] = {

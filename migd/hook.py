@@ -58,7 +58,7 @@ def control_path(environ: dict[str, str] | None = None) -> str:
     try:
         return config.load(path).control
     except MigdError as exc:
-        raise HookError(f"{exc.message}") from None
+        raise HookError(exc.message) from None
 
 
 def _address(el: ET.Element) -> str:

@@ -106,7 +106,6 @@ class X509Identity:
 
     def __init__(self, server: _Signer, client: _Signer) -> None:
         self.server, self.client = server, client
-        self.public = client.public  # (what `migd keygen`-style tools would show)
 
     @classmethod
     def load(cls, directory: str) -> X509Identity:
@@ -131,9 +130,6 @@ class X509Identity:
 
     def as_role(self, role: Any) -> _Signer:
         return self.server if role.value == "destination" else self.client
-
-    def sign(self, data: bytes) -> bytes:
-        return self.client.sign(data)
 
 
 class X509Trust:

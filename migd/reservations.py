@@ -78,10 +78,9 @@ class Reservations:
                    free: Iterable[str]) -> dict[str, str]:
         """Reserve a VF of ``free`` for each of ``sources``, all or none.  Sources the
         VM holds already keep theirs (libvirt may call the hook again)."""
-        self.expire()
+        taken = self.devices()  # (expired ones dropped first)
         placed = {s: d for s in sources if (d := self.get(vm, s)) is not None}
         wanted = [s for s in sources if s not in placed]
-        taken = {r.device for r in self._by_key.values()}
         available = [d for d in free if d not in taken]
         if len(available) < len(wanted):
             raise Busy(f"VM {vm or '-'} needs {len(wanted)} free pool VF(s), for "

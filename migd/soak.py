@@ -31,8 +31,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -203,7 +205,6 @@ class Summary:
 
 def _reason(error: str) -> str:
     """The error without its variable parts (ids, numbers), for a histogram."""
-    import re
     return re.sub(r"[0-9a-f]{12}|\d+", "N", error)[:90]
 
 
@@ -336,7 +337,6 @@ def _run_trial(pair: Pair, src: DaemonProc, dst: DaemonProc, proxy: DamagingProx
 
 
 def _wiped(d: DaemonProc) -> str:
-    import hashlib
     return hashlib.sha256(bytes(d.call("query-devices")[0]["state_size"])).hexdigest()
 
 

@@ -20,6 +20,7 @@ from typing import ClassVar
 import transports
 from backends.base import Device
 from backends.states import DeviceState, MigCap
+from transports.sockets import parse_address
 
 from . import journal
 from .codec import Encoder
@@ -68,7 +69,7 @@ async def open_channel(host: Host, peer: str, index: int, bus: Bus, timeout: flo
     conn = Connection(Role.SOURCE, host.identity, host.authorized,
                       Offer(ciphers=ciphers, max_chunk=chunk), channel=index,
                       payloads_inline=channel.placement is None,
-                      peer_host=dialled_host(name, address))
+                      peer_host=dialled_host(address))
     ep = Endpoint(channel, conn, bus)
     try:
         await ep.handshake(timeout)
@@ -78,13 +79,10 @@ async def open_channel(host: Host, peer: str, index: int, bus: Bus, timeout: flo
     return ep
 
 
-def dialled_host(transport: str, address: str) -> str:
+def dialled_host(address: str) -> str:
     """The host name a source dialled (what the destination's certificate must
     name); none for a transport within this host (a Unix socket path)."""
-    if address.startswith("/"):
-        return ""
-    host, _, _ = address.rpartition(":")
-    return host.strip("[]") or address
+    return "" if address.startswith("/") else parse_address(address)[0]
 
 
 def reachable(listen: list[str], local: str, host_local: bool = False) -> list[str]:

@@ -52,11 +52,6 @@ from .control_server import MAX_REQUEST, ControlServer
 log = logging.getLogger("migd.daemon")
 
 
-
-def _status_of(job: Job | VmJob) -> str:
-    return job.status() if isinstance(job, VmJob) else job.status.value
-
-
 def load_identity(cfg: Config) -> tuple[Presenter, Trust]:
     """This host's identity and whom it trusts: Ed25519 keys, or X.509 certificates."""
     if cfg.identity == "x509":

@@ -8,12 +8,10 @@ import concurrent.futures
 import threading
 from dataclasses import dataclass
 
-from ..codec import Encoding
 from ..crypto import TAG_SIZE
 from ..protocol.frames import HEADER_SIZE
 
 DEFAULT_INFLIGHT = 8
-_DIRECT = (Encoding.RAW, Encoding.SPARSE)
 #: The destination acknowledges its loaded position every this many chunks (the
 #: source asks; a resumed stream starts there).  A source that keeps its chunks in a
 #: pool of buffers asks often; one whose device lends its memory keeps views, which

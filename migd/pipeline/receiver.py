@@ -33,7 +33,6 @@ from ..protocol.frames import HEADER_SIZE, Header
 from ..protocol.messages import Ack, Announce, Announced, End, InitialLoaded, InitialSent
 from ..protocol.migration import Allowance, check_complete, check_end
 from .buffers import (
-    _DIRECT,
     ACK_RARELY,
     DEFAULT_INFLIGHT,
     Counters,
@@ -43,6 +42,8 @@ from .buffers import (
 )
 
 log = logging.getLogger("migd.pipeline")
+#: Encodings a device that lends its memory is opened into directly.
+_DIRECT = (Encoding.RAW, Encoding.SPARSE)
 
 
 @dataclass(eq=False)

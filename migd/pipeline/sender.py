@@ -358,7 +358,8 @@ class StreamSender:
             index = self.index if again is None else again.index
             ep = self.channels[index % len(self.channels)]
             placement = ep.channel.placement
-            credit, target = await self._credit(placement, slot)
+            credit, target = (None, None) if placement is None else \
+                await self._credit(placement, slot)
             compress = self._compress_next()
             # Over shared memory the device's bytes go straight into the destination's
             # buffer; otherwise they are sealed from wherever the device keeps them.
@@ -394,12 +395,10 @@ class StreamSender:
         self.control.check()
         return sent
 
-    async def _credit(self, placement: Placement | None, slot: _TxSlot
+    async def _credit(self, placement: Placement, slot: _TxSlot
                       ) -> tuple[Credit | None, memoryview | None]:
         """One-sided: the credit for the next payload, and the destination's buffer itself
-        when its memory is mapped here (filled right there).  None, None on a stream."""
-        if placement is None:
-            return None, None
+        when its memory is mapped here (filled right there)."""
         try:
             credit = await placement.credit()
         except BaseException:
