@@ -8,6 +8,11 @@ checkout's ``.venv``).  Prints a Markdown table of medians, ranges and CPU.
 
     .venv/bin/python bench/ab.py --before a4782c1 --after HEAD --rounds 3
     .venv/bin/python bench/ab.py --before HEAD~1 --configs none/aes-256-gcm/2/tcp
+    .venv/bin/python bench/ab.py --before a4782c1 --everything   # every README figure
+
+``--everything`` runs the README's performance section: its main table, the whole
+matrix, ``auto`` under a 250 MB/s cap, a 4 GiB state (memory flat in state size),
+hisi and mlx5.
 """
 
 from __future__ import annotations
@@ -31,8 +36,24 @@ PYTHON = ROOT / ".venv" / "bin" / "python"
 CONFIGS = ["none/none/2/rdma+shm", "none/aes-256-gcm/2/rdma+shm", "auto/aes-256-gcm/2/tcp",
            "none/aes-256-gcm/2/tcp", "none/aes-256-gcm/2/rdma+tcp", "auto/none/2/rdma+shm",
            "hisi", "mlx5"]
-BACKENDS = {"hisi": ["--backend", "hisi"],
-            "mlx5": ["--backend", "mlx5", "--state-size", "256M", "--dirty-rate", "32M"]}
+#: Named configurations that are not COMPRESS/CIPHER/CHANNELS/TRANSPORT on the image.
+NAMED = {"hisi": ["--backend", "hisi"],
+         "mlx5": ["--backend", "mlx5", "--state-size", "256M", "--dirty-rate", "32M"],
+         "auto-capped": ["--state-file", "{image}", "--compress", "auto", "--channels", "2",
+                         "--max-bandwidth", "250000000"],
+         "4G": ["--state-size", "4G", "--compress", "none"]}
+
+
+def matrix() -> list[str]:
+    """The README's matrix: ``none`` only where the transport allows it."""
+    out = []
+    for transport in ("tcp", "rdma+tcp", "rdma+shm"):
+        for channels in (1, 2):
+            for compress in ("none", "zstd:1", "auto"):
+                for cipher in ("aes-256-gcm", "none") if transport == "rdma+shm" else (
+                        "aes-256-gcm",):
+                    out.append(f"{compress}/{cipher}/{channels}/{transport}")
+    return out
 
 
 @contextlib.contextmanager
@@ -55,8 +76,9 @@ def worktrees(revs: dict[str, str]) -> Iterator[dict[str, str]]:
 
 
 def bench(tree: str, config: str, state_file: str) -> dict[str, object]:
-    if config in BACKENDS:
-        out = subprocess.run([str(PYTHON), "-m", "migd", "bench", *BACKENDS[config], "--json"],
+    if config in NAMED:
+        args = [x.format(image=state_file) for x in NAMED[config]]
+        out = subprocess.run([str(PYTHON), "-m", "migd", "bench", *args, "--json"],
                              cwd=tree, env=dict(os.environ, PYTHONPATH=tree), check=True,
                              capture_output=True, text=True, timeout=1800)
         result: dict[str, object] = json.loads(out.stdout)
@@ -73,10 +95,15 @@ def main() -> int:
     ap.add_argument("--after", default="HEAD", help="a git revision (default HEAD)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", nargs="+", default=CONFIGS,
-                    help="COMPRESS/CIPHER/CHANNELS/TRANSPORT, or hisi, mlx5")
+                    help="COMPRESS/CIPHER/CHANNELS/TRANSPORT, or " + ", ".join(NAMED))
+    ap.add_argument("--everything", action="store_true",
+                    help="every figure of the README's performance section")
+    ap.add_argument("--json-out", help="write every run here")
     ap.add_argument("--state-file", default="/dev/shm/state.img",
                     help="the image (python3 ../shared/tools/mkstate.py 1024 42 FILE)")
     a = ap.parse_args()
+    if a.everything:
+        a.configs = list(dict.fromkeys(CONFIGS + matrix() + ["auto-capped", "4G"]))
     runs: dict[tuple[str, str], list[dict[str, object]]] = {}
     with worktrees({"before": a.before, "after": a.after}) as trees:
         for r in range(a.rounds):
@@ -86,15 +113,32 @@ def main() -> int:
                     runs.setdefault((config, name), []).append(res)
                     print(f"round {r + 1} {config} {name}: {res['gbps']} GB/s", file=sys.stderr,
                           flush=True)
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump([{"config": c, "version": v, "runs": rs} for (c, v), rs in runs.items()],
+                      f, indent=1)
     print(f"\n{a.before} -> {a.after}, {a.rounds} interleaved rounds\n")
     print("| configuration | GB/s median before -> after | range before | range after "
-          "| CPU s src+dst before -> after |")
-    print("|---|---|---|---|---|")
+          "| CPU s src+dst before -> after | peak MiB src/dst after | downtime ms before -> after "
+          "| wire/state after |")
+    print("|---|---|---|---|---|---|---|---|")
     for config in a.configs:
         b, f = runs[(config, "before")], runs[(config, "after")]
 
         def gbps(rs: list[dict[str, object]]) -> list[float]:
             return [float(x["gbps"]) for x in rs]  # type: ignore[arg-type]
+
+        def peak(rs: list[dict[str, object]]) -> str:
+            mem = [x.get("mem_peak_bytes") or {} for x in rs]
+            return "/".join(str(max(int(m.get(side, 0)) for m in mem) >> 20)  # type: ignore[union-attr]
+                            for side in ("source", "destination"))
+
+        def downtime(rs: list[dict[str, object]]) -> float:
+            return statistics.median(float(x.get("downtime_ms", 0)) for x in rs)  # type: ignore[arg-type]
+
+        def wire(rs: list[dict[str, object]]) -> float:
+            return statistics.median(float(x["wire_bytes"]) / max(1.0, float(x["bytes"]))  # type: ignore[arg-type]
+                                     for x in rs)
 
         def cpu(rs: list[dict[str, object]]) -> float:
             return statistics.median(sum(x["cpu_seconds"].values())  # type: ignore[attr-defined]
@@ -102,7 +146,8 @@ def main() -> int:
 
         print(f"| {config} | {statistics.median(gbps(b)):.2f} -> "
               f"{statistics.median(gbps(f)):.2f} | {min(gbps(b)):.2f} to {max(gbps(b)):.2f} "
-              f"| {min(gbps(f)):.2f} to {max(gbps(f)):.2f} | {cpu(b):.2f} -> {cpu(f):.2f} |")
+              f"| {min(gbps(f)):.2f} to {max(gbps(f)):.2f} | {cpu(b):.2f} -> {cpu(f):.2f} "
+              f"| {peak(f)} | {downtime(b):g} -> {downtime(f):g} | {wire(f):.2f} |")
     return 0
 
 

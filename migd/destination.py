@@ -57,18 +57,6 @@ from .session import MAX_CHANNELS, Host, Inbound, Job, as_error
 log = logging.getLogger("migd.destination")
 
 
-class _Buffers:
-    """Where a connection's DATA payloads go; set once the connection has a role."""
-
-    def __init__(self) -> None:
-        self.take: Callable[[int], bytearray | memoryview | None] | None = None
-
-    def __call__(self, size: int) -> bytearray | memoryview | None:
-        if self.take is None:
-            raise ProtocolError("data before the session accepted it")
-        return self.take(size)
-
-
 async def serve_connection(host: Host, channel: Channel,
                            ciphers: tuple[str, ...] | None = None) -> None:
     """Authenticate a new connection, then hand it to what its first message asks
@@ -77,11 +65,10 @@ async def serve_connection(host: Host, channel: Channel,
     Until the peer proves its identity it is a stranger: it holds a place in the
     host's gate (the oldest stranger makes room for a newcomer) and has
     ``handshake_timeout`` seconds in all to authenticate and say what it wants."""
-    buffers = _Buffers()
     channel.stall_timeout = host.idle_timeout
     conn = Connection(Role.DESTINATION, host.identity, host.authorized,
                       Offer(ciphers=ciphers or host.ciphers, max_chunk=host.max_chunk),
-                      data_buffers=buffers, payloads_inline=channel.placement is None)
+                      payloads_inline=channel.placement is None)
     ep = Endpoint(channel, conn)
     _enter(host.gate, ep, _address_of(channel.peer))
     limit = host.handshake_timeout
@@ -116,16 +103,16 @@ async def serve_connection(host: Host, channel: Channel,
         host.claims.leave(ep)
     host.on_handshake("ok")
     if isinstance(first, Join):
-        await _join(host, ep, buffers, first)
+        await _join(host, ep, first)
     elif isinstance(first, Resume):
-        await _resume(host, ep, buffers, first)
+        await _resume(host, ep, first)
     elif isinstance(first, Resolve):
         await answer(host, ep, first)
     else:
         job = Job("destination", first.device, peer=f"{_peer_name(ep)}@{channel.peer}",
                   mid=first.id, id=first.id)
         job.task = asyncio.current_task()
-        await DestinationDriver(host, job, first, ep, buffers).run()
+        await DestinationDriver(host, job, first, ep).run()
 
 
 def _enter(gate: Gate[Endpoint], ep: Endpoint, key: str) -> None:
@@ -161,7 +148,7 @@ async def _refuse(ep: Endpoint, err: MigdError, what: str) -> None:
     await ep.abort(err)
 
 
-async def _join(host: Host, ep: Endpoint, buffers: _Buffers, msg: Join) -> None:
+async def _join(host: Host, ep: Endpoint, msg: Join) -> None:
     drv: DestinationDriver | None = host.tokens.get(msg.token)
     k = msg.channel
     assert ep.established is not None
@@ -182,7 +169,6 @@ async def _join(host: Host, ep: Endpoint, buffers: _Buffers, msg: Join) -> None:
     receiver = drv.receiver
     drv.joined.add(k)
     ep.bus = drv.bus  # from now on its failures are the migration's
-    buffers.take = lambda n: receiver.take_buffer(k, n)
     receiver.attach(k, ep)
     ep.handlers[Ping] = _ignore
     await ep.send_control(Joined(channel=k))
@@ -192,7 +178,7 @@ def _ignore(msg: object) -> None:
     pass
 
 
-async def _resume(host: Host, ep: Endpoint, buffers: _Buffers, msg: Resume) -> None:
+async def _resume(host: Host, ep: Endpoint, msg: Resume) -> None:
     """A source whose link broke continues its migration on this new connection."""
     assert ep.established is not None
     job = host.find(Role.DESTINATION, msg.id)
@@ -217,14 +203,14 @@ async def _resume(host: Host, ep: Endpoint, buffers: _Buffers, msg: Resume) -> N
         return
     # (The token stays good until the resume completes: a resume that fails midway may
     # be tried again with it.  A completed one issues a new token.)
-    job.deliver(Inbound(Event.RESUMED, (ep, buffers, msg)))
+    job.deliver(Inbound(Event.RESUMED, (ep, msg)))
 
 
 class DestinationDriver(Driver):
     role = Role.DESTINATION
 
     def __init__(self, host: Host, job: Job, req: Migrate | None, ep: Endpoint | None,
-                 buffers: _Buffers | None, phase: Phase = Phase.SETUP) -> None:
+                 phase: Phase = Phase.SETUP) -> None:
         # The source counts its resumes; here each outage only has its time limit.
         resumable = req is not None and req.resumable
         super().__init__(host, job, Migration(Role.DESTINATION,
@@ -232,7 +218,6 @@ class DestinationDriver(Driver):
                                               phase=phase))
         self.req = req
         self.ep = ep
-        self.buffers = buffers
         job.wake = self._wake
         self.bus = ep.bus if ep is not None else Bus()
         self.peer_key = ep.established.peer_key if ep is not None and ep.established else b""
@@ -355,16 +340,15 @@ class DestinationDriver(Driver):
         self.receiver = StreamReceiver(self.bus, dev, host.workers, job.counters,
                                        ep.conn.max_chunk, limit, channels=req.channels)
         self.receiver.ack_every = req.ack_every
-        self._attach_control(ep, self.buffers)
+        self._attach_control(ep)
         self._new_token()
         host.incoming[job.mid] = self
         await ep.send_control(Accept(limit=limit, token=self.token))
         job.setup_time_ms = int((time.monotonic() - job.started) * 1000)
 
-    def _attach_control(self, ep: Endpoint, buffers: _Buffers | None) -> None:
+    def _attach_control(self, ep: Endpoint) -> None:
         receiver = self.receiver
-        assert receiver is not None and buffers is not None
-        buffers.take = lambda n: receiver.take_buffer(0, n)
+        assert receiver is not None
         receiver.attach(0, ep)
         ep.handlers[Ping] = _ignore
 
@@ -470,7 +454,7 @@ class DestinationDriver(Driver):
     async def send_resumed(self) -> None:
         pending, self._pending = self._pending, None
         assert pending is not None and self.receiver is not None
-        ep, buffers, msg = pending.payload
+        ep, msg = pending.payload
         await self._detach()
         rx = self.receiver
         # The source continues from what it last heard acknowledged; past what was
@@ -482,12 +466,12 @@ class DestinationDriver(Driver):
                                 f"offset {rx.written}")
             await ep.abort(err)
             raise err
-        self.ep, self.buffers = ep, buffers
+        self.ep = ep
         self.bus = Bus()
         ep.bus = self.bus
         self.joined = set()
         rx.rebind(self.bus, msg.channels)
-        self._attach_control(ep, buffers)
+        self._attach_control(ep)
         self._new_token()
         self.job.channels = msg.channels
         await ep.send_control(Resumed(index=rx.next_index, offset=rx.written,
@@ -610,7 +594,7 @@ def recovered_destination(host: Host, rec: journal.Record, dev: Device) -> tuple
     job = Job("destination", rec.device, peer="", id=rec.id)
     job.recovered = True
     phase = Phase.COMMITTING if rec.phase == journal.COMMIT else Phase.RESOLVING
-    drv = DestinationDriver(host, job, None, None, None, phase=phase)
+    drv = DestinationDriver(host, job, None, None, phase=phase)
     drv.m.policy.max_resumes = 0
     drv.m.deadline = asyncio.get_running_loop().time() + host.resolve_timeout
     drv.dev, drv.device_name, drv.record = dev, rec.device, rec

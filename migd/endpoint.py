@@ -11,6 +11,7 @@ of them fails the migration, and silence is measured across all of them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
@@ -94,13 +95,60 @@ class Bus:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PlacedWrite:
-    """A payload written one-sided into the receiver's buffer ``credit`` (RDMA-like
-    transports): ``payload`` None means it was filled in place already."""
+class Target:
+    """The receiver's buffer that the next payload on a one-sided channel goes to:
+    its ``credit``, and the buffer itself (``view``) when it is mapped here."""
 
     credit: Credit
+    view: memoryview | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlacedWrite:
+    """A payload written one-sided into ``target`` (RDMA-like transports):
+    ``payload`` None means it was filled in place already."""
+
+    target: Target
     payload: memoryview | None
     length: int
+
+
+PayloadBuffer = bytearray | memoryview
+
+
+class _Landing:
+    """Where one channel's DATA payloads land, and where a used buffer goes back:
+    to the free list (reading resumes if a payload waited for it), or, one-sided,
+    to the peer as a credit again."""
+
+    def __init__(self, ep: Endpoint, bufs: list[PayloadBuffer], size: int) -> None:
+        self._ep = ep
+        self._placement = ep.channel.placement
+        self._free: collections.deque[PayloadBuffer] = collections.deque()
+        self.bufs: list[PayloadBuffer]
+        if self._placement is None:
+            self.bufs = list(bufs)
+            self._free.extend(self.bufs)
+        else:
+            # The payload buffers become registered memory the peer writes into; each
+            # free one is a credit at the peer.
+            regions = self._placement.register(size, len(bufs))
+            for region in regions:
+                self._placement.post(region)
+            self.bufs = list(regions)
+
+    def take(self, size: int) -> PayloadBuffer | None:
+        if self._placement is not None:
+            return self._placement.landed(size)
+        return self._free.popleft() if self._free else None
+
+    def give_back(self, buf: PayloadBuffer) -> None:
+        if self._placement is not None:
+            assert isinstance(buf, memoryview)
+            self._placement.post(buf)
+            return
+        self._free.append(buf)
+        self._ep.resume_payloads()
 
 
 class Endpoint:
@@ -117,6 +165,8 @@ class Endpoint:
         self._loop = asyncio.get_running_loop()
         self._flush_pending = False
         self.peer_closed = False
+        self._landing: _Landing | None = None
+        conn.data_buffers = self._take_payload
         channel.start(self)
 
     @property
@@ -219,6 +269,70 @@ class Endpoint:
 
     # --- the data path: all the pipeline asks of a channel (never its Connection) ------------
 
+    def land_payloads(self, bufs: list[PayloadBuffer], size: int) -> list[PayloadBuffer]:
+        """Receive DATA payloads (of up to ``size`` bytes) into these buffers from now
+        on; returns the buffers they will land in (registered memory replaces them
+        on a one-sided channel).  Each goes back with :meth:`give_back` once used."""
+        self._landing = _Landing(self, bufs, size)
+        return self._landing.bufs
+
+    def give_back(self, buf: PayloadBuffer) -> None:
+        """A payload's buffer is free again (its chunk is loaded or dropped).  A
+        no-op once the channel stopped landing payloads (:meth:`stop_landing`)."""
+        if self._landing is not None:
+            self._landing.give_back(buf)
+
+    def stop_landing(self) -> None:
+        """Land no more payloads here, and take no buffer back: the link is being
+        replaced, its buffers go to the new one."""
+        self._landing = None
+
+    def _take_payload(self, size: int) -> PayloadBuffer | None:
+        if self._landing is None:
+            raise ProtocolError("data before the session accepted it")
+        return self._landing.take(size)
+
+    def resume_payloads(self) -> None:
+        """A payload buffer came free: a payload waiting for one continues."""
+        if self.conn.blocked and self.conn.unblock() and self.error is None:
+            self.channel.resume_reading()
+
+    @property
+    def one_sided(self) -> bool:
+        """Payloads are written into buffers this side registered (not stream bytes):
+        a landed payload is ours until given back, and may be opened where it lies."""
+        return self.channel.placement is not None
+
+    @property
+    def waited(self) -> float:
+        """Seconds sends on this channel spent waiting for the link to take more."""
+        return self.channel.waited
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @property
+    def writes_peer_memory(self) -> bool:
+        """Payloads are stores into the receiver's memory mapped here: moving a byte
+        costs a memory copy, not link time."""
+        placement = self.channel.placement
+        return placement is not None and placement.maps_remote
+
+    async def target(self) -> Target | None:
+        """One-sided channels: the receiver's buffer for the next payload, waiting for
+        its credit.  None: payloads travel in the stream."""
+        placement = self.channel.placement
+        if placement is None:
+            return None
+        credit = await placement.credit()
+        return Target(credit, placement.view(credit))
+
+    def untarget(self, target: Target) -> None:
+        """Give back a target that was not written: it is the next one again."""
+        placement = self.channel.placement
+        assert placement is not None
+        placement.unused(target.credit)
+
     @property
     def max_chunk(self) -> int:
         return self.conn.max_chunk
@@ -257,7 +371,7 @@ class Endpoint:
     async def _send_placed(self, seq: int, frame: memoryview, placed: PlacedWrite) -> None:
         placement = self.channel.placement
         assert placement is not None
-        written = placement.write(placed.credit, placed.payload, placed.length)
+        written = placement.write(placed.target.credit, placed.payload, placed.length)
         self.conn.submit(seq, frame)
         try:
             await self.flush()
@@ -273,11 +387,6 @@ class Endpoint:
     def opener(self, ev: Data) -> Opener | None:
         """A piecewise opener for a DATA payload, when the cipher has one (AES-GCM)."""
         return self.conn.opener(ev)
-
-    def unblock(self) -> None:
-        """A data buffer was released: let a waiting payload continue."""
-        if self.conn.blocked and self.conn.unblock() and self.error is None:
-            self.channel.resume_reading()
 
     async def handshake(self, timeout: float) -> Established:
         await self.flush()

@@ -8,7 +8,7 @@ import concurrent.futures
 import threading
 from dataclasses import dataclass
 
-from ..crypto import TAG_SIZE
+from ..protocol.digest import sealed_size
 from ..protocol.frames import HEADER_SIZE
 
 DEFAULT_INFLIGHT = 8
@@ -108,11 +108,11 @@ class Workers:
 
 
 def tx_sizes(chunk: int, inflight: int) -> tuple[int, ...]:
-    return (chunk, HEADER_SIZE + chunk + TAG_SIZE) * inflight
+    return (chunk, HEADER_SIZE + sealed_size(chunk)) * inflight
 
 
 def rx_sizes(chunk: int, inflight: int) -> tuple[int, ...]:
-    return (chunk + TAG_SIZE, chunk) * inflight
+    return (sealed_size(chunk), chunk) * inflight
 
 
 def rx_slots(inflight: int, channels: int) -> int:

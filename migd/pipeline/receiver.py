@@ -9,18 +9,15 @@ only if length, count and digest all match.  Loaded positions are acknowledged
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.base import Device
-from transports.base import Placement
 
 from ..codec import Decoder, Encoding, bitmap_len, sparse_runs, zero_view
-from ..crypto import TAG_SIZE, Opener
+from ..crypto import Opener
 from ..endpoint import Bus, Endpoint
 from ..errors import (
     DecompressionError,
@@ -29,6 +26,7 @@ from ..errors import (
     MigdError,
 )
 from ..protocol.connection import Data
+from ..protocol.digest import StreamDigest, sealed_size
 from ..protocol.frames import HEADER_SIZE, Header
 from ..protocol.messages import Ack, Announce, Announced, End, InitialLoaded, InitialSent
 from ..protocol.migration import Allowance, check_complete, check_end
@@ -48,9 +46,14 @@ _DIRECT = (Encoding.RAW, Encoding.SPARSE)
 
 @dataclass(eq=False)
 class _RxSlot:
+    """A payload buffer (where a channel lands a sealed chunk) paired with a plain
+    buffer (what it is decoded into when it cannot be opened in place)."""
+
     payload: bytearray | memoryview
     plain: bytearray
     channel: int = 0
+    #: The endpoint whose payloads land in it: where it goes back once used.
+    ep: Endpoint | None = None
 
 
 @dataclass
@@ -104,7 +107,7 @@ class StreamReceiver:
         self.arrived_chunks = 0
         self.next_index = 0  # next chunk to load
         self.written = 0
-        self.digest = hashlib.sha256()
+        self.digest = StreamDigest()
         self.initial_target: int | None = None
         self._inflight = inflight
         self._scratch = _Scratch()
@@ -132,14 +135,14 @@ class StreamReceiver:
         per_channel = rx_slots(self._inflight, channels)
         self._sizes = rx_sizes(self._max_chunk, per_channel * channels)
         self._bufs = self.workers.bank.take(self._sizes)
-        self._free: list[collections.deque[_RxSlot]] = [collections.deque() for _ in range(channels)]
+        self._slots: list[list[_RxSlot]] = [[] for _ in range(channels)]
         for i in range(0, len(self._bufs), 2):
             ch = (i // 2) // per_channel
-            self._free[ch].append(_RxSlot(self._bufs[i], self._bufs[i + 1], ch))
-        self._by_payload: dict[int, _RxSlot] = {
-            id(s.payload): s for q in self._free for s in q}
-        #: Channels whose payloads the source writes one-sided into posted buffers.
-        self._placements: list[Placement | None] = [None] * channels
+            self._slots[ch].append(_RxSlot(self._bufs[i], self._bufs[i + 1], ch))
+        #: The slot of each payload buffer a channel lands in (filled by :meth:`attach`).
+        self._by_payload: dict[int, _RxSlot] = {}
+        #: Channels whose payloads the source writes one-sided: opened where they landed.
+        self._one_sided = [False] * channels
         # Chunk i travels on channel i mod N, from the first one not loaded yet.
         k = self.next_index
         self._chan_next = [k + (ch - k) % channels for ch in range(channels)]
@@ -169,43 +172,17 @@ class StreamReceiver:
             ep.handlers[InitialSent] = self.initial_sent
         self._direct[channel] = (self.device.lends_memory and not self.device.blocking_io
                                  and ep.opens_pieces)
-        placement = ep.channel.placement
-        if placement is not None:
-            # The channel's payload buffers become registered memory the source
-            # writes into; each free one is a credit at the source.
-            slots = list(self._free[channel])
-            self._free[channel].clear()
-            regions = placement.register(self._max_chunk + TAG_SIZE, len(slots))
-            self._placements[channel] = placement
-            for slot, region in zip(slots, regions, strict=True):
-                del self._by_payload[id(slot.payload)]
-                slot.payload = region
-                self._by_payload[id(region)] = slot
-                placement.post(region)
-
-    def take_buffer(self, channel: int, size: int) -> bytearray | memoryview | None:
-        """A channel's Connection asks for a payload buffer; None applies back-pressure.
-        One-sided channels hand over the buffer the payload already landed in."""
-        placement = self._placements[channel]
-        if placement is not None:
-            return placement.landed(size)
-        free = self._free[channel]
-        return free.popleft().payload if free else None
+        self._one_sided[channel] = ep.one_sided
+        slots = self._slots[channel]
+        landing = ep.land_payloads([s.payload for s in slots], sealed_size(self._max_chunk))
+        for slot, buf in zip(slots, landing, strict=True):
+            slot.payload, slot.ep = buf, ep
+            self._by_payload[id(buf)] = slot
 
     def _release(self, slot: _RxSlot) -> None:
-        if self._detached:
-            return
-        if slot.channel >= self.nchannels or self._by_payload.get(id(slot.payload)) is not slot:
-            return  # a buffer of channels that are gone
-        placement = self._placements[slot.channel]
-        if placement is not None:
-            assert isinstance(slot.payload, memoryview)
-            placement.post(slot.payload)  # a credit again
-            return
-        self._free[slot.channel].append(slot)
-        ep = self.endpoints[slot.channel]
-        if ep is not None:
-            ep.unblock()
+        """A chunk is loaded or dropped: its payload buffer goes back to its channel."""
+        if slot.ep is not None and not self._detached:
+            slot.ep.give_back(slot.payload)
 
     def announce(self, msg: Announce) -> None:
         self.control.post_control(Announced(total=self.allowance.announce(msg.more)))
@@ -260,10 +237,10 @@ class StreamReceiver:
         h = ev.header
         ep = self.endpoints[slot.channel]
         assert ep is not None
-        body = h.payload_len - TAG_SIZE
+        body = ev.body_len
         # A landed payload is ours until its credit is posted again: open it where it
         # lies and load from there (no second buffer; nothing to copy with ``none``).
-        in_place = self._placements[slot.channel] is not None and h.encoding != Encoding.ZSTD
+        in_place = self._one_sided[slot.channel] and h.encoding != Encoding.ZSTD
         out = (memoryview(slot.payload) if in_place else memoryview(slot.plain))[: h.plain_len]
         _check_body(h, body)
         if h.encoding == Encoding.RAW:
@@ -297,8 +274,7 @@ class StreamReceiver:
         assert ep is not None
         opener = ep.opener(ev)
         assert opener is not None
-        payload = memoryview(slot.payload)[: h.payload_len]
-        body = payload[:-TAG_SIZE]
+        body = ev.body
         try:
             _check_body(h, len(body))
             if h.encoding == Encoding.RAW:
@@ -318,7 +294,7 @@ class StreamReceiver:
             # A forged chunk reads as garbage to the device or the decoder: say what it is.
             self._authenticate(ev, slot)
             raise
-        opener.finish(payload[-TAG_SIZE:])
+        opener.finish(ev.tag)
 
     def _sink(self, data: memoryview, opener: Opener | None) -> None:
         """Put ``data`` where the device keeps the next bytes, decrypting on the way."""
@@ -337,7 +313,7 @@ class StreamReceiver:
         """Check a chunk's tag the slow way (error paths only): IntegrityError if forged."""
         ep = self.endpoints[slot.channel]
         assert ep is not None
-        ep.open_data_into(ev, self._scratch_buf()[: ev.header.payload_len - TAG_SIZE])
+        ep.open_data_into(ev, self._scratch_buf()[: ev.body_len])
 
     def _scratch_buf(self) -> memoryview:
         """This thread's chunk-sized scratch (for what cannot be opened in place)."""
@@ -370,8 +346,7 @@ class StreamReceiver:
         h = ev.header
         if h.offset != self.written:
             raise IntegrityError(f"chunk {h.index} at offset {h.offset}, stream is at {self.written}")
-        self.digest.update(ev.raw)
-        self.digest.update(memoryview(slot.payload)[h.payload_len - TAG_SIZE : h.payload_len])
+        self.digest.fold_frame(ev.raw, ev.sealed)
 
     def _loaded(self, n: int) -> None:
         """Bookkeeping after ``n`` more bytes reached the device, in order."""
@@ -433,7 +408,7 @@ class StreamReceiver:
                                   f"chunks {self.next_index}..{end.chunks - 1}")
         if self.next_index < end.chunks:
             return False
-        check_complete(end, self.written, self.next_index, self.digest.digest())
+        check_complete(end, self.written, self.next_index, self.digest.value())
         return True
 
     # --- a broken link and a resumed stream -------------------------------------------
@@ -446,7 +421,8 @@ class StreamReceiver:
         for ep in self.endpoints:
             if ep is not None:
                 ep.on_data = None
-                ep.channel.close()
+                ep.stop_landing()
+                ep.close()
         while self._writing:
             await self._idle.wait()
         dropped = list(self._ready.values())

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 from dataclasses import dataclass
 
 from backends.base import Device
-from transports.base import Credit, Placement
 
 from ..codec import Encoder, Encoding
-from ..crypto import TAG_SIZE
-from ..endpoint import Endpoint, PlacedWrite
+from ..endpoint import Endpoint, PlacedWrite, Target
 from ..errors import (
     MigdError,
     NegotiationError,
@@ -29,6 +26,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..pacing import AutoPolicy, TokenBucket, Window
+from ..protocol.digest import StreamDigest
 from ..protocol.frames import HEADER_SIZE
 from ..protocol.messages import Ack, Announce, Announced, End
 from .buffers import (
@@ -57,7 +55,7 @@ class _Sealed:
     payload: memoryview  # ciphertext and tag
     encoding: int
     plain_len: int
-    credit: Credit | None  # one-sided: the destination buffer it goes to
+    target: Target | None  # one-sided: the destination buffer it goes to
     in_place: bool  # the payload already lies in that buffer
     index: int
     offset: int
@@ -80,9 +78,8 @@ class _Kept:
 
 
 #: What sealing one chunk takes: endpoint, slot, plain bytes, sequence, index, offset,
-#: credit and target (one-sided), and whether it is sent again after a resume.
-_SealArgs = tuple[Endpoint, _TxSlot, memoryview, int, int, int, Credit | None,
-                  memoryview | None, bool]
+#: target (one-sided), and whether it is sent again after a resume.
+_SealArgs = tuple[Endpoint, _TxSlot, memoryview, int, int, int, Target | None, bool]
 
 
 class StreamSender:
@@ -127,7 +124,7 @@ class StreamSender:
         self.acked_announced = 0
         #: The stream digest over every chunk up to the last acknowledged one (the
         #: rest is folded in from ``_kept`` at the end).
-        self.digest = hashlib.sha256()
+        self.digest = StreamDigest()
         self.keep = keep
         self._keep_n = inflight + 2 * ACK_OFTEN  # as sender_buffers() reserves
         #: How far frames went out (were handed to a channel): acks cannot go past it.
@@ -162,8 +159,7 @@ class StreamSender:
         self.channels = channels
         self.control = channels[0]
         #: Every payload is a store into the destination's memory: a copy, not link time.
-        self.local = all(e.channel.placement is not None and e.channel.placement.maps_remote
-                         for e in channels)
+        self.local = all(e.writes_peer_memory for e in channels)
         self.encoder.sparse = not self.local
         self.control.handlers[Announced] = self._on_announced
         self.control.handlers[Ack] = self._on_ack
@@ -190,7 +186,7 @@ class StreamSender:
         kept = self._kept
         while kept and kept[0].index < below and kept[0].contrib:
             k = kept.popleft()
-            self.digest.update(k.contrib)
+            self.digest.fold(k.contrib)
             if k.pooled is not None:
                 self._pool.append(k.pooled)
         self.control.bus.wake.set()
@@ -235,7 +231,7 @@ class StreamSender:
         """The link broke: stop the writer and close every channel of it."""
         await self._stop_writer()
         for e in self.channels:
-            e.channel.close()
+            e.close()
 
     def rebind(self, channels: list[Endpoint], index: int, offset: int, announced: int) -> None:
         """Continue on new ``channels`` from the destination's position: chunk
@@ -357,24 +353,23 @@ class StreamSender:
             self.control.check()
             index = self.index if again is None else again.index
             ep = self.channels[index % len(self.channels)]
-            placement = ep.channel.placement
-            credit, target = (None, None) if placement is None else \
-                await self._credit(placement, slot)
+            target = await self._target(ep, slot)
             compress = self._compress_next()
             # Over shared memory the device's bytes go straight into the destination's
             # buffer; otherwise they are sealed from wherever the device keeps them.
-            into = target if target is not None and not compress else memoryview(slot.plain)
+            mapped = None if target is None else target.view
+            into = mapped if mapped is not None and not compress else memoryview(slot.plain)
             if again is None:
                 want = self.chunk if budget is None else min(self.chunk, budget - sent)
                 if budget is None and self.offset + want > self.announced:
                     await self.announce(max(want, self.device.stop_copy_size()))
-                plain, keep = await self._read(into[:want], lend=into is not target)
+                plain, keep = await self._read(into[:want], lend=into is not mapped)
             else:
                 plain, keep = _join(again.plain, into), None
             n = len(plain)
             if n == 0:
-                if placement is not None and credit is not None:
-                    placement.unused(credit)
+                if target is not None:
+                    ep.untarget(target)
                 self._slots.put_nowait(slot)
                 break
             if again is None:
@@ -389,22 +384,20 @@ class StreamSender:
             else:
                 offset = again.offset
             seq = ep.next_seq()
-            await self._dispatch(compress, slot, (ep, slot, plain, seq, index, offset, credit,
-                                                  target, again is not None))
+            await self._dispatch(compress, slot, (ep, slot, plain, seq, index, offset, target,
+                                                  again is not None))
         await self._queue.join()
         self.control.check()
         return sent
 
-    async def _credit(self, placement: Placement, slot: _TxSlot
-                      ) -> tuple[Credit | None, memoryview | None]:
-        """One-sided: the credit for the next payload, and the destination's buffer itself
-        when its memory is mapped here (filled right there)."""
+    async def _target(self, ep: Endpoint, slot: _TxSlot) -> Target | None:
+        """One-sided channels: the destination's buffer for the next payload (the slot
+        goes back if the wait for it fails)."""
         try:
-            credit = await placement.credit()
+            return await ep.target()
         except BaseException:
             self._slots.put_nowait(slot)
             raise
-        return credit, placement.view(credit)
 
     async def _dispatch(self, compress: bool, slot: _TxSlot, args: _SealArgs) -> None:
         """Seal a chunk and send it: compressed ones on the worker pool, through the
@@ -429,23 +422,23 @@ class StreamSender:
         self._queue.put_nowait((ep, seq, fut, slot))
 
     def _seal(self, ep: Endpoint, slot: _TxSlot, plain: memoryview, seq: int, index: int,
-              offset: int, credit: Credit | None, target: memoryview | None, again: bool,
-              compress: bool) -> _Sealed:
+              offset: int, target: Target | None, again: bool, compress: bool) -> _Sealed:
+        mapped = None if target is None else target.view
         # Pieces only into our own buffer: it has room past the payload for the cipher.
         encoding, payload = self.encoder.encode(plain, compress,
-                                                pieces=target is None and ep.seals_pieces)
+                                                pieces=mapped is None and ep.seals_pieces)
         wire = memoryview(slot.wire)
         header = wire[:HEADER_SIZE]
         sealed = ep.seal_data(seq, index, offset, encoding, payload, len(plain), header,
-                              target if target is not None else wire[HEADER_SIZE:])
-        if credit is None:  # header and payload side by side: one buffer on the stream
+                              mapped if mapped is not None else wire[HEADER_SIZE:])
+        if target is None:  # header and payload side by side: one buffer on the stream
             return _Sealed(header, sealed, encoding, len(plain), None, False, index, offset, again,
                            wire[:HEADER_SIZE + len(sealed)])
-        return _Sealed(header, sealed, encoding, len(plain), credit, target is not None, index,
+        return _Sealed(header, sealed, encoding, len(plain), target, mapped is not None, index,
                        offset, again)
 
     def _waited(self) -> float:
-        return sum(e.channel.waited for e in self.channels) + self._paced
+        return sum(e.waited for e in self.channels) + self._paced
 
     async def _emit(self, ep: Endpoint, seq: int, sealed: _Sealed) -> None:
         """Pace, send (in sequence order) and account for one sealed frame."""
@@ -456,24 +449,22 @@ class StreamSender:
                 await asyncio.sleep(delay)
         if self.keep:
             # Folded into the digest once acknowledged; a resume seals it anew.
-            self._find_kept(sealed.index).contrib = (bytes(sealed.header)
-                                                     + bytes(sealed.payload[-TAG_SIZE:]))
+            self._find_kept(sealed.index).contrib = StreamDigest.part(sealed.header, sealed.payload)
         self._out_index = max(self._out_index, sealed.index + 1)
         self._out_offset = max(self._out_offset, sealed.offset + sealed.plain_len)
         if sealed.frame is not None:
             await ep.send_data(seq, sealed.frame)
         else:
-            assert sealed.credit is not None
+            assert sealed.target is not None
             # The payload lands before the header that points the receiver at it.
             await ep.send_data(seq, sealed.header, PlacedWrite(
-                sealed.credit, None if sealed.in_place else sealed.payload, len(sealed.payload)))
+                sealed.target, None if sealed.in_place else sealed.payload, len(sealed.payload)))
         self._count(sealed)
 
     def _count(self, sealed: _Sealed) -> None:
         header, payload = sealed.header, sealed.payload
         if not self.keep:
-            self.digest.update(header)
-            self.digest.update(payload[-TAG_SIZE:])
+            self.digest.fold_frame(header, payload)
         c = self.counters
         encoding, plain_len = sealed.encoding, sealed.plain_len
         if sealed.again:
@@ -533,10 +524,8 @@ class StreamSender:
                 self._queue.task_done()
 
     def end_record(self) -> End:
-        digest = self.digest.copy()
-        for k in self._kept:
-            digest.update(k.contrib)
-        return End(length=self.offset, chunks=self.index, digest=digest.digest())
+        return End(length=self.offset, chunks=self.index,
+                   digest=self.digest.value([k.contrib for k in self._kept]))
 
     async def close(self) -> None:
         await self._stop_writer()

@@ -103,6 +103,26 @@ class Data:
     #: hashes (packed once, not again per use).
     raw: bytes
 
+    @property
+    def body_len(self) -> int:
+        """Ciphertext bytes (the payload without its tag)."""
+        return self.header.payload_len - TAG_SIZE
+
+    @property
+    def body(self) -> memoryview:
+        """The ciphertext, where it landed."""
+        return memoryview(self.buf)[: self.body_len]
+
+    @property
+    def tag(self) -> memoryview:
+        """The AEAD tag ending the payload (for a piecewise opener's finish)."""
+        return memoryview(self.buf)[self.body_len : self.header.payload_len]
+
+    @property
+    def sealed(self) -> memoryview:
+        """Ciphertext and tag, as the stream digest folds them."""
+        return memoryview(self.buf)[: self.header.payload_len]
+
 
 @dataclasses.dataclass
 class PeerFailed:
@@ -196,7 +216,10 @@ class Connection:
         #: proven (the AUTH signature proves it): such a connection is no longer
         #: a stranger to be dropped for newcomers (``migd.admission``).
         self.claimed = ""
-        self._data_buffers = data_buffers or (lambda n: bytearray(n))
+        #: Where a DATA payload lands: given its size, a buffer (None: none free yet,
+        #: the edge pauses reading until :meth:`unblock`).  The endpoint installs the
+        #: pipeline's; a bare connection allocates.
+        self.data_buffers: BufferSource = data_buffers or (lambda n: bytearray(n))
         self.payloads_inline = payloads_inline
         # receive state
         self._hdr = bytearray(HEADER_SIZE)
@@ -349,7 +372,7 @@ class Connection:
     def unblock(self) -> bool:
         """Retry taking a buffer for the waiting DATA payload; True when reading may resume."""
         if self.blocked and self._cur is not None:
-            buf = self._data_buffers(self._cur.payload_len)
+            buf = self.data_buffers(self._cur.payload_len)
             if buf is not None:
                 self._payload = buf
                 self.blocked = False
@@ -386,7 +409,7 @@ class Connection:
         self._cur = hdr
         self._payload_got = 0
         if ft is FrameType.DATA:
-            buf = self._data_buffers(plen)
+            buf = self.data_buffers(plen)
             self._payload = buf
             if not self.payloads_inline:
                 if buf is None or len(buf) < plen:

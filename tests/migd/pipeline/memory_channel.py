@@ -41,11 +41,15 @@ class MemoryChannel(Channel):
     def _pump(self) -> None:
         rx = self._rx
         while self._pending and rx is not None and not self._paused and not self._closed:
-            buf = rx.get_buffer()
-            n = min(len(buf), len(self._pending))
-            buf[:n] = self._pending[:n]
-            del self._pending[:n]
-            rx.buffer_updated(n)
+            try:
+                buf = rx.get_buffer()
+                n = min(len(buf), len(self._pending))
+                buf[:n] = self._pending[:n]
+                del self._pending[:n]
+                rx.buffer_updated(n)
+            except Exception as exc:  # as a real transport: the receiver's error ends it
+                self._fail(exc)
+                return
         if len(self._pending) <= self._window:
             self._drained.set()
 
@@ -61,15 +65,21 @@ class MemoryChannel(Channel):
         asyncio.get_running_loop().call_soon(self._pump)
 
     def close(self) -> None:
+        self._fail(None)
+
+    def _fail(self, exc: BaseException | None) -> None:
         if self._closed:
             return
         self._closed = True
         self._drained.set()
         if self._rx is not None:
-            self._rx.connection_lost(None)
+            self._rx.connection_lost(exc)
         other = self.other
         if other is not None and not other._closed and other._rx is not None:
-            other._rx.eof_received()
+            try:
+                other._rx.eof_received()
+            except Exception as err:  # e.g. closed in the middle of a frame
+                other._fail(err)
 
 
 def channel_pair(window: int = 1 << 20) -> tuple[MemoryChannel, MemoryChannel]:

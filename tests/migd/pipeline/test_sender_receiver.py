@@ -52,16 +52,14 @@ async def rig(compress: str = "none", cipher: str = "aes-256-gcm",
     workers = Workers()
     src, dst = sim("src", "mixed"), sim("dst", "zero")
     out, back = channel_pair()
-    holder: dict[str, StreamReceiver] = {}
     offer = Offer(ciphers=(cipher,), max_chunk=chunk)
     src_ep = Endpoint(out, Connection(Role.SOURCE, a, trust, offer))
-    dst_ep = Endpoint(back, Connection(Role.DESTINATION, b, trust, offer,
-                                       data_buffers=lambda n: holder["rx"].take_buffer(0, n)))
+    dst_ep = Endpoint(back, Connection(Role.DESTINATION, b, trust, offer))
     sender: StreamSender | None = None
     receiver: StreamReceiver | None = None
     try:
         await asyncio.wait_for(asyncio.gather(src_ep.handshake(5), dst_ep.handshake(5)), 10)
-        receiver = holder["rx"] = StreamReceiver(dst_ep.bus, dst, workers, Counters(),
+        receiver = StreamReceiver(dst_ep.bus, dst, workers, Counters(),
                                                  dst_ep.conn.max_chunk, 64 << 20)
         receiver.attach(0, dst_ep)
         sender = StreamSender([src_ep], src, Encoder(parse_compress(compress)), workers,
