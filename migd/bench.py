@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from transports import REGISTRY as TRANSPORTS
@@ -23,15 +24,18 @@ from transports import REGISTRY as TRANSPORTS
 from .codec import parse_compress
 from .crypto import ciphers_for
 from .errors import ConfigError
-from .harness import DaemonProc, local_pair
+from .harness import DaemonProc, Pair, local_pair
 from .report import migrate_args, progress_line, summary
+from .topology import Link, describe_rate, parse_rate, two_hosts
 from .units import human_bytes, parse_size
 
 BENCH_BACKENDS = ("sim", "mlx5", "hisi")
 
 
-def _device_specs(args: argparse.Namespace) -> tuple[str, str, int]:
-    """Source and destination device specs for one VF of the chosen kind."""
+def _device_specs(args: argparse.Namespace, name: str = "vf0", index: int = 0
+                  ) -> tuple[str, str, int]:
+    """Source and destination device specs for one VF of the chosen kind (``index``:
+    which VF of the PF it is, where the kind numbers them)."""
     kind = args.backend
     if kind not in BENCH_BACKENDS:
         raise ConfigError(f"bench: backend {kind!r} needs real hardware; "
@@ -40,18 +44,19 @@ def _device_specs(args: argparse.Namespace) -> tuple[str, str, int]:
         if args.state_file or args.state_size:
             raise ConfigError("bench: a hisi VF's state is its 176-byte register page; "
                               "drop --state-size/--state-file")
-        return "vf0:hisi", "vf0:hisi:seed=2", 176
+        return f"{name}:hisi", f"{name}:hisi:seed=2", 176
     extra = f",dirty-rate={parse_size(args.dirty_rate, '--dirty-rate')}"
+    ident = f",vhca-id={index + 1}" if kind == "mlx5" else ""
     if args.state_file:
         try:
             size = os.path.getsize(args.state_file)
         except OSError as exc:
             raise ConfigError(f"--state-file {args.state_file}: {exc.strerror}") from None
-        src = f"vf0:{kind}:state-file={os.path.abspath(args.state_file)}{extra}"
+        src = f"{name}:{kind}:state-file={os.path.abspath(args.state_file)}{extra}{ident}"
     else:
         size = parse_size(args.state_size or "256M", "--state-size")
-        src = f"vf0:{kind}:size={size}{extra}"
-    return src, f"vf0:{kind}:size={size},content=zero", size
+        src = f"{name}:{kind}:size={size}{extra}{ident}"
+    return src, f"{name}:{kind}:size={size},content=zero{ident}", size
 
 
 class PeakMemory:
@@ -135,19 +140,42 @@ def migrate_and_measure(src: DaemonProc, dst: DaemonProc, req: dict[str, Any],
     }
 
 
+@contextlib.contextmanager
+def bench_pair(args: argparse.Namespace, src: Sequence[str], dst: Sequence[str],
+               transports: Sequence[str], prefix: str, extra: Sequence[str] = ()
+               ) -> Iterator[Pair]:
+    """Two daemons for a benchmark: on loopback, or with ``--link`` on two hosts
+    (namespaces) behind a link of that rate."""
+    link_rate = getattr(args, "link", None)
+    with contextlib.ExitStack() as stack:
+        link: Link | None = None
+        if link_rate is not None:
+            rate = parse_rate(link_rate)
+            local = [t for t in transports if not TRANSPORTS.create(t).leaves_host]
+            if local:
+                raise ConfigError(f"--link: {', '.join(local)} stays on one host and never "
+                                  "crosses a link; use tcp or rdma+tcp")
+            link = stack.enter_context(two_hosts(rate))
+        wd = stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix))
+        yield stack.enter_context(local_pair(src, dst, workdir=wd, link=link,
+                                             src_extra=extra, dst_extra=extra))
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.matrix:
         return run_matrix(args)
+    if args.vfs > 1 or args.vms > 1:
+        from .bench_vms import run_vms
+        return run_vms(args)
     src, dst, size = _device_specs(args)
     req = migrate_args(args, "vf0", "")
     TRANSPORTS.check([args.transport])
-    with tempfile.TemporaryDirectory(prefix="migd-bench-") as wd, \
-            local_pair([src], [dst], workdir=wd) as pair:
+    with bench_pair(args, [src], [dst], [args.transport], "migd-bench-") as pair:
         result = migrate_and_measure(pair.src, pair.dst, req, show=not args.json,
                                      transport=args.transport)
     result.update(backend=args.backend, transport=args.transport, state_size=size,
-                  channels=args.channels,
-                  chunk_size=req["chunk-size"])
+                  channels=args.channels, chunk_size=req["chunk-size"],
+                  link=None if args.link is None else describe_rate(parse_rate(args.link)))
     if args.json:
         print(json.dumps(result))
     else:
@@ -220,8 +248,8 @@ def run_matrix(args: argparse.Namespace) -> int:
         spec = f"vf0:sim:size={size}"
     rows: list[dict[str, Any]] = []
     total = len(grid) * args.repeat
-    with tempfile.TemporaryDirectory(prefix="migd-matrix-") as wd, \
-            local_pair([spec], [f"vf0:sim:size={size},content=zero"], workdir=wd) as pair:
+    with bench_pair(args, [spec], [f"vf0:sim:size={size},content=zero"], transports,
+                    "migd-matrix-") as pair:
         ends = [pair.src, pair.dst]
         for n, (point, rep) in enumerate(itertools.product(grid, range(args.repeat))):
             transport, channels, compress, cipher, chunk = point

@@ -193,6 +193,15 @@ def _add_tools(sub: Any) -> None:
                         "host) is skipped for it")
     b.add_argument("--matrix-chunk-sizes", default="1M")
     b.add_argument("--matrix-out", default="bench/results/matrix.json")
+    b.add_argument("--vfs", type=_int("--vfs"), default=1,
+                   help="VFs per VM: one VM of N devices migrated as one (its downtime, "
+                        "each device's, totals)")
+    b.add_argument("--vms", type=_int("--vms"), default=1,
+                   help="VMs migrated at once, each of --vfs VFs: a host evacuation "
+                        "(aggregate GB/s, worst VM downtime, fairness)")
+    b.add_argument("--link", metavar="RATE",
+                   help="the two daemons on two hosts: network namespaces joined by a veth "
+                        "link shaped to RATE (e.g. 1gbit, 10G, unlimited); root only")
     b.add_argument("--json", action="store_true")
     _add_migrate_knobs(b, explicit=True)
 

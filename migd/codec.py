@@ -41,7 +41,8 @@ class CompressMode:
 
 
 COMPRESSIONS = ("none", "zstd", "auto")
-DEFAULT_COMPRESSION = "zstd:1"
+#: Measured per window: compresses where the link, not the CPU, is what limits.
+DEFAULT_COMPRESSION = "auto"
 
 
 def parse_compress(text: str) -> CompressMode:

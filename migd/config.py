@@ -20,7 +20,7 @@ from . import schema
 from .codec import DEFAULT_COMPRESSION
 from .crypto import CIPHERS
 from .errors import ConfigError
-from .protocol.frames import DEFAULT_CHUNK
+from .protocol.frames import DEFAULT_CHUNK, MAX_CHUNK_LIMIT
 from .schema import PCI_ADDRESS
 
 DEFAULT_PATH = "/etc/migd/migd.toml"
@@ -103,6 +103,15 @@ class Config:
     #: other hosts, where their layout differs).  Anything else (a GPU, a boot ROM
     #: device) is left to libvirt.
     hook_addresses: tuple[str, ...] = ()
+    #: Wire bytes per second all outgoing migrations together may send (0: no cap),
+    #: shared fairly: each gets at least an even share when it can use it, and what
+    #: one leaves unused goes to the others.  Each migration's own max-bandwidth
+    #: applies within it.
+    max_bandwidth_total: int = 0
+    #: The largest chunk this daemon takes as a destination (a source asking for
+    #: more is negotiated down to it).  Each incoming stream's pre-faulted receive
+    #: buffers are this size, so it weighs against ``buffer_budget``.
+    max_chunk_size: int = DEFAULT_CHUNK
     defaults: Defaults = dataclasses.field(default_factory=Defaults)
     devices: list[DeviceConfig] = dataclasses.field(default_factory=list)
 
@@ -178,6 +187,8 @@ TOP: dict[str, Callable[[Any], Any]] = {
     "buffer_budget": schema.size(16 << 20, 1 << 40),
     "reservation_ttl": schema.seconds(1, 7 * 86400),
     "hook_addresses": _patterns,
+    "max_chunk_size": schema.size(4096, MAX_CHUNK_LIMIT),
+    "max_bandwidth_total": schema.size(0, 1 << 50),
 }
 #: A migration's knobs: the same checks as a request's (``migd.schema.MIGRATE``).
 DEFAULTS: dict[str, Callable[[Any], Any]] = {

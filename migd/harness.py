@@ -1,4 +1,5 @@
-"""Two real daemons on loopback, as separate processes: for demo, bench and tests.
+"""Two real daemons as separate processes, on loopback or on two hosts of a
+:mod:`~migd.topology` link: for demo, bench and tests.
 
 Each daemon gets its own identity, the other's public key as its only
 authorized peer, its own control socket, and listeners on every transport (a
@@ -23,6 +24,7 @@ from typing import Any
 from .control import ControlClient
 from .errors import ConfigError
 from .identity import Identity, public_line
+from .topology import Link, Side
 
 
 @dataclasses.dataclass
@@ -96,11 +98,12 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
                  authorized: Sequence[bytes], extra: Sequence[str] = (),
                  identity: str | None = None, wait: float = 120.0,
                  env: dict[str, str] | None = None, nofile: int | None = None,
-                 control_fd: int | None = None) -> DaemonProc:
+                 control_fd: int | None = None, host: Side | None = None) -> DaemonProc:
     """Start ``migd serve`` with a port chosen by the kernel; wait until it answers.
     ``nofile``: its file descriptor limit, soft and hard (the daemon cannot raise it).
     ``control_fd``: a listening control socket handed over as systemd's socket
-    activation does (fd 3, ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES=control``)."""
+    activation does (fd 3, ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES=control``).
+    ``host``: run it in that namespace of a two-host link, listening on its address."""
     auth = os.path.join(workdir, f"{name}.authorized")
     with open(auth, "w") as f:
         for i, pub in enumerate(authorized):
@@ -111,13 +114,16 @@ def start_daemon(workdir: str, name: str, devices: Sequence[str],
     shm = os.path.join(workdir, f"{name}.rdma")
     if len(shm) > 100:  # a Unix socket path must fit sun_path (108 bytes)
         shm = os.path.join(tempfile.gettempdir(), f"migd-{os.getpid()}-{time.monotonic_ns()}-{name}")
-    cmd = [sys.executable, "-m", "migd", "serve", "--listen", "127.0.0.1:0",
-           "--listen", "rdma://127.0.0.1:0", "--listen", f"rdma+shm://{shm}",
+    ip = "127.0.0.1" if host is None else host.address
+    cmd = [sys.executable, "-m", "migd", "serve", "--listen", f"{ip}:0",
+           "--listen", f"rdma://{ip}:0", "--listen", f"rdma+shm://{shm}",
            "--control", control, "--identity", identity or os.path.join(workdir, f"{name}.key"),
            "--authorized-keys", auth, "--address-file", port_file,
            "--state-dir", os.path.join(workdir, f"{name}.state"), *extra]
     for dev in devices:
         cmd += ["--device", dev]
+    if host is not None:
+        cmd = host.wrap(cmd)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(port_file)
     d = DaemonProc(name, _spawn(cmd, log_path, env, nofile=nofile, control_fd=control_fd),
@@ -182,8 +188,10 @@ def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
                workdir: str | None = None,
                dst_also_trusts: Sequence[bytes] = (), src_also_trusts: Sequence[bytes] = (),
                src_identity: str | None = None, src_env: dict[str, str] | None = None,
-               dst_env: dict[str, str] | None = None, dst_nofile: int | None = None
-               ) -> Iterator[Pair]:
+               dst_env: dict[str, str] | None = None, dst_nofile: int | None = None,
+               link: Link | None = None) -> Iterator[Pair]:
+    """A source and a destination daemon, each trusting the other; with ``link``,
+    the source on its host ``a`` and the destination on ``b``."""
     own = workdir is None
     wd = workdir or tempfile.mkdtemp(prefix="migd-pair-")
     procs: list[DaemonProc] = []
@@ -191,10 +199,12 @@ def local_pair(src_devices: Sequence[str], dst_devices: Sequence[str],
         a = write_identity(wd, "src")
         b = write_identity(wd, "dst")
         dst = start_daemon(wd, "dst", dst_devices, [a.public, *dst_also_trusts], dst_extra,
-                           env=dst_env, nofile=dst_nofile)
+                           env=dst_env, nofile=dst_nofile,
+                           host=None if link is None else link.b)
         procs.append(dst)
         src = start_daemon(wd, "src", src_devices, [b.public, *src_also_trusts], src_extra,
-                           identity=src_identity, env=src_env)
+                           identity=src_identity, env=src_env,
+                           host=None if link is None else link.a)
         procs.append(src)
         yield Pair(src, dst, wd, {"src": a, "dst": b})
     finally:

@@ -40,6 +40,7 @@ from .faults import Faults
 from .identity import Presenter, Trust
 from .journal import Journal
 from .pipeline import Counters, Workers
+from .pipeline.sharing import SharedLink
 from .protocol.frames import DEFAULT_CHUNK
 from .protocol.migration import (
     FINAL_STATUSES,
@@ -357,6 +358,20 @@ class Host:
         default_factory=lambda: Admission(8, 64, 512 << 20))
     #: Told how each incoming handshake ended: ok, refused, timeout, dropped (metrics).
     on_handshake: Callable[[str], None] = lambda result: None
+    #: ``max_bandwidth_total``: wire bytes per second all outgoing migrations share
+    #: (0: no host-wide cap).
+    max_bandwidth_total: int = 0
+    _shared: SharedLink | None = None
+
+    def shared_link(self) -> SharedLink | None:
+        """The host's cap that outgoing migrations share, at the configured rate (made
+        on first use, in the event loop; a reload changes its rate)."""
+        if not self.max_bandwidth_total:
+            return None
+        if self._shared is None:
+            self._shared = SharedLink(self.max_bandwidth_total)
+        self._shared.queue.bucket.rate = self.max_bandwidth_total
+        return self._shared
 
     def placed(self, vm: object, address: object, device: str) -> str:
         """The device an incoming VF loads into: the one reserved for it (by VM and

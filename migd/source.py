@@ -242,7 +242,8 @@ class SourceDriver(Driver):
             reply_to=reachable(host.listen, ep.channel.local,
                                host_local=ep.channel.transport == "rdma+shm"),
             resumable=opts.max_resumes > 0,
-            ack_every=StreamSender.ack_every(dev, opts.max_resumes > 0)))
+            ack_every=StreamSender.ack_every(dev, opts.max_resumes > 0,
+                                             auto=opts.compress.name == "auto")))
         accept = await ep.expect(Accept, opts.timeout)
         self.limit, self.token = accept.limit, accept.token
         self.eps += await self._join(self.token, self.bus)
@@ -251,7 +252,7 @@ class SourceDriver(Driver):
         self._journal(journal.ACTIVE)
         self.sender = StreamSender(self.eps, dev, Encoder(opts.compress), host.workers,
                                    job.counters, opts.inflight, opts.max_bandwidth, opts.timeout,
-                                   keep=opts.max_resumes > 0)
+                                   keep=opts.max_resumes > 0, shared=host.shared_link())
         self._handlers()
         return Event.ACCEPTED
 

@@ -100,7 +100,8 @@ def build_host(cfg: Config) -> Host:
                     addresses={d.name: d.address for d in cfg.devices if d.address},
                     journal=Journal(cfg.state_dir), resume_timeout=cfg.resume_timeout,
                     resolve_timeout=cfg.resolve_timeout, faults=Faults.from_environment(),
-                    handshake_timeout=cfg.handshake_timeout,
+                    handshake_timeout=cfg.handshake_timeout, max_chunk=cfg.max_chunk_size,
+                    max_bandwidth_total=cfg.max_bandwidth_total,
                     gate=Gate(cfg.max_unauthenticated, cfg.max_unauthenticated_per_host),
                     claims=Gate(cfg.max_unauthenticated, cfg.max_unauthenticated),
                     admission=Admission(cfg.max_migrations, cfg.max_queued, cfg.buffer_budget),
@@ -304,6 +305,7 @@ class Daemon(ControlServer, Commands):
             new = self.cfg if self._reread is None else self._reread()
             self.host.authorized = load_identity(new)[1]
             self.cfg.defaults = new.defaults
+            self.host.max_bandwidth_total = new.max_bandwidth_total
             self.cfg.authorized_keys = new.authorized_keys
             logging.getLogger().setLevel(new.log_level.upper())
             if [(d.name, d.backend, d.options) for d in new.devices] != [

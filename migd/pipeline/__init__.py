@@ -3,6 +3,7 @@
 and worker threads both share, and what a migration needs of them)."""
 
 from .buffers import (
+    ACK_AUTO,
     ACK_OFTEN,
     ACK_RARELY,
     DEFAULT_INFLIGHT,
@@ -18,6 +19,6 @@ from .buffers import (
 from .receiver import StreamReceiver
 from .sender import StreamSender
 
-__all__ = ["ACK_OFTEN", "ACK_RARELY", "DEFAULT_INFLIGHT", "BufferBank", "Counters",
+__all__ = ["ACK_AUTO", "ACK_OFTEN", "ACK_RARELY", "DEFAULT_INFLIGHT", "BufferBank", "Counters",
            "StreamReceiver", "StreamSender", "Workers", "receiver_buffers", "rx_sizes",
            "rx_slots", "sender_buffers", "tx_sizes"]

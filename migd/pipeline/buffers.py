@@ -16,7 +16,9 @@ DEFAULT_INFLIGHT = 8
 #: source asks; a resumed stream starts there).  A source that keeps its chunks in a
 #: pool of buffers asks often; one whose device lends its memory keeps views, which
 #: cost nothing, and asks rarely: each acknowledgement costs both sides a control
-#: message.
+#: message.  With ``auto`` compression every four: acknowledgements time each
+#: window's delivery (a window is 16 chunks).
+ACK_AUTO = 4
 ACK_OFTEN = 12
 ACK_RARELY = 64
 
@@ -100,6 +102,7 @@ class Workers:
         self.io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migd-io")
         self.codec = concurrent.futures.ThreadPoolExecutor(codec_threads,
                                                            thread_name_prefix="migd-codec")
+        self.codec_threads = codec_threads
         self.bank = BufferBank(bank_limit)
 
     def shutdown(self) -> None:

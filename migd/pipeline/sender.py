@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 from dataclasses import dataclass
 
 from backends.base import Device
@@ -30,6 +31,7 @@ from ..protocol.digest import StreamDigest
 from ..protocol.frames import HEADER_SIZE
 from ..protocol.messages import Ack, Announce, Announced, End
 from .buffers import (
+    ACK_AUTO,
     ACK_OFTEN,
     ACK_RARELY,
     DEFAULT_INFLIGHT,
@@ -37,6 +39,7 @@ from .buffers import (
     Workers,
     tx_sizes,
 )
+from .sharing import SharedLink
 
 log = logging.getLogger("migd.pipeline")
 
@@ -61,6 +64,17 @@ class _Sealed:
     offset: int
     again: bool  # sent before: a resumed stream sends it again
     frame: memoryview | None = None  # header and payload contiguous (stream transports)
+
+
+@dataclass(eq=False, slots=True)
+class _OpenWindow:
+    """``auto``: one window of chunks as it is sent, until its delivery measures it."""
+
+    compressed: bool
+    first_sent: float
+    state: int = 0
+    wire: int = 0
+    end: int = 0  # the chunk index after its last
 
 
 @dataclass(eq=False, slots=True)
@@ -104,14 +118,18 @@ class StreamSender:
     PROBE_EVERY = 4  # raw windows compress one chunk every this many, to keep measuring
 
     @staticmethod
-    def ack_every(device: Device, keep: bool) -> int:
+    def ack_every(device: Device, keep: bool, auto: bool = False) -> int:
         """How often the destination should acknowledge: often when kept chunks hold
-        pool buffers (the pool must not run dry), rarely otherwise."""
+        pool buffers (the pool must not run dry) and more often still for ``auto``
+        (acknowledgements time its windows), rarely otherwise."""
+        if auto:
+            return ACK_AUTO
         return ACK_OFTEN if keep and not device.lends_memory else ACK_RARELY
 
     def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
                  workers: Workers, counters: Counters, inflight: int = DEFAULT_INFLIGHT,
-                 max_bandwidth: int = 0, timeout: float = 30.0, keep: bool = False) -> None:
+                 max_bandwidth: int = 0, timeout: float = 30.0, keep: bool = False,
+                 shared: SharedLink | None = None) -> None:
         self.device = device
         self.encoder = encoder
         self.workers = workers
@@ -146,14 +164,20 @@ class StreamSender:
         self.downtime_phase = False
         # ``auto`` over shared memory without a cap: compressing to save a memory copy is
         # never faster, so it does not even probe.
-        self.auto = (AutoPolicy(threads=2, cap=max_bandwidth or None)
+        self.auto = (AutoPolicy(threads=compressor_threads(workers), cap=max_bandwidth or None)
                      if encoder.mode.name == "auto" and (max_bandwidth or not self.local)
                      else None)
         self.bucket = TokenBucket(max_bandwidth, self._loop.time()) if max_bandwidth else None
-        self._paced = 0.0
-        self._win_start = self._loop.time()
-        self._win_chunks = self._win_state = self._win_wire = 0
-        self._win_waited = self._waited()
+        #: The host's ``max_bandwidth_total``, shared with the other migrations.
+        self.shared = shared
+        #: ``auto``: the mode of the window being read (windows are chunk index ranges
+        #: of ``WINDOW``), what the window being sent has added up so far, and windows
+        #: sent and waiting for the acknowledgement that measures them.
+        self._win_mode = False
+        self._win: _OpenWindow | None = None
+        self._sent_windows: collections.deque[_OpenWindow] = collections.deque()
+        self._delivered_at = 0.0
+        self._measured_from: int | None = None
 
     def _bind(self, channels: list[Endpoint]) -> None:
         self.channels = channels
@@ -179,6 +203,8 @@ class StreamSender:
         if msg.index > self._out_index or msg.offset > self._out_offset:
             raise ProtocolError(f"ack: chunk {msg.index} / offset {msg.offset} was never sent")
         self._forget(msg.index)
+        if self.auto is not None:
+            self._delivered(msg.index)
 
     def _forget(self, below: int) -> None:
         """The destination loaded every chunk below ``below``: fold them into the
@@ -330,10 +356,12 @@ class StreamSender:
             return mode == "zstd"
         if self.auto is None:
             return False
-        if self.auto.compress:
+        if self.index % self.WINDOW == 0:
+            self._win_mode = self.auto.compress  # a window is read in one mode
+        if self._win_mode:
             return True
         # One probe chunk now and then keeps the compressor's speed and ratio measured,
-        # while they matter.  By index: the window counters only move when frames are sent.
+        # while they matter.
         return self.auto.wants_probe() and self.index % (self.WINDOW * self.PROBE_EVERY) == 0
 
     async def send(self, budget: int | None) -> int:
@@ -437,16 +465,14 @@ class StreamSender:
         return _Sealed(header, sealed, encoding, len(plain), target, mapped is not None, index,
                        offset, again)
 
-    def _waited(self) -> float:
-        return sum(e.waited for e in self.channels) + self._paced
-
     async def _emit(self, ep: Endpoint, seq: int, sealed: _Sealed) -> None:
         """Pace, send (in sequence order) and account for one sealed frame."""
         if self.bucket is not None:
             delay = self.bucket.delay(HEADER_SIZE + len(sealed.payload), self._loop.time())
             if delay:
-                self._paced += delay
                 await asyncio.sleep(delay)
+        if self.shared is not None:
+            await self.shared.take(self, HEADER_SIZE + len(sealed.payload))
         if self.keep:
             # Folded into the digest once acknowledged; a resume seals it anew.
             self._find_kept(sealed.index).contrib = StreamDigest.part(sealed.header, sealed.payload)
@@ -480,8 +506,8 @@ class StreamSender:
             c.downtime_bytes += plain_len
         else:
             c.precopy_bytes += plain_len
-        if self.auto is not None:
-            self._window(plain_len, HEADER_SIZE + len(payload))
+        if self.auto is not None and not sealed.again:
+            self._window(sealed.index, plain_len, HEADER_SIZE + len(payload))
 
     def _find_kept(self, index: int) -> _Kept:
         kept = self._kept
@@ -490,23 +516,56 @@ class StreamSender:
         assert k.index == index
         return k
 
-    def _window(self, state: int, wire: int) -> None:
-        self._win_chunks += 1
-        self._win_state += state
-        self._win_wire += wire
-        if self._win_chunks < self.WINDOW:
-            return
+    def _window(self, index: int, state: int, wire: int) -> None:
+        """``auto``: a new chunk of window ``index // WINDOW`` went out; a full window
+        waits for the acknowledgement of its last chunk, which measures it."""
+        win = self._win
+        if win is None:
+            win = self._win = _OpenWindow(self._win_mode, self._loop.time())
+            if not self._sent_windows and self._delivered_at < win.first_sent:
+                self._delivered_at = win.first_sent  # the link was idle until now
+        win.state += state
+        win.wire += wire
+        if (index + 1) % self.WINDOW == 0:
+            win.end = index + 1
+            self._sent_windows.append(win)
+            self._win = None
+
+    def _delivered(self, acked: int) -> None:
+        """Windows whose every chunk the destination acknowledged are measured: from
+        when the previous one was delivered (or this one started, if later) to now."""
         assert self.auto is not None
-        now, waited = self._loop.time(), self._waited()
-        cpu, n_in, n_out = self.encoder.take_stats()
-        decided = self.auto.record(Window(
-            compressed=self.auto.compress, state_bytes=self._win_state, wire_bytes=self._win_wire,
-            seconds=now - self._win_start, waiting_seconds=waited - self._win_waited,
-            compress_cpu=cpu, compress_in=n_in, compress_out=n_out))
-        self.counters.auto_windows += 1
-        self.counters.auto_compressed_windows += decided
-        self._win_start, self._win_waited = now, waited
-        self._win_chunks = self._win_state = self._win_wire = 0
+        now = self._loop.time()
+        if self._measured_from is None:
+            # The first acknowledgement ends the start-up (connections ramping up, the
+            # first chunks' latency): the first window is measured from here, for the
+            # part of it still to come, so that the first decision is not a window late.
+            self._measured_from, self._delivered_at = acked, now
+            return
+        done: list[_OpenWindow] = []
+        while self._sent_windows and self._sent_windows[0].end <= acked:
+            done.append(self._sent_windows.popleft())
+        if not done:
+            return
+        self.auto.sampled(*self.encoder.take_stats())
+        start = max(self._delivered_at, done[0].first_sent)
+        self._delivered_at = now
+        # Windows one acknowledgement delivered together are measured together.
+        state = wire = 0.0
+        for win in done:
+            share = max(0.0, min(1.0, (win.end - self._measured_from) / self.WINDOW))
+            state += win.state * share
+            wire += win.wire * share
+        mode = done[-1].compressed
+        if state <= 0 or now <= start or any(w.compressed != mode for w in done):
+            return
+        decided = self.auto.record(Window(compressed=mode, state_bytes=int(state),
+                                          wire_bytes=int(wire), seconds=now - start))
+        self.counters.auto_windows += len(done)
+        self.counters.auto_compressed_windows += len(done) * mode
+        log.debug("auto: windows to chunk %d (%s) delivered %.0f MB/s; reading chunk %d; "
+                  "next: %s", done[-1].end, "zstd" if mode else "raw",
+                  state / (now - start) / 1e6, self.index, "zstd" if decided else "raw")
 
     async def _write_frames(self) -> None:
         while True:
@@ -529,6 +588,8 @@ class StreamSender:
 
     async def close(self) -> None:
         await self._stop_writer()
+        if self.shared is not None:
+            self.shared.leave(self)
         self.workers.bank.give(self._sizes, self._bufs)
         self._kept.clear()
         self._resend.clear()
@@ -536,6 +597,12 @@ class StreamSender:
         for buf in self._pool_bufs:
             self.workers.bank.give((self.chunk,), [buf])
         self._pool_bufs = []
+
+
+def compressor_threads(workers: Workers) -> int:
+    """The compressor threads ``auto`` may count on: the codec pool's, less one core
+    for the rest (sealing, sending, the event loop); at least one."""
+    return max(1, min(workers.codec_threads, (os.cpu_count() or 1) - 1))
 
 
 def _join(pieces: list[memoryview], into: memoryview) -> memoryview:

@@ -692,3 +692,15 @@ def test_hello_garbage_from_the_network(pair: Pair) -> None:
     assert device(pair.dst)["sha256"] == ZERO
     final = migrate(pair)  # and it still serves real peers
     assert final["status"] == "completed"
+
+
+def test_a_destination_takes_chunks_no_larger_than_its_max_chunk_size() -> None:
+    """``max_chunk_size`` bounds what a destination accepts: a source asking for 1 MiB
+    chunks is negotiated down to it, and the migration is byte-exact."""
+    with local_pair([SRC], [DST], dst_extra=["-o", "max_chunk_size=256K"]) as p:
+        with p.src.client() as c:
+            final = c.migrate_follow({"device": "vf0", "peer": p.dst.address,
+                                      "chunk-size": 1 << 20, "interval": 0.05}, lambda _: None)
+        assert final["status"] == "completed", final.get("error-desc")
+        assert final["chunk-size"] == 256 << 10
+        assert device(p.src)["sha256"] == device(p.dst)["sha256"]
