@@ -7,7 +7,7 @@ daemons in one namespace.  Every round runs each (rate, image, mode) once, in
 order, so the machine's drift hits all alike; the table gives medians and
 ``auto`` as a share of the better of ``none`` and ``zstd:1`` in the same rounds.
 
-    .venv/bin/python bench/links.py --rounds 3
+    .venv/bin/python bench/links.py --rounds 3    # from a worktree: that tree's migd
     .venv/bin/python bench/links.py --rates 2gbit unlimited --images standard --rounds 1
 
 Images: ``standard`` is ``mkstate.py 1024 42`` (a third zero pages, a fifth
@@ -28,7 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import compare  # noqa: E402
 
-PYTHON = ROOT / ".venv" / "bin" / "python"
+#: This interpreter, on the migd of the checkout this script is in (so that a snapshot
+#: of the tree, e.g. a git worktree, can run while the working tree changes).
+PYTHON = sys.executable
 MODES = ("none", "zstd:1", "auto")
 
 
@@ -48,7 +50,7 @@ def run(rate: str, image: str, mode: str, channels: int) -> dict[str, object]:
     if rate != "unlimited":
         cmd += ["--link", rate]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800,
-                         cwd=ROOT)
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     result: dict[str, object] = json.loads(out.stdout)
     if not result.get("verified"):
         sys.exit(f"{rate} {image} {mode}: not verified: {result.get('error')}")

@@ -84,6 +84,7 @@ class AutoPolicy:
         self._gap = explore_every
         self._next_try = explore_every
         self._trying = False
+        self._raw_windows = 0
 
     def sampled(self, cpu: float, n_in: int, n_out: int) -> None:
         """What the compressor did since last asked: ``cpu`` thread seconds to turn
@@ -108,6 +109,7 @@ class AutoPolicy:
                 self.comp_rate = _ewma(self.comp_rate, rate, weight)
             else:
                 self.raw_rate = _ewma(self.raw_rate, rate, weight)
+                self._raw_windows += 1
         self._last = w.compressed
         self.compress = self._choose(w.compressed)
         return self.compress
@@ -152,9 +154,10 @@ class AutoPolicy:
             self._next_try = self.windows + self._gap
             return winner
         if self.comp_rate is None:
-            # Never tried: only if the compressor could beat what raw delivers.
+            # Never tried: only if the compressor could beat what raw delivers (raw
+            # measured over two windows: one can be a slow start).
             limit = self.cpu_limit()
-            if limit is None or limit <= self.raw_rate * self.MARGIN:
+            if self._raw_windows < 2 or limit is None or limit <= self.raw_rate * self.MARGIN:
                 return False
             return self._try()
         best = self._better(was)

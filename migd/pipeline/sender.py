@@ -600,9 +600,9 @@ class StreamSender:
 
 
 def compressor_threads(workers: Workers) -> int:
-    """The compressor threads ``auto`` may count on: the codec pool's, less one core
-    for the rest (sealing, sending, the event loop); at least one."""
-    return max(1, min(workers.codec_threads, (os.cpu_count() or 1) - 1))
+    """The compressor threads ``auto`` may count on: the codec pool's, at most one per
+    core."""
+    return max(1, min(workers.codec_threads, os.cpu_count() or 1))
 
 
 def _join(pieces: list[memoryview], into: memoryview) -> memoryview:

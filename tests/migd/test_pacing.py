@@ -105,13 +105,13 @@ def test_a_link_that_gets_slower_starts_compression() -> None:
 def test_a_slow_start_does_not_lock_compression_in() -> None:
     """Seen on rdma+tcp: a slow first window made compression look faster, and it
     compressed 60 of 64 windows at a third of the speed.  (The sender now leaves the
-    start-up out of the first window; whatever misleads a window still ends at the
-    next try of raw.)"""
+    start-up out of the first window, and raw is measured over two before compression
+    is tried; a try that loses ends at once.)"""
     p = AutoPolicy(threads=2, explore_every=8)
     window(p, False, 0.2e9)  # a slow window
     modes, _ = Link(None, raw_cpu=1.8e9, comp_cpu=0.6e9).run(p, 63)
     assert p.raw_rate is not None and p.raw_rate > 1.5e9
-    assert modes[:8].count(True) >= 6 and modes[-40:].count(True) <= 2
+    assert modes.count(True) <= 4 and modes[-40:].count(True) <= 2
 
 
 def test_a_known_cap_decides_without_exploring() -> None:
