@@ -88,6 +88,8 @@ class Mlx5Device(Device):
         self._rx = bytearray()
         self._rx_need = REC.size
         self._rx_hdr: tuple[int, int, int] | None = None
+        #: Bytes of the current FW_DATA record already in the load buffer.
+        self._rx_got = 0
         self._loading = False
         self.loads_committed = 0
         if options.get("dir"):
@@ -149,6 +151,7 @@ class Mlx5Device(Device):
             self._rx.clear()
             self._rx_hdr = None
             self._rx_need = REC.size
+            self._rx_got = 0
             self._prep_size = 0
             self._loading = True
         elif arc == (S.RESUMING, S.STOP):
@@ -162,6 +165,7 @@ class Mlx5Device(Device):
         self._loading = False
         self._rx.clear()
         self._rx_hdr = None
+        self._rx_got = 0
 
     # --- saving: images into host buffers, framed into the stream ---------------------------
 
@@ -268,6 +272,18 @@ class Mlx5Device(Device):
             self._require(DeviceState.RESUMING, op="write")
             pos = 0
             while pos < len(data):
+                if self._rx_hdr is not None and self._rx_hdr[2] == TAG_FW_DATA:
+                    # A record's image goes straight into the buffer the firmware loads
+                    # from, as the kernel's resume_write copies into its DMA pages.
+                    size = self._rx_hdr[0]
+                    k = min(size - self._rx_got, len(data) - pos)
+                    self._load_buf[self._rx_got : self._rx_got + k] = data[pos : pos + k]
+                    self._rx_got += k
+                    pos += k
+                    if self._rx_got < size:
+                        break
+                    self._take_record()
+                    continue
                 k = min(self._rx_need - len(self._rx), len(data) - pos)
                 self._rx += data[pos : pos + k]
                 pos += k
@@ -283,6 +299,9 @@ class Mlx5Device(Device):
                                           f"tag {tag}")
                     self._rx_hdr = (size, flags, tag)
                     self._rx_need = size
+                    self._rx_got = 0
+                    if tag == TAG_FW_DATA and len(self._load_buf) < size:
+                        self._load_buffer(max(size, self._prep_size))
                     if size == 0:
                         self._take_record()
                 else:
@@ -293,9 +312,6 @@ class Mlx5Device(Device):
         assert self._rx_hdr is not None
         size, _, tag = self._rx_hdr
         if tag == TAG_FW_DATA:
-            if len(self._load_buf) < size:
-                self._load_buffer(max(size, self._prep_size))
-            self._load_buf[:size] = self._rx
             try:
                 self._cmd(LOAD_VHCA_STATE, mkey=self._load_mkey, size=size)
             except AdminError as exc:
@@ -308,6 +324,7 @@ class Mlx5Device(Device):
         self._rx.clear()
         self._rx_hdr = None
         self._rx_need = REC.size
+        self._rx_got = 0
 
     def _load_buffer(self, size: int) -> None:
         """A host buffer the firmware loads from, of ``size`` bytes (it replaces the old)."""

@@ -61,7 +61,10 @@ class _AuthOnly:
         out = memoryview(buf)
         if not _same_memory(data, out[:n]):
             out[:n] = data
-        out[n:n + TAG_SIZE] = self._tag(nonce, data, aad)
+        # The tag vouches for what was written, not for ``data`` read a second time: a
+        # lent view of device memory may change between the two reads (a running
+        # guest writes it during pre-copy), and the peer checks what it received.
+        out[n:n + TAG_SIZE] = self._tag(nonce, out[:n], aad)
         return n + TAG_SIZE
 
     def decrypt_into(self, nonce: bytes, data: bytes | memoryview,

@@ -473,9 +473,13 @@ class StreamSender:
                 await asyncio.sleep(delay)
         if self.shared is not None:
             await self.shared.take(self, HEADER_SIZE + len(sealed.payload))
+        # Taken before the frame goes: a payload written one-sided lies in the
+        # destination's buffer, which may hold the next chunk once this one is loaded.
         if self.keep:
             # Folded into the digest once acknowledged; a resume seals it anew.
             self._find_kept(sealed.index).contrib = StreamDigest.part(sealed.header, sealed.payload)
+        else:
+            self.digest.fold_frame(sealed.header, sealed.payload)
         self._out_index = max(self._out_index, sealed.index + 1)
         self._out_offset = max(self._out_offset, sealed.offset + sealed.plain_len)
         if sealed.frame is not None:
@@ -488,9 +492,7 @@ class StreamSender:
         self._count(sealed)
 
     def _count(self, sealed: _Sealed) -> None:
-        header, payload = sealed.header, sealed.payload
-        if not self.keep:
-            self.digest.fold_frame(header, payload)
+        payload = sealed.payload
         c = self.counters
         encoding, plain_len = sealed.encoding, sealed.plain_len
         if sealed.again:
