@@ -242,8 +242,8 @@ class SourceDriver(Driver):
             reply_to=reachable(host.listen, ep.channel.local,
                                host_local=ep.channel.transport == "rdma+shm"),
             resumable=opts.max_resumes > 0,
-            ack_every=StreamSender.ack_every(dev, opts.max_resumes > 0,
-                                             auto=opts.compress.name == "auto")))
+            ack_every=StreamSender.ack_every(dev, opts.max_resumes > 0, auto=StreamSender.judges(
+                opts.compress, opts.max_bandwidth, local=ep.writes_peer_memory))))
         accept = await ep.expect(Accept, opts.timeout)
         self.limit, self.token = accept.limit, accept.token
         self.eps += await self._join(self.token, self.bus)

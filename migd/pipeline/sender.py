@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from backends.base import Device
 
-from ..codec import Encoder, Encoding
+from ..codec import CompressMode, Encoder, Encoding
 from ..endpoint import Endpoint, PlacedWrite, Target
 from ..errors import (
     MigdError,
@@ -118,6 +118,13 @@ class StreamSender:
     PROBE_EVERY = 4  # raw windows compress one chunk every this many, to keep measuring
 
     @staticmethod
+    def judges(mode: CompressMode, max_bandwidth: int, local: bool) -> bool:
+        """Whether ``auto`` decides anything: not over shared memory without a cap
+        (compressing to save a memory copy is never faster, so it does not even
+        sample, nor ask for the acknowledgements that time its windows)."""
+        return mode.name == "auto" and (bool(max_bandwidth) or not local)
+
+    @staticmethod
     def ack_every(device: Device, keep: bool, auto: bool = False) -> int:
         """How often the destination should acknowledge: often when kept chunks hold
         pool buffers (the pool must not run dry) and more often still for ``auto``
@@ -162,11 +169,8 @@ class StreamSender:
         self._queued = 0  # frames handed to the writer and not yet sent
         self._start_writer()
         self.downtime_phase = False
-        # ``auto`` over shared memory without a cap: compressing to save a memory copy is
-        # never faster, so it does not even probe.
         self.auto = (AutoPolicy(threads=compressor_threads(workers), cap=max_bandwidth or None)
-                     if encoder.mode.name == "auto" and (max_bandwidth or not self.local)
-                     else None)
+                     if self.judges(encoder.mode, max_bandwidth, self.local) else None)
         self.bucket = TokenBucket(max_bandwidth, self._loop.time()) if max_bandwidth else None
         #: The host's ``max_bandwidth_total``, shared with the other migrations.
         self.shared = shared
@@ -377,6 +381,10 @@ class StreamSender:
             again = self._resend.popleft() if self._resend else None
             if again is None and budget is not None and sent >= budget:
                 break
+            if self.index % self.WINDOW == 0:
+                # A socket that always takes more never suspends this loop: let what
+                # arrived (acknowledgements, a peer's error) be read now and then.
+                await asyncio.sleep(0)
             slot = await self._slots.get()
             self.control.check()
             index = self.index if again is None else again.index
