@@ -140,9 +140,7 @@ class AutoPolicy:
         if self.ratio is not None and self.ratio < 1.1:
             return False  # this data does not compress
         if self.cap is not None:
-            # A known cap: raw can never beat it, so compress whenever that promises more.
-            predicted = self.predicted_compressed()
-            return predicted is None or predicted > self.cap * self.MARGIN
+            return self.under_cap()
         if self.raw_rate is None:
             return False  # nothing measured yet: raw first
         if self._trying:
@@ -168,6 +166,15 @@ class AutoPolicy:
         if self.windows >= self._next_try and (was or self._close()):
             return self._try()
         return was
+
+    def under_cap(self) -> bool:
+        """Under a known cap raw can never beat it: compress whenever that promises
+        more, or while nothing says otherwise yet.  Needs no delivered window, so the
+        sender asks at each window's start."""
+        if self.ratio is not None and self.ratio < 1.1:
+            return False
+        predicted = self.predicted_compressed()
+        return predicted is None or predicted > self.cap * self.MARGIN  # type: ignore[operator]
 
     def _close(self) -> bool:
         """Raw is ahead: is compression close enough that it might win now?  A try

@@ -361,6 +361,9 @@ class StreamSender:
         if self.auto is None:
             return False
         if self.index % self.WINDOW == 0:
+            if self.auto.cap is not None:  # decided from the cap and samples, right now
+                self.auto.sampled(*self.encoder.take_stats())
+                self.auto.compress = self.auto.under_cap()
             self._win_mode = self.auto.compress  # a window is read in one mode
         if self._win_mode:
             return True
