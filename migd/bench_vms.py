@@ -23,7 +23,7 @@ from typing import Any
 
 from transports import REGISTRY as TRANSPORTS
 
-from .bench import PeakMemory, _device_specs, bench_pair
+from .bench import PeakMemory, _device_specs, bench_pair, resources_line
 from .errors import ConfigError
 from .harness import DaemonProc
 from .report import migrate_args
@@ -146,7 +146,4 @@ def _print(r: dict[str, Any]) -> None:
         rates = [v["gbps"] for v in r["vms"]]
         print(f"  worst VM downtime {r['worst_downtime_ms']} ms; per-VM GB/s median "
               f"{statistics.median(rates):.3f}, Jain's fairness index {r['jain']:.3f}")
-    cpu, mem = r["cpu_seconds"], r["mem_peak_bytes"]
-    print(f"  cpu: source {cpu['source']:.2f} s, destination {cpu['destination']:.2f} s; "
-          f"peak daemon memory: source {human_bytes(mem['source'])}, "
-          f"destination {human_bytes(mem['destination'])}")
+    print(resources_line(r))
