@@ -7,6 +7,7 @@ CPU seconds and peak daemon memory per side) and writes the raw runs as JSON.
     .venv/bin/python bench/compare.py --state-size 4G --repeat 1 --configs none/aes-256-gcm
     .venv/bin/python bench/compare.py --configs none/none/2/rdma+shm none/aes-256-gcm/2/tcp
     .venv/bin/python bench/compare.py --baseline --repeat 5   # and the raw socket copy
+    .venv/bin/python bench/compare.py --baseline --qemu --repeat 3   # and QEMU's migrations
 
 A configuration is ``COMPRESS/CIPHER[/CHANNELS[/TRANSPORT]]`` (defaults 1, tcp).
 
@@ -25,6 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qemu_baseline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MKSTATE = ROOT.parent / "shared" / "tools" / "mkstate.py"
@@ -103,6 +107,9 @@ def main() -> int:
     ap.add_argument("--baseline", action="store_true",
                     help="also run the raw socket copy (socat, 1 MiB buffers, file -> TCP -> "
                          "/dev/null) in every round, and print each figure as a ratio to it")
+    ap.add_argument("--qemu", nargs="*", metavar="MODE", choices=qemu_baseline.MODES,
+                    help="also migrate a paused QEMU guest whose RAM holds the image, in "
+                         "each MODE (default: all of " + ", ".join(qemu_baseline.MODES) + ")")
     args = ap.parse_args()
     if args.state_size:
         source, what = ["--state-size", args.state_size], f"sim mix, {args.state_size}"
@@ -111,11 +118,22 @@ def main() -> int:
         source, what = ["--state-file", path], os.path.basename(path)
     if args.baseline and args.state_size:
         sys.exit("--baseline copies a file: give --state-file (or the default image)")
-    configs = (["socat"] if args.baseline else []) + list(args.configs)
+    qemu = [] if args.qemu is None else (args.qemu or list(qemu_baseline.MODES))
+    if qemu and not qemu_baseline.available():
+        sys.exit("--qemu: qemu-system-x86_64 is not installed (apt install qemu-system-x86)")
+    if qemu and args.state_size:
+        sys.exit("--qemu maps a file as the guest's RAM: give --state-file (or the default)")
+    configs = (["socat"] if args.baseline else []) + [f"qemu:{m}" for m in qemu] + list(
+        args.configs)
     runs: dict[str, list[dict[str, object]]] = {c: [] for c in configs}
     for i in range(args.repeat):
         for config in configs:
-            r = socat_copy(path) if config == "socat" else run(source, config)
+            if config == "socat":
+                r = socat_copy(path)
+            elif config.startswith("qemu:"):
+                r = qemu_baseline.migrate(path, config.partition(":")[2])
+            else:
+                r = run(source, config)
             if not r.get("verified"):
                 sys.exit(f"{config}: migration not verified: {r}")
             runs[config].append(r)
