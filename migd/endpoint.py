@@ -318,12 +318,11 @@ class Endpoint:
         placement = self.channel.placement
         return placement is not None and placement.maps_remote
 
-    async def target(self) -> Target | None:
-        """One-sided channels: the receiver's buffer for the next payload, waiting for
-        its credit.  None: payloads travel in the stream."""
+    async def target(self) -> Target:
+        """The receiver's buffer for the next payload, waiting for its credit (only on
+        a channel that is :attr:`one_sided`)."""
         placement = self.channel.placement
-        if placement is None:
-            return None
+        assert placement is not None
         credit = await placement.credit()
         return Target(credit, placement.view(credit))
 

@@ -369,7 +369,7 @@ class StreamSender:
             return True
         # One probe chunk now and then keeps the compressor's speed and ratio measured,
         # while they matter.
-        return self.auto.wants_probe() and self.index % (self.WINDOW * self.PROBE_EVERY) == 0
+        return self.index % (self.WINDOW * self.PROBE_EVERY) == 0 and self.auto.wants_probe()
 
     async def send(self, budget: int | None) -> int:
         """Stream device data: up to ``budget`` bytes (pre-copy) or to end of stream.
@@ -392,7 +392,8 @@ class StreamSender:
             self.control.check()
             index = self.index if again is None else again.index
             ep = self.channels[index % len(self.channels)]
-            target = await self._target(ep, slot)
+            # (No coroutine per chunk on a stream channel: it has no targets.)
+            target = await self._target(ep, slot) if ep.one_sided else None
             compress = self._compress_next()
             # Over shared memory the device's bytes go straight into the destination's
             # buffer; otherwise they are sealed from wherever the device keeps them.
@@ -429,9 +430,9 @@ class StreamSender:
         self.control.check()
         return sent
 
-    async def _target(self, ep: Endpoint, slot: _TxSlot) -> Target | None:
-        """One-sided channels: the destination's buffer for the next payload (the slot
-        goes back if the wait for it fails)."""
+    async def _target(self, ep: Endpoint, slot: _TxSlot) -> Target:
+        """A one-sided channel's destination buffer for the next payload (the slot goes
+        back if the wait for it fails)."""
         try:
             return await ep.target()
         except BaseException:
@@ -478,12 +479,13 @@ class StreamSender:
 
     async def _emit(self, ep: Endpoint, seq: int, sealed: _Sealed) -> None:
         """Pace, send (in sequence order) and account for one sealed frame."""
+        wire = HEADER_SIZE + len(sealed.payload)
         if self.bucket is not None:
-            delay = self.bucket.delay(HEADER_SIZE + len(sealed.payload), self._loop.time())
+            delay = self.bucket.delay(wire, self._loop.time())
             if delay:
                 await asyncio.sleep(delay)
         if self.shared is not None:
-            await self.shared.take(self, HEADER_SIZE + len(sealed.payload))
+            await self.shared.take(self, wire)
         # Taken before the frame goes: a payload written one-sided lies in the
         # destination's buffer, which may hold the next chunk once this one is loaded.
         if self.keep:
