@@ -164,6 +164,8 @@ def bench_pair(args: argparse.Namespace, src: Sequence[str], dst: Sequence[str],
 def run_bench(args: argparse.Namespace) -> int:
     if args.matrix:
         return run_matrix(args)
+    if args.vfs < 1 or args.vms < 1:
+        raise ConfigError("bench: --vfs and --vms must be at least 1")
     if args.vfs > 1 or args.vms > 1:
         from .bench_vms import run_vms
         return run_vms(args)

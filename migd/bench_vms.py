@@ -24,7 +24,6 @@ from typing import Any
 from transports import REGISTRY as TRANSPORTS
 
 from .bench import PeakMemory, _device_specs, bench_pair, resources_line
-from .errors import ConfigError
 from .harness import DaemonProc
 from .report import migrate_args
 from .units import human_bytes
@@ -108,8 +107,6 @@ def measure(src: DaemonProc, dst: DaemonProc, req: dict[str, Any], vms: list[lis
 
 
 def run_vms(args: argparse.Namespace) -> int:
-    if args.vfs < 1 or args.vms < 1:
-        raise ConfigError("--vfs and --vms must be at least 1")
     TRANSPORTS.check([args.transport])
     vms = _names(args.vms, args.vfs)
     specs = [_device_specs(args, name, i)

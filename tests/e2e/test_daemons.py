@@ -704,3 +704,15 @@ def test_a_destination_takes_chunks_no_larger_than_its_max_chunk_size() -> None:
         assert final["status"] == "completed", final.get("error-desc")
         assert final["chunk-size"] == 256 << 10
         assert device(p.src)["sha256"] == device(p.dst)["sha256"]
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--vfs", "0"], "--vfs and --vms must be at least 1"),
+    (["--vms", "-2"], "--vfs and --vms must be at least 1"),
+    (["--link", "fast"], "link rate 'fast'"),
+    (["--link", "10gbit", "--transport", "rdma+shm"], "rdma+shm stays on one host"),
+])
+def test_bench_refuses_what_it_cannot_run_with_a_reason(args: list[str], why: str) -> None:
+    r = migd("bench", "--state-size", "4M", *args)
+    assert r.returncode != 0 and why in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

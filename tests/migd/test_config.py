@@ -75,6 +75,10 @@ def test_a_config_file_that_is_not_text_is_named(tmp_path: pathlib.Path) -> None
     ('buffer_budget = "1M"', "'buffer_budget' must be a size from 16.0 MiB to 1.0 TiB"),
     ('buffer_budget = "lots"', "'buffer_budget' size: 'lots' is not a size"),
     ("max_queued = -1", "'max_queued' must be a whole number from 0"),
+    ('max_chunk_size = "32M"', "'max_chunk_size' must be a size from 4.0 KiB to 16.0 MiB"),
+    ('max_chunk_size = "1K"', "'max_chunk_size' must be a size from 4.0 KiB"),
+    ('max_bandwidth_total = "fast"', "'max_bandwidth_total' size: 'fast' is not a size"),
+    ("max_bandwidth_total = -5", "'max_bandwidth_total' size: must not be negative"),
 ])
 def test_limits_are_checked(tmp_path: pathlib.Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
