@@ -104,6 +104,9 @@ def main() -> int:
     group.add_argument("--state-file")
     group.add_argument("--state-size")
     ap.add_argument("--json-out", default=str(ROOT / "bench" / "results" / "compare.json"))
+    ap.add_argument("--chart", metavar="PNG",
+                    help="the chart's path (default: next to --json-out); needs matplotlib "
+                         "(pip install 'migd[plot]')")
     ap.add_argument("--baseline", action="store_true",
                     help="also run the raw socket copy (socat, 1 MiB buffers, file -> TCP -> "
                          "/dev/null) in every round, and print each figure as a ratio to it")
@@ -139,11 +142,16 @@ def main() -> int:
             runs[config].append(r)
             print(f"run {i + 1}/{args.repeat} {config}: {r['gbps']} GB/s", file=sys.stderr)
     print(f"\n{what}, {args.repeat} interleaved run(s) each, both ends on this machine\n")
+    plain = "qemu:plain" in runs
     print("| compress/cipher[/channels] | GB/s median | min | max | wire/state | CPU s src+dst | "
           "CPU s/GB of state | peak MiB src/dst |" + (" GB/s, CPU/GB vs socat |" if
-                                                       args.baseline else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.baseline else ""))
+                                                       args.baseline else "")
+          + (" GB/s vs QEMU plain |" if plain else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.baseline else "")
+          + ("---|" if plain else ""))
     base: tuple[float, float] | None = None
+    qemu_plain = (statistics.median(float(str(r["gbps"])) for r in runs["qemu:plain"])
+                  if plain else None)
     for config, rs in runs.items():
         g = [float(str(r["gbps"])) for r in rs]
         cpu = statistics.median(sum(r["cpu_seconds"].values()) for r in rs)  # type: ignore[attr-defined]
@@ -156,13 +164,52 @@ def main() -> int:
             base = (statistics.median(g), per_gb)
         versus = (f" {statistics.median(g) / base[0]:.2f}x, {per_gb / base[1]:.2f}x |"
                   if base is not None else "")
+        versus_qemu = (f" {statistics.median(g) / qemu_plain:.2f}x |"
+                       if qemu_plain is not None else "")
         print(f"| {config} | {statistics.median(g):.2f} | {min(g):.2f} | {max(g):.2f} | "
               f"{ratio:.2f} | {cpu:.2f} | {per_gb:.2f} | "
-              f"{src_mem / 2**20:.0f}/{dst_mem / 2**20:.0f} |{versus}")
+              f"{src_mem / 2**20:.0f}/{dst_mem / 2**20:.0f} |{versus}{versus_qemu}")
     os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
     with open(args.json_out, "w") as f:
         json.dump(runs, f, indent=1)
+    path = args.chart or os.path.splitext(args.json_out)[0] + ".png"
+    if chart(runs, f"{what}, {args.repeat} interleaved run(s) each", path):
+        print(f"\nchart: {path}")
+    else:
+        print("\nchart: install the plot extra (pip install 'migd[plot]') for a PNG")
     return 0
+
+
+def chart(runs: dict[str, list[dict[str, object]]], title: str, path: str) -> bool:
+    """migd's configurations next to the baselines: GB/s (median, bars from min to
+    max) above, CPU seconds per GB of state of both ends below."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = list(runs)
+    gbps = [[float(str(r["gbps"])) for r in runs[c]] for c in labels]
+    med = [statistics.median(g) for g in gbps]
+    spread = [[m - min(g) for m, g in zip(med, gbps, strict=True)],
+              [max(g) - m for m, g in zip(med, gbps, strict=True)]]
+    cpu = [statistics.median(sum(r["cpu_seconds"].values())  # type: ignore[attr-defined]
+                             / (float(str(r["bytes"])) / 1e9) for r in runs[c]) for c in labels]
+    colors = ["tab:gray" if c == "socat" or c.startswith("qemu:") else "tab:blue"
+              for c in labels]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(8, len(labels) * 1.1), 7), sharex=True)
+    a.bar(labels, med, yerr=spread, color=colors, capsize=3)
+    a.set_ylabel("GB/s of state")
+    a.set_title(f"migd (blue) and its baselines (gray): {title}", fontsize=9)
+    b.bar(labels, cpu, color=colors)
+    b.set_ylabel("CPU s per GB (both ends)")
+    b.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

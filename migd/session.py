@@ -24,6 +24,7 @@ from backends.states import MigCap
 from . import journald
 from .admission import Admission, Gate, Ticket
 from .codec import DEFAULT_COMPRESSION, CompressMode, parse_compress
+from .convergence import Convergence
 from .crypto import DEFAULT_CIPHER, ENCRYPTING
 from .endpoint import wait_event
 from .errors import (
@@ -465,6 +466,8 @@ class Switchover:
     aborts every device."""
 
     PHASES = ("converged", "p2p")
+    #: Longest a device that cannot iterate waits before it looks at its own again.
+    REPORT_WAIT = 0.05
 
     def __init__(self, devices: int) -> None:
         self.id = "vm-" + uuid.uuid4().hex[:9]
@@ -474,6 +477,25 @@ class Switchover:
         self.jobs: list[Job] = []
         self._reached: dict[str, set[int]] = {p: set() for p in self.PHASES}
         self._changed = asyncio.Event()
+        self._convergence: Convergence | None = None
+        self._reports = asyncio.Event()
+
+    def convergence(self, limit_ms: int) -> Convergence:
+        """The VM's pre-copy estimate, shared by its devices (see :mod:`migd.convergence`)."""
+        if self._convergence is None:
+            self._convergence = Convergence(self.size, limit_ms)
+        return self._convergence
+
+    async def reported(self) -> None:
+        """Wait a little for a sibling's next pre-copy figures (a device that cannot
+        iterate further waits so, rather than spinning)."""
+        self._check()
+        self._reports.clear()
+        await wait_event(self._reports, self.REPORT_WAIT)
+        self._check()
+
+    def reporting(self) -> None:
+        self._reports.set()
 
     def member(self, job: Job) -> int:
         return self.jobs.index(job)

@@ -24,6 +24,7 @@ from transports.sockets import parse_address
 
 from . import journal
 from .codec import Encoder
+from .convergence import Convergence
 from .driver import Driver
 from .endpoint import Bus, Endpoint, is_link_failure, wait_event
 from .errors import (
@@ -290,31 +291,51 @@ class SourceDriver(Driver):
 
     async def iterate(self) -> Event:
         """Pre-copy: iterate while what is pending would not fit the downtime limit at
-        the measured rate (or until the iterations or the announce room run out)."""
+        the measured rate (or until the iterations or the announce room run out).  For
+        a VM the estimate is the VM's (:mod:`migd.convergence`): a device keeps sending
+        what its guest dirties until all of them fit together."""
         dev, sender, job, opts = self.dev, self.sender, self.job, self.opts
         assert dev is not None and sender is not None
         if dev.state == DeviceState.RUNNING:
             await self._arc(DeviceState.PRE_COPY)
         if self.initial_offset is not None and not self.initial_loaded:
             await sender.control.send_control(InitialSent(offset=self.initial_offset))
+        group = self.group
+        if group is None:
+            vm, member = Convergence(1, opts.downtime_limit_ms), 0
+        else:
+            vm, member = group.convergence(opts.downtime_limit_ms), group.member(self.job)
         sent_total = 0
-        t0 = time.monotonic()
+        vm.start(time.monotonic())
+        pinged = time.monotonic()
         while True:
             info = dev.precopy_info()
             pending = info.initial_bytes + info.dirty_bytes
-            elapsed = time.monotonic() - t0
-            rate = sent_total / elapsed if elapsed > 0 and sent_total else 0.0
-            job.rate = rate
-            if rate:
-                job.expected_downtime_ms = int(pending / rate * 1000)
-            if info.initial_bytes == 0:
-                if self.initial_offset is None:
-                    self.initial_offset = sender.offset
-                    await sender.control.send_control(InitialSent(offset=sender.offset))
-                fits = rate > 0 and pending / rate * 1000 <= opts.downtime_limit_ms
-                room = self.limit - sender.announced - dev.stop_copy_size() - pending
-                if fits or pending == 0 or job.dirty_sync_count >= opts.max_iterations or room < 0:
-                    return Event.CONVERGED
+            initial_done = info.initial_bytes == 0
+            if initial_done and self.initial_offset is None:
+                self.initial_offset = sender.offset
+                await sender.control.send_control(InitialSent(offset=sender.offset))
+            final = initial_done and (
+                pending == 0 or job.dirty_sync_count >= opts.max_iterations
+                or self.limit - sender.announced - dev.stop_copy_size() - pending < 0)
+            vm.report(member, pending=pending, sent=sent_total, initial_done=initial_done,
+                      final=final)
+            if group is not None:
+                group.reporting()
+            now = time.monotonic()
+            job.rate = vm.rate(now)
+            job.expected_downtime_ms = vm.expected_ms(now)
+            if vm.converged(now):
+                return Event.CONVERGED
+            if final:
+                # Nothing this device may send: its siblings' next figures decide.
+                assert group is not None
+                await group.reported()
+                self.control.bus.check()
+                if time.monotonic() - pinged >= PING_EVERY:
+                    pinged = time.monotonic()
+                    await self._ping()
+                continue
             sent_total += await sender.send(pending)
             job.dirty_sync_count += 1
 
