@@ -41,7 +41,14 @@ NAMED = {"hisi": ["--backend", "hisi"],
          "mlx5": ["--backend", "mlx5", "--state-size", "256M", "--dirty-rate", "32M"],
          "auto-capped": ["--state-file", "{image}", "--compress", "auto", "--channels", "2",
                          "--max-bandwidth", "250000000"],
-         "4G": ["--state-size", "4G", "--compress", "none"]}
+         "4G": ["--state-size", "4G", "--compress", "none"],
+         # Whole VMs (the README's table): one VM of 4 mlx5 VFs, then a host evacuation.
+         "vm4": ["--backend", "mlx5", "--vfs", "4", "--state-size", "400M", "--dirty-rate", "32M"],
+         "vm4-100": ["--backend", "mlx5", "--vfs", "4", "--state-size", "400M", "--dirty-rate",
+                     "32M", "--downtime-limit", "100"],
+         "2vm4-100": ["--backend", "mlx5", "--vms", "2", "--vfs", "4", "--state-size", "400M",
+                      "--dirty-rate", "32M", "--downtime-limit", "100"],
+         "4vm2": ["--vms", "4", "--vfs", "2", "--state-size", "256M", "--dirty-rate", "8M"]}
 
 
 def matrix() -> list[str]:
@@ -134,7 +141,9 @@ def main() -> int:
                             for side in ("source", "destination"))
 
         def downtime(rs: list[dict[str, object]]) -> float:
-            return statistics.median(float(x.get("downtime_ms", 0)) for x in rs)  # type: ignore[arg-type]
+            # A VM bench reports its worst VM's downtime.
+            return statistics.median(float(x.get("downtime_ms", x.get("worst_downtime_ms", 0)))  # type: ignore[arg-type]
+                                     for x in rs)
 
         def wire(rs: list[dict[str, object]]) -> float:
             return statistics.median(float(x["wire_bytes"]) / max(1.0, float(x["bytes"]))  # type: ignore[arg-type]
