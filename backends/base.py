@@ -22,6 +22,32 @@ from migd.errors import ConfigError, DeviceError, IllegalTransition
 from .states import DATA_FD_ARCS, DeviceState, MigCap, path
 
 
+class Lease:
+    """Saving data lent by a device (:meth:`Device.lend`): ``views`` of memory the
+    device keeps, valid until :meth:`release`.  A device that reuses that memory for
+    the data after (mlx5's host buffers) takes it back only once every lease on it
+    is released; one whose memory stays (sim's) has nothing to take back."""
+
+    __slots__ = ("_release", "views")
+
+    def __init__(self, views: list[memoryview], release: Callable[[], None] | None = None
+                 ) -> None:
+        self.views = views
+        self._release = release
+
+    @property
+    def held(self) -> bool:
+        """Whether releasing gives the device anything back."""
+        return self._release is not None
+
+    def release(self) -> None:
+        """Give the views back (idempotent).  Safe from any thread, never blocks on
+        the device's I/O."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 @dataclasses.dataclass(frozen=True)
 class PrecopyInfo:
     initial_bytes: int
@@ -44,6 +70,8 @@ class Device(abc.ABC):
     #: :meth:`sink`), so the pipeline seals from it and opens into it without a copy.
     #: A real data_fd can only be read and written.
     lends_memory: ClassVar[bool] = False
+    #: Whether saving data can be lent (:meth:`lend`) instead of copied out.
+    lends_saved: ClassVar[bool] = False
 
     def __init__(self, name: str, caps: MigCap) -> None:
         self.name = name
@@ -191,6 +219,18 @@ class Device(abc.ABC):
         it would after a copy.
         """
         return None
+
+    def lend(self, limit: int) -> Lease:
+        """The next saving data (up to ``limit`` bytes, the same stream as
+        :meth:`read_into`) lent rather than copied (only if :attr:`lends_saved`).
+
+        An empty lease is what a 0-byte read is.  A device whose memory is all lent
+        out raises :class:`~migd.errors.LentOut`: the caller releases leases (or
+        waits for them to be released) and asks again; that is never the end."""
+        views = self.read_views(limit)
+        if views is None:
+            raise DeviceError(f"{self.name}: a {self.kind} device does not lend saved data")
+        return Lease(views)
 
     @abc.abstractmethod
     def write(self, data: memoryview) -> int:

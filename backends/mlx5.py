@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import collections
 import struct
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from migd.errors import ConfigError, DeviceError, IncompatibleDevice, NoDataNow
+from migd.errors import ConfigError, DeviceError, IncompatibleDevice, LentOut, NoDataNow
 
-from .base import REGISTRY, Device, PrecopyInfo
+from .base import REGISTRY, Device, Lease, PrecopyInfo
 from .emulated.mlx5_firmware import (
     CHUNK,
     LOAD_VHCA_STATE,
@@ -49,6 +50,11 @@ REC_OPTIONAL = 1
 TAG_FW_DATA = 0
 TAG_STOP_COPY_SIZE = 1
 READ_AHEAD = 2
+#: Host buffers beyond the read-ahead, for chunks lent to the pipeline and held
+#: until the destination acknowledges them (a resume may send them again): the
+#: firmware saves into the others meanwhile.  What the pipeline would otherwise
+#: copy those chunks into (its pool of kept chunks), not more.
+LENT_BUFFERS = 4
 #: The largest record a loader takes: LOAD_VHCA_STATE's size field is 32 bits (a
 #: device not in chunk mode sends its whole image as one record).
 MAX_LOAD_SIZE = (1 << 32) - 1
@@ -57,6 +63,10 @@ MAX_LOAD_SIZE = (1 << 32) - 1
 class Mlx5Device(Device):
     kind = "mlx5"
     blocking_io = True  # SAVE/LOAD wait for the firmware
+    #: The host buffers are the host's (PF admin commands, no data_fd): the pipeline
+    #: seals from them, and the firmware saves into a buffer again only once every
+    #: lease on it is released.
+    lends_saved = True
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
         check_options(name, "mlx5", options, {"pf", "vhca-id", "model"})
@@ -69,8 +79,9 @@ class Mlx5Device(Device):
         self.fw = Mlx5Firmware.get(options.get("pf", "pf0"))
         self.mem = DeviceMemory(name, options, default_size="256M")
         self.fw.create_vf(self.vhca_id, self.mem)
-        # Host buffers the PF DMAs into: two for saving (read-ahead), one for loading.
-        self._bufs = [bytearray(CHUNK) for _ in range(READ_AHEAD)]
+        # Host buffers the PF DMAs into: for saving (two read ahead, the others lent
+        # to the pipeline), and one for loading.
+        self._bufs = [bytearray(CHUNK) for _ in range(READ_AHEAD + LENT_BUFFERS)]
         self._mkeys = [self.fw.register_mkey(PF, b) for b in self._bufs]
         # The loading buffer, sized (like the driver's) from the source's
         # STOP_COPY_SIZE record and the record at hand.
@@ -84,7 +95,13 @@ class Mlx5Device(Device):
         self._in_initial = False
         self._image_remaining = 0
         self._incremental = False
-        self._free_bufs: collections.deque[int] = collections.deque(range(READ_AHEAD))
+        self._free_bufs: collections.deque[int] = collections.deque(range(len(self._bufs)))
+        #: Leases are released from any thread: this lock guards only the counts and
+        #: never waits for the firmware (the device lock may).
+        self._lend_lock = threading.Lock()
+        self._lent = [0] * len(self._bufs)  # live leases on each buffer
+        self._spent = [False] * len(self._bufs)  # read to its end, waiting for its leases
+        self._lend_gen = 0  # a lease of a closed stream gives nothing back
         self._rx = bytearray()
         self._rx_need = REC.size
         self._rx_hdr: tuple[int, int, int] | None = None
@@ -184,7 +201,34 @@ class Mlx5Device(Device):
         self._buf_order.clear()
         self._stream_bytes = self._image_remaining = 0
         self._in_initial = False
-        self._free_bufs = collections.deque(range(READ_AHEAD))
+        with self._lend_lock:
+            self._lend_gen += 1
+            self._lent = [0] * len(self._bufs)
+            self._spent = [False] * len(self._bufs)
+            self._free_bufs = collections.deque(range(len(self._bufs)))
+
+    def _read_through(self, i: int) -> None:
+        """The reader passed the end of buffer ``i``'s record: the firmware may save
+        into it again, once no lease holds it."""
+        with self._lend_lock:
+            if self._lent[i]:
+                self._spent[i] = True
+            else:
+                self._free_bufs.append(i)
+
+    def _releaser(self, bufs: list[int]) -> Callable[[], None]:
+        gen = self._lend_gen
+
+        def release() -> None:
+            with self._lend_lock:
+                if gen != self._lend_gen:
+                    return
+                for i in bufs:
+                    self._lent[i] -= 1
+                    if not self._lent[i] and self._spent[i]:
+                        self._spent[i] = False
+                        self._free_bufs.append(i)
+        return release
 
     def _start_image(self, set_track: bool = False, incremental: bool = False,
                      final: bool = False) -> None:
@@ -205,7 +249,7 @@ class Mlx5Device(Device):
 
     def _save_ahead(self) -> None:
         """Chunk mode: keep up to two saved chunks queued ahead of the reader."""
-        while self._image_remaining and self._free_bufs:
+        while self._image_remaining and self._free_bufs and len(self._buf_order) < READ_AHEAD:
             i = self._free_bufs.popleft()
             r = self._cmd(SAVE_VHCA_STATE, mkey=self._mkeys[i], size=CHUNK, **self._save_args)
             self._image_remaining = r["remaining"]
@@ -234,7 +278,7 @@ class Mlx5Device(Device):
                 head = self._stream[0]
                 if not len(head):  # a buffer's record is fully read: give it back
                     self._stream.popleft()
-                    self._free_bufs.append(self._buf_order.popleft())
+                    self._read_through(self._buf_order.popleft())
                     continue
                 k = min(len(buf) - n, len(head))
                 buf[n : n + k] = head[:k]
@@ -247,6 +291,45 @@ class Mlx5Device(Device):
             if n == 0 and self._state != DeviceState.STOP_COPY:
                 raise NoDataNow(f"{self.name}: ENOMSG, no pre-copy data for now")
             return n
+
+    def lend(self, limit: int) -> Lease:
+        """As :meth:`read_into`, but the saved chunks' bytes are views of the host
+        buffers the firmware saved into (only record headers are new bytes)."""
+        with self._lock:
+            self._require(*SAVING_STATES, op="read")
+            views: list[memoryview] = []
+            held: list[int] = []
+            n = 0
+            while n < limit:
+                if not self._stream:
+                    self._save_ahead()
+                    if not self._stream:
+                        break
+                    continue
+                head = self._stream[0]
+                if not len(head):
+                    self._stream.popleft()
+                    self._read_through(self._buf_order.popleft())
+                    continue
+                k = min(limit - n, len(head))
+                views.append(memoryview(head)[:k])
+                if isinstance(head, memoryview):  # a record's image: the oldest buffer's
+                    i = self._buf_order[0]
+                    with self._lend_lock:  # held before its record can be read through
+                        self._lent[i] += 1
+                    held.append(i)
+                n += k
+                if k == len(head):
+                    self._stream.popleft()
+                else:
+                    self._stream[0] = head[k:]
+            self._stream_bytes -= n
+            if n == 0:
+                if self._image_remaining and not self._free_bufs:
+                    raise LentOut(f"{self.name}: every host buffer is lent")
+                if self._state != DeviceState.STOP_COPY:
+                    raise NoDataNow(f"{self.name}: ENOMSG, no pre-copy data for now")
+            return Lease(views, self._releaser(held) if held else None)
 
     def precopy_info(self) -> PrecopyInfo:
         with self._lock:

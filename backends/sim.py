@@ -45,6 +45,7 @@ class SimDevice(Device):
     kind = "sim"
     blocking_io = False
     lends_memory = True
+    lends_saved = True
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
         check_options(name, "sim", options, {"caps", "model"})

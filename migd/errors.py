@@ -121,6 +121,14 @@ class NoDataNow(DeviceError):
     name = "no-data-now"
 
 
+class LentOut(DeviceError):
+    """Every buffer the device saves into is lent and not yet released: release a
+    lease and read again.  Never end of stream, and not "no data" either."""
+
+    code = 17
+    name = "lent-out"
+
+
 class IncompatibleDevice(DeviceError):
     """The destination device cannot load state produced by the source device."""
 

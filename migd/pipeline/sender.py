@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 from dataclasses import dataclass
 
-from backends.base import Device
+from backends.base import Device, Lease
 
 from ..codec import CompressMode, Encoder, Encoding
 from ..endpoint import Endpoint, PlacedWrite, Target
 from ..errors import (
+    LentOut,
     MigdError,
     NegotiationError,
     NoDataNow,
@@ -81,12 +83,14 @@ class _OpenWindow:
 class _Kept:
     """A chunk sent and not yet acknowledged as loaded: what a resumed stream sends
     again.  ``plain`` is device memory the device lent (no copy), or a buffer of
-    the keep pool that the device was read into (``pooled``)."""
+    the keep pool that the device was read into (``pooled``); ``lease`` gives lent
+    memory back."""
 
     index: int
     offset: int
     plain: list[memoryview]
     pooled: bytearray | None
+    lease: Lease | None = None
     #: What the stream digest folds in for it once it is acknowledged (header and tag).
     contrib: bytes = b""
 
@@ -131,6 +135,7 @@ class StreamSender:
         (acknowledgements time its windows), rarely otherwise."""
         if auto:
             return ACK_AUTO
+        # A device that lends its memory for good (sim) holds nothing for kept chunks.
         return ACK_OFTEN if keep and not device.lends_memory else ACK_RARELY
 
     def __init__(self, channels: list[Endpoint], device: Device, encoder: Encoder,
@@ -158,6 +163,10 @@ class StreamSender:
         self._resend: collections.deque[_Kept] = collections.deque()
         self._pool: list[bytearray] = []
         self._pool_bufs: list[bytearray] = []
+        #: Leases of chunks not kept, by index: given back once the chunk is sealed.
+        self._leases: dict[int, Lease] = {}
+        self._seals = 0  # chunks sealed (and counted) so far
+        self._await_seal = False  # a read waits for a lease to come back
         self._loop = asyncio.get_running_loop()
         self._bind(channels)
         self.chunk = self.control.max_chunk
@@ -219,6 +228,9 @@ class StreamSender:
             self.digest.fold(k.contrib)
             if k.pooled is not None:
                 self._pool.append(k.pooled)
+            if k.lease is not None:
+                k.lease.release()
+                k.lease = None
         self.control.bus.wake.set()
 
     @property
@@ -309,16 +321,21 @@ class StreamSender:
         to keep of them for a resume.  Empty: nothing for now, or the end."""
         pooled: bytearray | None = None
         try:
-            if self.device.lends_memory:
-                views = self.device.read_views(len(buf))
-                assert views is not None
-                keep = _Kept(self.index, self.offset, views, None) if self.keep else None
+            if self.device.lends_saved:
+                lease = await self._lend(len(buf))
+                views = lease.views
+                keep = (_Kept(self.index, self.offset, views, None, lease) if self.keep and views
+                        else None)
                 if lend and len(views) == 1:
+                    if keep is None and lease.held:
+                        self._leases[self.index] = lease
                     return views[0], keep
                 n = 0  # a record boundary (the encoder wants one buffer), or into ``buf``
                 for v in views:
                     buf[n : n + len(v)] = v
                     n += len(v)
+                if keep is None:
+                    lease.release()
                 return buf[:n], keep
             if self.keep:
                 pooled = await self._pooled()
@@ -341,6 +358,46 @@ class StreamSender:
             if pooled is not None:
                 self._pool.append(pooled)
             return buf[:0], None
+
+    async def _lend(self, n: int) -> Lease:
+        """The device's next saving data, lent.  When all its memory is lent out, what
+        kept chunks hold is copied into the keep pool and given back, or (nothing
+        kept that is sealed yet) the next sealed chunk gives its lease back."""
+        while True:
+            try:
+                if self.device.blocking_io:
+                    return await self._loop.run_in_executor(self.workers.io, self.device.lend, n)
+                return self.device.lend(n)
+            except LentOut:
+                if not await self._copy_kept():
+                    self._await_seal = True
+                    await self.control.bus.wait_until(functools.partial(self._sealed_since,
+                                                                        self._seals),
+                                                      self.timeout, "a chunk to be sealed")
+
+    def _sealed_since(self, seals: int) -> bool:
+        return self._seals != seals
+
+    async def _copy_kept(self) -> bool:
+        """Copy kept chunks that are sealed (a resume may need them, the seal does
+        not) out of the device's lent memory into the keep pool; False: none was."""
+        copied = False
+        for k in list(self._kept):
+            if k.lease is None or not k.contrib:
+                continue
+            pooled = await self._pooled()
+            if k.lease is None:  # acknowledged meanwhile: nothing to keep any more
+                self._pool.append(pooled)
+                continue
+            n = 0
+            for v in k.plain:
+                pooled[n : n + len(v)] = v
+                n += len(v)
+            k.plain, k.pooled = [memoryview(pooled)[:n]], pooled
+            k.lease.release()
+            k.lease = None
+            copied = True
+        return copied
 
     async def _pooled(self) -> bytearray:
         """A chunk buffer to read into and keep; waits for acknowledgements if none is free.
@@ -505,6 +562,14 @@ class StreamSender:
         self._count(sealed)
 
     def _count(self, sealed: _Sealed) -> None:
+        if self._leases:
+            lease = self._leases.pop(sealed.index, None)
+            if lease is not None:
+                lease.release()
+        self._seals += 1
+        if self._await_seal:
+            self._await_seal = False
+            self.control.bus.wake.set()
         payload = sealed.payload
         c = self.counters
         encoding, plain_len = sealed.encoding, sealed.plain_len
@@ -606,6 +671,12 @@ class StreamSender:
         if self.shared is not None:
             self.shared.leave(self)
         self.workers.bank.give(self._sizes, self._bufs)
+        for k in self._kept:
+            if k.lease is not None:
+                k.lease.release()
+        for lease in self._leases.values():
+            lease.release()
+        self._leases.clear()
         self._kept.clear()
         self._resend.clear()
         self._pool.clear()

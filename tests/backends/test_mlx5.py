@@ -10,11 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 import backends
+import backends.base
 from backends import mlx5
 from backends.emulated import mlx5_firmware as fw
 from backends.mlx5 import REC, Mlx5Device
 from backends.states import DeviceState
-from migd.errors import DeviceError, NoDataNow
+from migd.errors import DeviceError, LentOut, NoDataNow
 
 from . import streams
 
@@ -226,3 +227,74 @@ def test_a_failed_arc_leaves_the_last_state_reached(made: list[Mlx5Device]) -> N
     assert dev.state == S.PRE_COPY_P2P  # where the driver's loop stopped, not ERROR
     dev.recover()
     assert dev.describe()["state"] == "RUNNING"
+
+
+def lend_all(dev: Mlx5Device, limit: int = 3 << 20) -> tuple[bytes, list[backends.base.Lease]]:
+    """Lend the stream to its end, releasing nothing: its bytes and the leases."""
+    out, leases = bytearray(), list[backends.base.Lease]()
+    while True:
+        lease = dev.lend(limit)
+        if not lease.views:
+            return bytes(out), leases
+        out += b"".join(lease.views)
+        leases.append(lease)
+
+
+def test_lent_chunks_are_the_host_buffers_and_pin_them(made: list[Mlx5Device]) -> None:
+    pf = f"pf-{uuid.uuid4().hex[:6]}"
+    twin, dev = vf(made, pf, 1, size="80M"), vf(made, pf, 2, size="80M")
+    for d in (twin, dev):
+        d.set_state(S.STOP)
+        d.set_state(S.STOP_COPY)
+    expected = drain(twin)
+    first = dev.lend(fw.CHUNK)
+    assert any(v.obj is dev._bufs[0] for v in first.views)  # no copy: the host buffer
+    held = bytes(b"".join(first.views))
+    # Every other buffer can still be saved into and read through; this one is pinned.
+    got, leases = bytearray(held), []
+    with pytest.raises(LentOut, match="every host buffer is lent"):
+        while True:
+            lease = dev.lend(fw.CHUNK)
+            assert lease.views, "the stream ended with a buffer pinned"
+            got += b"".join(lease.views)
+            leases.append(lease)
+    pinned = {id(v.obj) for lease in [first, *leases] for v in lease.views}
+    assert pinned >= {id(b) for b in dev._bufs}  # every buffer, then nothing more
+    assert bytes(b"".join(first.views)) == held  # the firmware did not save over it
+    on_first = [x for x in [first, *leases] if any(v.obj is dev._bufs[0] for v in x.views)]
+    for x in on_first[:-1]:
+        x.release()
+        x.release()  # idempotent: the count does not go below zero
+        with pytest.raises(LentOut):  # held until the last lease on it is back
+            dev.lend(fw.CHUNK)
+    on_first[-1].release()
+    lease = dev.lend(fw.CHUNK)  # the pinned buffer went back to the firmware
+    assert lease.views and all(v.obj is dev._bufs[0] for v in lease.views if len(v) > 16)
+    got += b"".join(lease.views)
+    for old in [*leases, lease]:
+        old.release()
+    rest, more = lend_all(dev)
+    assert bytes(got) + rest == expected
+    for old in more:
+        old.release()
+
+
+def test_a_lease_of_a_closed_stream_gives_nothing_back_to_the_next(
+        made: list[Mlx5Device]) -> None:
+    dev = vf(made, f"pf-{uuid.uuid4().hex[:6]}", 1, size="80M")
+    dev.set_state(S.STOP)
+    dev.set_state(S.STOP_COPY)
+    stale = dev.lend(fw.CHUNK)
+    dev.set_state(S.STOP)  # the stream ends (a failed migration, say) with it lent
+    dev.set_state(S.STOP_COPY)
+    live = [dev.lend(fw.CHUNK)]
+    stale.release()  # must not count against the new stream's leases
+    with pytest.raises(LentOut):
+        while True:
+            live.append(dev.lend(fw.CHUNK))
+            assert live[-1].views, "the stream ended"
+    # Every buffer is pinned by the new stream's leases alone: had the stale release
+    # freed one, more would have come.
+    assert {id(v.obj) for lease in live for v in lease.views} >= {id(b) for b in dev._bufs}
+    for lease in live:
+        lease.release()

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 import backends
-from backends.base import Device
-from backends.states import DeviceState
+from backends import mlx5
+from backends.base import Device, Lease
+from backends.states import DeviceState, MigCap
 from migd.codec import Encoder, parse_compress
 from migd.endpoint import Endpoint
-from migd.errors import IncompleteStream, IntegrityError
+from migd.errors import IncompleteStream, IntegrityError, LentOut
 from migd.identity import AuthorizedKeys, Identity
 from migd.pipeline import Counters, StreamReceiver, StreamSender, Workers
 from migd.protocol.connection import Connection, Offer
@@ -46,11 +49,12 @@ def sim(name: str, content: str, size: str = "3M") -> Device:
 
 @contextlib.asynccontextmanager
 async def rig(compress: str = "none", cipher: str = "aes-256-gcm",
-              chunk: int = 256 << 10) -> AsyncIterator[Rig]:
+              chunk: int = 256 << 10, devices: tuple[Device, Device] | None = None,
+              keep: bool = False) -> AsyncIterator[Rig]:
     a, b = Identity.generate(), Identity.generate()
     trust = AuthorizedKeys({a.public: "src", b.public: "dst"})
     workers = Workers()
-    src, dst = sim("src", "mixed"), sim("dst", "zero")
+    src, dst = devices or (sim("src", "mixed"), sim("dst", "zero"))
     out, back = channel_pair()
     offer = Offer(ciphers=(cipher,), max_chunk=chunk)
     src_ep = Endpoint(out, Connection(Role.SOURCE, a, trust, offer))
@@ -62,8 +66,10 @@ async def rig(compress: str = "none", cipher: str = "aes-256-gcm",
         receiver = StreamReceiver(dst_ep.bus, dst, workers, Counters(),
                                                  dst_ep.conn.max_chunk, 64 << 20)
         receiver.attach(0, dst_ep)
+        receiver.ack_every = StreamSender.ack_every(src, keep)  # as the source asks
         sender = StreamSender([src_ep], src, Encoder(parse_compress(compress)), workers,
-                              Counters(), timeout=10)
+                              Counters(), timeout=10, keep=keep)
+        src.set_state(S.STOP if src.caps & MigCap.P2P else S.STOP_COPY)
         src.set_state(S.STOP_COPY)
         dst.set_state(S.RESUMING)
         yield Rig(src, dst, sender, receiver, src_ep, dst_ep, out)
@@ -136,3 +142,46 @@ async def test_once_stopped_nothing_lands_in_the_device() -> None:
         await asyncio.sleep(0.05)
         assert r.receiver.next_index < r.sender.index
         assert r.dst.digest() == hashlib.sha256(bytes(r.dst.state_size())).hexdigest()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_lent_host_buffers_come_back_whatever_holds_them(
+        keep: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An mlx5 source with its two read-ahead buffers only, of 1 MiB (four chunks each):
+    the chunks the pipeline holds pin both, so the device is lent out again and again.  Kept chunks (for a
+    resume) are then copied into the keep pool and given back; chunks not kept come
+    back once sealed.  The stream arrives whole either way."""
+    monkeypatch.setattr(mlx5, "LENT_BUFFERS", 0)
+    monkeypatch.setattr(mlx5, "CHUNK", 1 << 20)
+    pf = f"pf-{id(monkeypatch)}-{keep}"
+    src = backends.REGISTRY.create("mlx5", "src", {"pf": pf, "vhca-id": "1", "size": "24M"})
+    dst = backends.REGISTRY.create("mlx5", "dst", {"pf": pf, "vhca-id": "2", "size": "24M"})
+    assert isinstance(src, mlx5.Mlx5Device)
+    lent_out = 0
+    lend = src.lend
+
+    def counting(limit: int) -> Lease:
+        nonlocal lent_out
+        try:
+            return lend(limit)
+        except LentOut:
+            lent_out += 1
+            raise
+    monkeypatch.setattr(src, "lend", counting)
+    encode = Encoder.encode
+
+    def slowly(self: Encoder, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.005)  # a slow compressor: the reader runs ahead of the sealing
+        return encode(self, *args, **kwargs)
+    monkeypatch.setattr(Encoder, "encode", slowly)
+    # zstd seals on the worker pool: chunks in flight at once hold leases.
+    async with rig("zstd:1", devices=(src, dst), keep=keep) as r:
+        end = await move(r)
+        assert await asyncio.wait_for(r.receiver.finish(end, 10), 20)
+        r.dst.set_state(S.RUNNING)
+        assert r.dst.digest() == r.src.digest()
+        assert lent_out > 0
+        if keep:  # sealed kept chunks were copied out to free their buffers
+            assert r.sender._pool_bufs
+        else:  # nothing copied; every lease came back as its chunk was sealed
+            assert not r.sender._pool_bufs and sum(src._lent) == 0
