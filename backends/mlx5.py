@@ -52,8 +52,9 @@ TAG_STOP_COPY_SIZE = 1
 READ_AHEAD = 2
 #: Host buffers beyond the read-ahead, for chunks lent to the pipeline and held
 #: until the destination acknowledges them (a resume may send them again): the
-#: firmware saves into the others meanwhile.  What the pipeline would otherwise
-#: copy those chunks into (its pool of kept chunks), not more.
+#: firmware saves into the others meanwhile.  Made when first needed (a VF that
+#: only loads never has them), and no more than the pipeline would otherwise copy
+#: those chunks into (its pool of kept chunks).
 LENT_BUFFERS = 4
 #: The largest record a loader takes: LOAD_VHCA_STATE's size field is 32 bits (a
 #: device not in chunk mode sends its whole image as one record).
@@ -79,9 +80,9 @@ class Mlx5Device(Device):
         self.fw = Mlx5Firmware.get(options.get("pf", "pf0"))
         self.mem = DeviceMemory(name, options, default_size="256M")
         self.fw.create_vf(self.vhca_id, self.mem)
-        # Host buffers the PF DMAs into: for saving (two read ahead, the others lent
-        # to the pipeline), and one for loading.
-        self._bufs = [bytearray(CHUNK) for _ in range(READ_AHEAD + LENT_BUFFERS)]
+        # Host buffers the PF DMAs into: for saving (two read ahead, and up to
+        # LENT_BUFFERS more while chunks are lent to the pipeline), and one for loading.
+        self._bufs = [bytearray(CHUNK) for _ in range(READ_AHEAD)]
         self._mkeys = [self.fw.register_mkey(PF, b) for b in self._bufs]
         # The loading buffer, sized (like the driver's) from the source's
         # STOP_COPY_SIZE record and the record at hand.
@@ -247,10 +248,28 @@ class Mlx5Device(Device):
             self._in_initial = False
         return self._queued() if self._in_initial else 0
 
+    def _save_buffer(self) -> int | None:
+        """A host buffer to save into: a free one, or a new one while fewer than
+        LENT_BUFFERS are held by leases; None: every one is."""
+        if self._free_bufs:
+            return self._free_bufs.popleft()
+        if len(self._bufs) >= READ_AHEAD + LENT_BUFFERS:
+            return None
+        buf = bytearray(CHUNK)
+        mkey = self.fw.register_mkey(PF, buf)
+        with self._lend_lock:
+            self._bufs.append(buf)
+            self._mkeys.append(mkey)
+            self._lent.append(0)
+            self._spent.append(False)
+        return len(self._bufs) - 1
+
     def _save_ahead(self) -> None:
         """Chunk mode: keep up to two saved chunks queued ahead of the reader."""
-        while self._image_remaining and self._free_bufs and len(self._buf_order) < READ_AHEAD:
-            i = self._free_bufs.popleft()
+        while self._image_remaining and len(self._buf_order) < READ_AHEAD:
+            i = self._save_buffer()
+            if i is None:
+                break
             r = self._cmd(SAVE_VHCA_STATE, mkey=self._mkeys[i], size=CHUNK, **self._save_args)
             self._image_remaining = r["remaining"]
             # The image's further chunks continue it (a full SAVE would start over).
@@ -325,7 +344,7 @@ class Mlx5Device(Device):
                     self._stream[0] = head[k:]
             self._stream_bytes -= n
             if n == 0:
-                if self._image_remaining and not self._free_bufs:
+                if self._image_remaining:  # _save_ahead found no buffer to save into
                     raise LentOut(f"{self.name}: every host buffer is lent")
                 if self._state != DeviceState.STOP_COPY:
                     raise NoDataNow(f"{self.name}: ENOMSG, no pre-copy data for now")
