@@ -51,6 +51,14 @@ class Convergence:
         m.pending, m.sent, m.initial_done, m.final, m.reported = (
             pending, sent, initial_done, final, True)
 
+    def done(self, member: int, rest: int = 0) -> None:
+        """``member`` will not iterate (any more): it converged, or it has no pre-copy
+        and ``rest`` bytes to move once stopped."""
+        m = self._members[member]
+        if not m.reported:
+            m.pending = rest
+        m.initial_done = m.final = m.reported = True
+
     def rate(self, now: float) -> float:
         """Bytes per second the VM's devices moved together since pre-copy began."""
         if self._started is None or now <= self._started:

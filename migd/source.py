@@ -137,6 +137,8 @@ class SourceDriver(Driver):
         self.token = b""
         self.initial_offset: int | None = None  # where the initial bytes ended, once sent
         self.initial_loaded = False
+        #: Pre-copy bytes sent so far, across a resume (the VM's rate counts them all).
+        self.precopy_sent = 0
         self.end_sent = False
         self.t_stop: float | None = None
         self.dest_running = False
@@ -305,7 +307,6 @@ class SourceDriver(Driver):
             vm, member = Convergence(1, opts.downtime_limit_ms), 0
         else:
             vm, member = group.convergence(opts.downtime_limit_ms), group.member(self.job)
-        sent_total = 0
         vm.start(time.monotonic())
         pinged = time.monotonic()
         while True:
@@ -318,9 +319,9 @@ class SourceDriver(Driver):
             final = initial_done and (
                 pending == 0 or job.dirty_sync_count >= opts.max_iterations
                 or self.limit - sender.announced - dev.stop_copy_size() - pending < 0)
-            vm.report(member, pending=pending, sent=sent_total, initial_done=initial_done,
-                      final=final)
-            if group is not None:
+            vm.report(member, pending=pending, sent=self.precopy_sent,
+                      initial_done=initial_done, final=final)
+            if group is not None and not final:  # (final ones would only wake each other)
                 group.reporting()
             now = time.monotonic()
             job.rate = vm.rate(now)
@@ -336,7 +337,7 @@ class SourceDriver(Driver):
                     pinged = time.monotonic()
                     await self._ping()
                 continue
-            sent_total += await sender.send(pending)
+            self.precopy_sent += await sender.send(pending)
             job.dirty_sync_count += 1
 
     async def await_initial(self) -> Event:
@@ -348,6 +349,14 @@ class SourceDriver(Driver):
     async def reach_p2p(self) -> Event:
         assert self.group is not None and self.dev is not None
         member = self.group.member(self.job)
+        # A device that does not pre-copy has nothing to iterate: its siblings' estimate
+        # must not wait for figures from it.  (One that did has converged already.)
+        rest = 0
+        if self.dev.state == DeviceState.RUNNING:  # no pre-copy: all of it moves stopped
+            with contextlib.suppress(MigdError):
+                rest = self.dev.stop_copy_size()
+        self.group.convergence(self.opts.downtime_limit_ms).done(member, rest)
+        self.group.reporting()
         await self.group.reach("converged", member, self._ping)
         p2p = (DeviceState.PRE_COPY_P2P if self.dev.state in (DeviceState.PRE_COPY,
                                                               DeviceState.PRE_COPY_P2P)

@@ -165,8 +165,10 @@ class StreamSender:
         self._pool_bufs: list[bytearray] = []
         #: Leases of chunks not kept, by index: given back once the chunk is sealed.
         self._leases: dict[int, Lease] = {}
-        self._seals = 0  # chunks sealed (and counted) so far
-        self._await_seal = False  # a read waits for a lease to come back
+        #: Leases given back and chunks sealed so far: a read the device refused for
+        #: want of memory tries again once either moved.
+        self._returned = self._seals = 0
+        self._await_seal = False
         self._loop = asyncio.get_running_loop()
         self._bind(channels)
         self.chunk = self.control.max_chunk
@@ -231,6 +233,7 @@ class StreamSender:
             if k.lease is not None:
                 k.lease.release()
                 k.lease = None
+                self._returned += 1
         self.control.bus.wake.set()
 
     @property
@@ -364,19 +367,21 @@ class StreamSender:
         kept chunks hold is copied into the keep pool and given back, or (nothing
         kept that is sealed yet) the next sealed chunk gives its lease back."""
         while True:
+            # Taken before asking: a lease may come back while the device says no.
+            before = (self._returned, self._seals)
             try:
                 if self.device.blocking_io:
                     return await self._loop.run_in_executor(self.workers.io, self.device.lend, n)
                 return self.device.lend(n)
             except LentOut:
-                if not await self._copy_kept():
-                    self._await_seal = True
-                    await self.control.bus.wait_until(functools.partial(self._sealed_since,
-                                                                        self._seals),
-                                                      self.timeout, "a chunk to be sealed")
+                if await self._copy_kept():
+                    continue
+                self._await_seal = True
+                await self.control.bus.wait_until(functools.partial(self._moved_since, before),
+                                                  self.timeout, "lent chunks to come back")
 
-    def _sealed_since(self, seals: int) -> bool:
-        return self._seals != seals
+    def _moved_since(self, before: tuple[int, int]) -> bool:
+        return (self._returned, self._seals) != before
 
     async def _copy_kept(self) -> bool:
         """Copy kept chunks that are sealed (a resume may need them, the seal does
@@ -396,6 +401,7 @@ class StreamSender:
             k.plain, k.pooled = [memoryview(pooled)[:n]], pooled
             k.lease.release()
             k.lease = None
+            self._returned += 1
             copied = True
         return copied
 
@@ -566,6 +572,7 @@ class StreamSender:
             lease = self._leases.pop(sealed.index, None)
             if lease is not None:
                 lease.release()
+                self._returned += 1
         self._seals += 1
         if self._await_seal:
             self._await_seal = False

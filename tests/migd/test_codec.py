@@ -15,6 +15,7 @@ from migd.codec import (
     Decoder,
     Encoder,
     Encoding,
+    bitmap_len,
     is_zero,
     parse_compress,
 )
@@ -72,6 +73,48 @@ def test_sparse_pieces_join_to_the_compacted_payload(blocks: list[tuple[bool, in
         assert isinstance(pieces, list) and b"".join(pieces) == bytes(whole)
     else:
         assert not isinstance(pieces, list)
+
+
+def reference_sparse(plain: bytes) -> tuple[Encoding, bytes]:
+    """The sparse encoding by its definition: a bitmap of the blocks that are not all
+    zero, then those blocks."""
+    blocks = [plain[o : o + SPARSE_BLOCK] for o in range(0, len(plain), SPARSE_BLOCK)]
+    carried = [any(b) for b in blocks]
+    if all(carried):
+        return Encoding.RAW, plain
+    bits = sum(1 << i for i, c in enumerate(carried) if c)
+    return Encoding.SPARSE, (bits.to_bytes(bitmap_len(len(plain)), "little")
+                             + b"".join(b for b, c in zip(blocks, carried, strict=True) if c))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["zero", "rand", "zero-head", "last-byte", "first-byte"]),
+                min_size=1, max_size=9),
+       st.integers(min_value=0, max_value=SPARSE_BLOCK - 1))
+def test_zero_blocks_are_found_exactly(kinds: list[str], tail: int) -> None:
+    """Blocks that are zero only at their start (the scan's first filter), or only
+    at their end, and tails shorter than a word, encode as the definition says."""
+    def block(kind: str, n: int) -> bytes:
+        b = bytearray(n) if kind != "rand" else bytearray(os.urandom(n))
+        if not n:
+            pass
+        elif kind == "zero-head" and n > 8:
+            b[min(n - 1, 8 + n // 3)] = 1
+        elif kind == "last-byte":
+            b[-1] = 7
+        elif kind == "first-byte":
+            b[0] = 9
+        return bytes(b)
+    plain = b"".join(block(k, SPARSE_BLOCK) for k in kinds) + block(kinds[-1], tail)
+    if not any(plain):
+        return  # an all-zero chunk is ZERO, not sparse
+    enc = Encoder(parse_compress("none"))
+    encoding, payload = enc.encode(memoryview(plain))
+    assert not isinstance(payload, list)
+    assert (encoding, bytes(payload)) == reference_sparse(plain)
+    out = bytearray(len(plain))
+    Decoder().decode_into(encoding, memoryview(bytes(payload)), memoryview(out))
+    assert out == plain
 
 
 def test_is_zero() -> None:

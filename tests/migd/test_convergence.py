@@ -83,6 +83,19 @@ def test_the_rate_counts_from_the_first_device_s_start() -> None:
     assert c.rate(1.0) == 0.0
 
 
+def test_a_device_without_pre_copy_counts_with_all_it_holds() -> None:
+    c = Convergence(2, 100)
+    c.start(0.0)
+    c.report(0, pending=1 * MB, sent=100 * MB, initial_done=True, final=False)
+    assert not c.converged(1.0)  # vf1 has said nothing yet
+    c.done(1, rest=30 * MB)  # it stops with its whole state: 31 MB at 100 MB/s
+    assert c.expected_ms(1.0) == 310 and not c.converged(1.0)
+    c.report(0, pending=0, sent=200 * MB, initial_done=True, final=True)
+    assert c.converged(1.0)  # nobody can do better
+    c.done(0, rest=99 * MB)  # a device that reported keeps its figures
+    assert c.pending() == 30 * MB
+
+
 def test_a_vm_has_a_device() -> None:
     with pytest.raises(ValueError, match="at least one device"):
         Convergence(0, 100)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 import backends
+from backends.base import PrecopyInfo
 from backends.sim import SimDevice
 from backends.states import DeviceState
 from migd.codec import parse_compress
@@ -164,11 +166,43 @@ async def test_devices_that_fit_alone_keep_iterating_until_the_vm_fits(
                 address, j.device, timeout=10, downtime_limit_ms=50, max_iterations=5,
                 max_bandwidth=8 << 20, compress=parse_compress("none")), sw))
         vm = VmJob("guest", address, jobs)
+        asked = {n: 0 for n in NAMES}
+        for n in NAMES:
+            dev = sim(src, n)
+
+            def counting(dev: SimDevice = dev, n: str = n) -> PrecopyInfo:
+                asked[n] += 1
+                return SimDevice.precopy_info(dev)
+            dev.precopy_info = counting  # type: ignore[method-assign]
+        t0 = time.monotonic()
         await asyncio.wait_for(vm.watch(), 60)
         q = vm.query()
         assert q["status"] == "completed", q
         # Each quiet sibling alone: ~100 KB dirty per round at ~8 MB/s, a few ms.
         assert all(j.dirty_sync_count == 5 for j in jobs), [j.dirty_sync_count for j in jobs]
+        # Siblings that can do no more wait for news, rather than wake each other.
+        polls = (time.monotonic() - t0) / Switchover.REPORT_WAIT
+        assert max(asked.values()) < 2 * polls + 20, (asked, polls)
         await asyncio.sleep(0.2)
         for n in NAMES:
             assert dst.devices[n].state == S.RUNNING
+
+
+async def test_a_vm_with_a_device_that_does_not_pre_copy(ids: dict[str, Identity],
+                                                         trust: AuthorizedKeys) -> None:
+    """vf1 has no pre-copy: its siblings' estimate counts its whole state, and does
+    not wait for figures from it."""
+    caps = {"vf0": "stop_copy+p2p+pre_copy", "vf1": "stop_copy+p2p", "vf2": "stop_copy+p2p+pre_copy"}
+    src = Host(ids["src"], trust, Workers(), {
+        n: backends.REGISTRY.create("sim", n, {"size": "4M", "seed": str(i), "caps": caps[n]})
+        for i, n in enumerate(NAMES)}, idle_timeout=5)
+    dst = Host(ids["dst"], trust, Workers(), {
+        n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero", "caps": caps[n]})
+        for n in NAMES}, idle_timeout=5)
+    async with serving(src, dst) as (address, _):
+        vm = await migrate_vm(src, address)
+        q = vm.query()
+        assert q["status"] == "completed", q
+        for n in NAMES:
+            assert sim(dst, n).digest() == sim(src, n).digest() != ZERO
+        assert vm.jobs[1].dirty_sync_count == 0 and vm.jobs[0].dirty_sync_count >= 1
