@@ -59,11 +59,6 @@ class Convergence:
             m.pending = rest
         m.initial_done = m.final = m.reported = True
 
-    @property
-    def started(self) -> float:
-        """When the first device's pre-copy began (0.0 before)."""
-        return self._started or 0.0
-
     def rate(self, now: float) -> float:
         """Bytes per second the VM's devices moved together since pre-copy began."""
         if self._started is None or now <= self._started:

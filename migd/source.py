@@ -328,19 +328,15 @@ class SourceDriver(Driver):
             job.expected_downtime_ms = vm.expected_ms(now)
             if vm.converged(now):
                 return Event.CONVERGED
-            fits_alone = initial_done and pending <= (
-                self.precopy_sent / max(1e-9, now - vm.started) * opts.downtime_limit_ms / 1000)
-            if group is not None and (final or fits_alone):
-                # Nothing this device may send, or nothing that the VM waits for: its
-                # siblings' next figures decide.  A device that fits on its own sends
-                # what its guest dirties meanwhile, but one round per wait at most.
+            if final:
+                # Nothing this device may send: its siblings' next figures decide.
+                assert group is not None
                 await group.reported()
                 self.control.bus.check()
                 if time.monotonic() - pinged >= PING_EVERY:
                     pinged = time.monotonic()
                     await self._ping()
-                if final:
-                    continue
+                continue
             self.precopy_sent += await sender.send(pending)
             job.dirty_sync_count += 1
 
