@@ -285,35 +285,20 @@ class Mlx5Device(Device):
                 self._free_bufs.append(i)
 
     def read_into(self, buf: memoryview) -> int:
-        with self._lock:
-            self._require(*SAVING_STATES, op="read")
-            n = 0
-            while n < len(buf):
-                if not self._stream:
-                    self._save_ahead()
-                    if not self._stream:
-                        break
-                    continue
-                head = self._stream[0]
-                if not len(head):  # a buffer's record is fully read: give it back
-                    self._stream.popleft()
-                    self._read_through(self._buf_order.popleft())
-                    continue
-                k = min(len(buf) - n, len(head))
-                buf[n : n + k] = head[:k]
-                n += k
-                if k == len(head):
-                    self._stream.popleft()
-                else:
-                    self._stream[0] = head[k:]
-            self._stream_bytes -= n
-            if n == 0 and self._state != DeviceState.STOP_COPY:
-                raise NoDataNow(f"{self.name}: ENOMSG, no pre-copy data for now")
-            return n
+        # Lent for the copy: a buffer read through during the call may be saved into
+        # again before the copy is made otherwise.
+        lease = self.lend(len(buf))
+        n = 0
+        for v in lease.views:
+            buf[n : n + len(v)] = v
+            n += len(v)
+        lease.release()
+        return n
 
     def lend(self, limit: int) -> Lease:
-        """As :meth:`read_into`, but the saved chunks' bytes are views of the host
-        buffers the firmware saved into (only record headers are new bytes)."""
+        """The saving stream as :meth:`read_into` reads it, as views: the saved chunks'
+        bytes are the host buffers the firmware saved into (only record headers are
+        new bytes)."""
         with self._lock:
             self._require(*SAVING_STATES, op="read")
             views: list[memoryview] = []

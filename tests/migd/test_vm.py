@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -37,25 +38,31 @@ ZERO = hashlib.sha256(bytes(4 << 20)).hexdigest()
 
 @contextlib.asynccontextmanager
 async def vm_rig(ids: dict[str, Identity], trust: AuthorizedKeys,
-                 caps: str = "stop_copy+p2p+pre_copy") -> AsyncIterator[tuple[Host, Host, str]]:
+                 caps: str | dict[str, str] = "stop_copy+p2p+pre_copy",
+                 dirty: dict[str, str] | None = None
+                 ) -> AsyncIterator[tuple[Host, Host, str]]:
+    """Three VFs a side; ``caps`` and the guests' ``dirty`` rates per VF if a dict."""
+    def cap(n: str) -> str:
+        return caps if isinstance(caps, str) else caps[n]
     src = Host(ids["src"], trust, Workers(), {
-        n: backends.REGISTRY.create("sim", n, {"size": "4M", "seed": str(i), "caps": caps})
+        n: backends.REGISTRY.create("sim", n, {"size": "4M", "seed": str(i), "caps": cap(n),
+                                               "dirty-rate": (dirty or {}).get(n, "0")})
         for i, n in enumerate(NAMES)}, idle_timeout=5)
     dst = Host(ids["dst"], trust, Workers(), {
-        n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero", "caps": caps})
+        n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero", "caps": cap(n)})
         for n in NAMES}, idle_timeout=5)
     async with serving(src, dst) as (address, _):
         yield src, dst, address
 
 
-def start_vm(src: Host, address: str, pause: bool = False) -> VmJob:
+def start_vm(src: Host, address: str, pause: bool = False, **opts: Any) -> VmJob:
     check_vm(src, NAMES)
     sw = Switchover(len(NAMES))
     jobs = [Job("source", n) for n in NAMES]
     sw.jobs = jobs
     for j in jobs:
         j.task = asyncio.create_task(run_source(src, j, MigrateOptions(
-            address, j.device, timeout=10, pause_before_switchover=pause), sw))
+            address, j.device, timeout=10, pause_before_switchover=pause, **opts), sw))
     return VmJob("guest", address, jobs)
 
 
@@ -148,24 +155,11 @@ async def test_devices_that_fit_alone_keep_iterating_until_the_vm_fits(
     """vf0's guest dirties faster than its share of a capped link can carry: the VM
     never fits.  Its quiet siblings fit on their own, but do not sit idle while their
     guests write: they send what changes until they run out of iterations too."""
-    sizes = {"vf0": "40M", "vf1": "1M", "vf2": "1M"}
-    src = Host(ids["src"], trust, Workers(), {
-        n: backends.REGISTRY.create("sim", n, {"size": "4M", "seed": str(i),
-                                               "dirty-rate": sizes[n]})
-        for i, n in enumerate(NAMES)}, idle_timeout=5)
-    dst = Host(ids["dst"], trust, Workers(), {
-        n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero"})
-        for n in NAMES}, idle_timeout=5)
-    async with serving(src, dst) as (address, _):
-        check_vm(src, NAMES)
-        sw = Switchover(len(NAMES))
-        jobs = [Job("source", n) for n in NAMES]
-        sw.jobs = jobs
-        for j in jobs:
-            j.task = asyncio.create_task(run_source(src, j, MigrateOptions(
-                address, j.device, timeout=10, downtime_limit_ms=50, max_iterations=5,
-                max_bandwidth=8 << 20, compress=parse_compress("none")), sw))
-        vm = VmJob("guest", address, jobs)
+    async with vm_rig(ids, trust, dirty={"vf0": "40M", "vf1": "1M", "vf2": "1M"}) as (
+            src, dst, address):
+        vm = start_vm(src, address, downtime_limit_ms=50, max_iterations=5,
+                      max_bandwidth=8 << 20, compress=parse_compress("none"))
+        jobs = vm.jobs
         asked = {n: 0 for n in NAMES}
         for n in NAMES:
             dev = sim(src, n)
@@ -192,14 +186,9 @@ async def test_a_vm_with_a_device_that_does_not_pre_copy(ids: dict[str, Identity
                                                          trust: AuthorizedKeys) -> None:
     """vf1 has no pre-copy: its siblings' estimate counts its whole state, and does
     not wait for figures from it."""
-    caps = {"vf0": "stop_copy+p2p+pre_copy", "vf1": "stop_copy+p2p", "vf2": "stop_copy+p2p+pre_copy"}
-    src = Host(ids["src"], trust, Workers(), {
-        n: backends.REGISTRY.create("sim", n, {"size": "4M", "seed": str(i), "caps": caps[n]})
-        for i, n in enumerate(NAMES)}, idle_timeout=5)
-    dst = Host(ids["dst"], trust, Workers(), {
-        n: backends.REGISTRY.create("sim", n, {"size": "4M", "content": "zero", "caps": caps[n]})
-        for n in NAMES}, idle_timeout=5)
-    async with serving(src, dst) as (address, _):
+    caps = {"vf0": "stop_copy+p2p+pre_copy", "vf1": "stop_copy+p2p",
+            "vf2": "stop_copy+p2p+pre_copy"}
+    async with vm_rig(ids, trust, caps) as (src, dst, address):
         vm = await migrate_vm(src, address)
         q = vm.query()
         assert q["status"] == "completed", q
