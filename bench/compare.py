@@ -30,6 +30,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qemu_baseline
 
+from migd.bench import bar_chart
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MKSTATE = ROOT.parent / "shared" / "tools" / "mkstate.py"
 DEFAULT_CONFIGS = ["none/aes-256-gcm", "zstd:1/aes-256-gcm", "none/chacha20-poly1305"]
@@ -181,35 +183,14 @@ def main() -> int:
 
 
 def chart(runs: dict[str, list[dict[str, object]]], title: str, path: str) -> bool:
-    """migd's configurations next to the baselines: GB/s (median, bars from min to
-    max) above, CPU seconds per GB of state of both ends below."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    """migd's configurations (blue) next to the baselines (gray)."""
     labels = list(runs)
     gbps = [[float(str(r["gbps"])) for r in runs[c]] for c in labels]
-    med = [statistics.median(g) for g in gbps]
-    spread = [[m - min(g) for m, g in zip(med, gbps, strict=True)],
-              [max(g) - m for m, g in zip(med, gbps, strict=True)]]
     cpu = [statistics.median(sum(r["cpu_seconds"].values())  # type: ignore[attr-defined]
                              / (float(str(r["bytes"])) / 1e9) for r in runs[c]) for c in labels]
-    colors = ["tab:gray" if c == "socat" or c.startswith("qemu:") else "tab:blue"
-              for c in labels]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(max(8, len(labels) * 1.1), 7), sharex=True)
-    a.bar(labels, med, yerr=spread, color=colors, capsize=3)
-    a.set_ylabel("GB/s of state")
-    a.set_title(f"migd (blue) and its baselines (gray): {title}", fontsize=9)
-    b.bar(labels, cpu, color=colors)
-    b.set_ylabel("CPU s per GB (both ends)")
-    b.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    baselines = frozenset(c for c in labels if c == "socat" or c.startswith("qemu:"))
+    return bar_chart(path, f"migd (blue) and its baselines (gray): {title}", labels, gbps, cpu,
+                     baselines)
 
 
 if __name__ == "__main__":

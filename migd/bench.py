@@ -324,6 +324,22 @@ def _matrix_table(rows: list[dict[str, Any]], size: int) -> None:
 
 
 def _matrix_chart(rows: list[dict[str, Any]], path: str) -> bool:
+    import statistics
+
+    groups = _group(rows)
+    labels = [f"{t}/{ch}ch/{comp}/{ciph.split('-')[0]}/{human_bytes(chunk)}"
+              for (t, ch, comp, ciph, chunk) in groups]
+    gbps = [[r["gbps"] for r in rs] for rs in groups.values()]
+    cpu = [statistics.median(sum(r["cpu_s_per_gb"].values()) for r in rs)
+           for rs in groups.values()]
+    return bar_chart(path, "migd bench --matrix", labels, gbps, cpu)
+
+
+def bar_chart(path: str, title: str, labels: list[str], gbps: list[list[float]],
+              cpu_per_gb: list[float], gray: frozenset[str] = frozenset()) -> bool:
+    """GB/s of state above (median of each label's runs, bars from min to max), CPU
+    seconds per GB of both ends below; ``gray`` labels are baselines.  False without
+    matplotlib (the plot extra)."""
     try:
         import matplotlib
 
@@ -333,19 +349,17 @@ def _matrix_chart(rows: list[dict[str, Any]], path: str) -> bool:
         return False
     import statistics
 
-    groups = _group(rows)
-    labels = [f"{t}/{ch}ch/{comp}/{ciph.split('-')[0]}/{human_bytes(chunk)}"
-              for (t, ch, comp, ciph, chunk) in groups]
-    gbps = [statistics.median(r["gbps"] for r in rs) for rs in groups.values()]
-    cpu = [statistics.median(sum(r["cpu_s_per_gb"].values()) for r in rs)
-           for rs in groups.values()]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(max(8, len(labels) * 0.9), 8), sharex=True)
-    a.bar(labels, gbps, color="tab:blue")
+    med = [statistics.median(g) for g in gbps]
+    spread = [[m - min(g) for m, g in zip(med, gbps, strict=True)],
+              [max(g) - m for m, g in zip(med, gbps, strict=True)]]
+    colors = ["tab:gray" if label in gray else "tab:blue" for label in labels]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(8, len(labels) * 1.1), 7), sharex=True)
+    a.bar(labels, med, yerr=spread, color=colors, capsize=3)
     a.set_ylabel("GB/s of state")
-    a.set_title("migd bench --matrix")
-    b.bar(labels, cpu, color="tab:orange")
-    b.set_ylabel("CPU s per GB (both daemons)")
-    b.tick_params(axis="x", rotation=60)
+    a.set_title(title, fontsize=9)
+    b.bar(labels, cpu_per_gb, color=colors)
+    b.set_ylabel("CPU s per GB (both ends)")
+    b.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

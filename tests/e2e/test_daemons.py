@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -268,6 +269,11 @@ def test_bench_matrix(tmp_path: Any) -> None:
     assert all(run["gbps"] > 0 and set(run["cpu_s_per_gb"]) == {"source", "destination"}
                for run in runs)
     assert "24/24" in r.stderr  # the progress bar reached the end
+    chart = out.with_suffix(".png")
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot extra
+        assert f"chart: {chart}" in r.stdout and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "install the plot extra" in r.stdout and not chart.exists()
     bad = migd("bench", "--matrix", "--matrix-transports", "carrier-pigeon", timeout=60)
     assert bad.returncode == 2 and "transport 'carrier-pigeon' unknown" in bad.stderr
 
