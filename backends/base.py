@@ -22,6 +22,15 @@ from migd.errors import ConfigError, DeviceError, IllegalTransition
 from .states import DATA_FD_ARCS, DeviceState, MigCap, path
 
 
+def gather(views: list[memoryview], into: memoryview) -> int:
+    """Copy ``views`` one after another into ``into``; the bytes copied."""
+    n = 0
+    for v in views:
+        into[n : n + len(v)] = v
+        n += len(v)
+    return n
+
+
 class Lease:
     """Saving data lent by a device (:meth:`Device.lend`): ``views`` of memory the
     device keeps, valid until :meth:`release`.  A device that reuses that memory for

@@ -23,7 +23,7 @@ from typing import Any
 
 from migd.errors import ConfigError, DeviceError, IncompatibleDevice, LentOut, NoDataNow
 
-from .base import REGISTRY, Device, Lease, PrecopyInfo
+from .base import REGISTRY, Device, Lease, PrecopyInfo, gather
 from .emulated.mlx5_firmware import (
     CHUNK,
     LOAD_VHCA_STATE,
@@ -288,10 +288,7 @@ class Mlx5Device(Device):
         # Lent for the copy: a buffer read through during the call may be saved into
         # again before the copy is made otherwise.
         lease = self.lend(len(buf))
-        n = 0
-        for v in lease.views:
-            buf[n : n + len(v)] = v
-            n += len(v)
+        n = gather(lease.views, buf)
         lease.release()
         return n
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from migd.errors import ConfigError, DeviceError, IncompatibleDevice, NoDataNow
 
-from .base import REGISTRY, Device, PrecopyInfo
+from .base import REGISTRY, Device, PrecopyInfo, gather
 from .memory import PAGE, DeviceMemory, check_options
 from .states import PRECOPY_STATES, RUNNING_STATES, SAVING_STATES, DeviceState, MigCap
 
@@ -164,11 +164,7 @@ class SimDevice(Device):
     # --- saving --------------------------------------------------------------
 
     def read_into(self, buf: memoryview) -> int:
-        n = 0
-        for piece in self._take(len(buf)):
-            buf[n : n + len(piece)] = piece
-            n += len(piece)
-        return n
+        return gather(self._take(len(buf)), buf)
 
     def read_views(self, limit: int) -> list[memoryview]:
         # Record payloads are views of device memory; only the record headers are new bytes.

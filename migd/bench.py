@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from transports import REGISTRY as TRANSPORTS
@@ -178,10 +178,17 @@ def run_bench(args: argparse.Namespace) -> int:
     result.update(backend=args.backend, transport=args.transport, state_size=size,
                   channels=args.channels, chunk_size=req["chunk-size"],
                   link=None if args.link is None else describe_rate(parse_rate(args.link)))
-    if args.json:
+    return finish(result, args.json, _print_result)
+
+
+def finish(result: dict[str, Any], as_json: bool, show: Callable[[dict[str, Any]], None]
+           ) -> int:
+    """Print a bench's result (JSON, or ``show`` for people); the exit status says
+    whether the destination's state was verified."""
+    if as_json:
         print(json.dumps(result))
     else:
-        _print_result(result)
+        show(result)
     return 0 if result["verified"] else 1
 
 

@@ -15,7 +15,6 @@ when all moved at the same rate, 1/M when one took everything).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 from transports import REGISTRY as TRANSPORTS
 
-from .bench import PeakMemory, _device_specs, bench_pair, resources_line
+from .bench import PeakMemory, _device_specs, bench_pair, finish, resources_line
 from .harness import DaemonProc
 from .report import migrate_args
 from .units import human_bytes
@@ -123,11 +122,7 @@ def run_vms(args: argparse.Namespace) -> int:
         result = measure(pair.src, pair.dst, req, vms, args.transport)
     result.update(backend=args.backend, transport=args.transport, vfs=args.vfs,
                   state_size_per_vf=specs[0][2])
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _print(result)
-    return 0 if result["verified"] else 1
+    return finish(result, args.json, _print)
 
 
 def _print(r: dict[str, Any]) -> None:

@@ -82,7 +82,7 @@ class Convergence:
         ms = self._members
         if not all(m.reported and m.initial_done for m in ms):
             return False
-        rate = self.rate(now)
-        fits = rate > 0 and self.pending() / rate * 1000 <= self.limit_ms
-        self._converged = fits or self.pending() == 0 or all(m.final for m in ms)
+        rate, pending = self.rate(now), self.pending()
+        fits = rate > 0 and pending / rate * 1000 <= self.limit_ms
+        self._converged = fits or pending == 0 or all(m.final for m in ms)
         return self._converged

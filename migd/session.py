@@ -371,7 +371,7 @@ class Host:
             return None
         if self._shared is None:
             self._shared = SharedLink(self.max_bandwidth_total)
-        self._shared.queue.bucket.rate = self.max_bandwidth_total
+        self._shared.rate = self.max_bandwidth_total
         return self._shared
 
     def placed(self, vm: object, address: object, device: str) -> str:

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from backends.base import Device, Lease
+from backends.base import Device, Lease, gather
 
 from ..codec import CompressMode, Encoder, Encoding
 from ..endpoint import Endpoint, PlacedWrite, Target
@@ -231,9 +231,8 @@ class StreamSender:
             if k.pooled is not None:
                 self._pool.append(k.pooled)
             if k.lease is not None:
-                k.lease.release()
+                self._give_back(k.lease)
                 k.lease = None
-                self._returned += 1
         self.control.bus.wake.set()
 
     @property
@@ -327,16 +326,15 @@ class StreamSender:
             if self.device.lends_saved:
                 lease = await self._lend(len(buf))
                 views = lease.views
-                keep = (_Kept(self.index, self.offset, views, None, lease) if self.keep and views
+                held = lease if lease.held else None
+                keep = (_Kept(self.index, self.offset, views, None, held) if self.keep and views
                         else None)
                 if lend and len(views) == 1:
-                    if keep is None and lease.held:
-                        self._leases[self.index] = lease
+                    if keep is None and held is not None:
+                        self._leases[self.index] = held
                     return views[0], keep
-                n = 0  # a record boundary (the encoder wants one buffer), or into ``buf``
-                for v in views:
-                    buf[n : n + len(v)] = v
-                    n += len(v)
+                # A record boundary (the encoder wants one buffer), or into ``buf``.
+                n = gather(views, buf)
                 if keep is None:
                     lease.release()
                 return buf[:n], keep
@@ -394,16 +392,16 @@ class StreamSender:
             if k.lease is None:  # acknowledged meanwhile: nothing to keep any more
                 self._pool.append(pooled)
                 continue
-            n = 0
-            for v in k.plain:
-                pooled[n : n + len(v)] = v
-                n += len(v)
+            n = gather(k.plain, memoryview(pooled))
             k.plain, k.pooled = [memoryview(pooled)[:n]], pooled
-            k.lease.release()
+            self._give_back(k.lease)
             k.lease = None
-            self._returned += 1
             copied = True
         return copied
+
+    def _give_back(self, lease: Lease) -> None:
+        lease.release()
+        self._returned += 1
 
     async def _pooled(self) -> bytearray:
         """A chunk buffer to read into and keep; waits for acknowledgements if none is free.
@@ -571,8 +569,7 @@ class StreamSender:
         if self._leases:
             lease = self._leases.pop(sealed.index, None)
             if lease is not None:
-                lease.release()
-                self._returned += 1
+                self._give_back(lease)
         self._seals += 1
         if self._await_seal:
             self._await_seal = False
@@ -702,8 +699,4 @@ def _join(pieces: list[memoryview], into: memoryview) -> memoryview:
     """A kept chunk as one buffer for the encoder: itself, or its pieces copied into ``into``."""
     if len(pieces) == 1 and pieces[0].obj is not into.obj:
         return pieces[0]
-    n = 0
-    for p in pieces:
-        into[n : n + len(p)] = p
-        n += len(p)
-    return into[:n]
+    return into[: gather(pieces, into)]

@@ -26,6 +26,11 @@ class SharedLink:
     def rate(self) -> float:
         return self.queue.rate
 
+    @rate.setter
+    def rate(self, rate: float) -> None:
+        """A reload's new cap, from the next grant on."""
+        self.queue.bucket.rate = rate
+
     async def take(self, flow: object, nbytes: int) -> None:
         """Wait until ``flow`` may send ``nbytes`` more."""
         fut: asyncio.Future[None] = self._loop.create_future()
